@@ -1,0 +1,58 @@
+# tracelib: `make demo`, `make test`, `make lab`. Every target installs what it needs first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+# torch first and pinned: a plain `torch` would pull several GB of CUDA wheels on a CPU machine.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo lab test unittest nbtest lint format bench model strip clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[notebooks,dev]"
+	$(PY) -m ipykernel install --prefix $(VENV) --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m tracelib demo
+
+lab: install
+	$(VENV)/bin/jupyter lab notebooks/
+
+test: install
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 -p no:cacheprovider
+
+unittest: install
+	$(PY) -m pytest tests
+
+nbtest: install
+	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=300 notebooks/
+
+lint: install
+	$(VENV)/bin/ruff check tracelib tests scripts notebooks
+	$(VENV)/bin/ruff format --check tracelib tests scripts
+
+format: install
+	$(VENV)/bin/ruff format tracelib tests scripts
+	$(VENV)/bin/ruff check --fix tracelib tests scripts
+
+bench: install
+	$(PY) scripts/bench.py
+
+# Retrain the bundled tiny-arith and tiny-arith-chat models (seeded; about 6 minutes on 2 cores).
+model: install
+	$(PY) -m tracelib.tiny_arith
+
+# Notebooks are stored without outputs or execution counts.
+strip: install
+	$(VENV)/bin/nbstripout --extra-keys "metadata.kernelspec metadata.language_info.version" notebooks/*.ipynb
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

