@@ -60,7 +60,23 @@ def qwen_tokenizer():
     return tokenizer
 
 
+def _randomise_norms_and_biases(model) -> None:
+    """HF initialises biases to 0 and norm weights to 1; make them random so folding them matters.
+
+    GPT-2's final LayerNorm bias then folds into a non-zero `b_U`, and value biases into `b_O`.
+    """
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen) * 0.2
+            if name.endswith("bias"):
+                param.copy_(noise)
+            elif param.ndim == 1 and ("ln" in name or "norm" in name):
+                param.copy_(1 + noise)
+
+
 def _save(model, tokenizer, path: Path) -> Path:
+    _randomise_norms_and_biases(model)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

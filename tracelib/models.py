@@ -18,9 +18,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from tracelib.tiny_arith import BASE_NAME, CHAT_NAME, WEIGHTS_DIR
-
-BUNDLED_MODELS: tuple[str, ...] = (BASE_NAME, CHAT_NAME)
+# The bundled models ship inside the package; tracelib/tiny_arith.py trains them (`make model`).
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+BUNDLED_MODELS: tuple[str, ...] = ("tiny-arith", "tiny-arith-chat")
 # Hub models the tutorials are written for; any other Hub name is tried as well.
 TUTORIAL_HUB_MODELS: tuple[str, ...] = ("gpt2", "Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-1.5B-Instruct")
 # Loads above this many bytes of weights print an estimate first.
@@ -172,7 +172,7 @@ def _announce(name: str, n_params: int | None, dtype: torch.dtype, device: torch
 
 
 def load_model(
-    name: str = BASE_NAME,
+    name: str = "tiny-arith",
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -225,3 +225,8 @@ def load_model(
     model.tracelib_name = name
     return model
 
+
+
+def model_name(model) -> str:
+    """The name a model was loaded under (`tl.load_model`), else TransformerLens's own name."""
+    return getattr(model, "tracelib_name", None) or str(getattr(model.cfg, "model_name", "model"))
