@@ -10,6 +10,9 @@ from tracelib.answers import (
     chat_prompt,
     resolve_answer,
 )
+from tracelib.attribution import Attribution, Reconstruction, ReconstructionWarning, direct_logit_attribution
+from tracelib.lens import LensCurve, LogitLens, logit_lens
+from tracelib.margin import Margin, logit_margin
 from tracelib.models import (
     BUNDLED_MODELS,
     ModelUnavailableError,
@@ -17,21 +20,34 @@ from tracelib.models import (
     load_model,
 )
 from tracelib.notebook import setup_notebook
+from tracelib.trace import Trace, default_distractors, trace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BUNDLED_MODELS",
     "AnswerStep",
+    "Attribution",
     "EmptyInputError",
+    "LensCurve",
+    "LogitLens",
+    "Margin",
     "ModelUnavailableError",
     "MultiTokenAnswerError",
     "PromptTooLongError",
+    "Reconstruction",
+    "ReconstructionWarning",
     "ResolvedAnswer",
+    "Trace",
     "UnknownModelError",
     "answer_direction",
     "chat_prompt",
+    "default_distractors",
+    "direct_logit_attribution",
     "load_model",
+    "logit_lens",
+    "logit_margin",
     "resolve_answer",
     "setup_notebook",
+    "trace",
 ]

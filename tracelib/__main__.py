@@ -1,49 +1,67 @@
-"""Command line: `python -m tracelib demo` (also installed as `tracelib`)."""
+"""Command line: `python -m tracelib trace --prompt "what is 1 + 1" --answer " 2"` (also `tracelib`)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
 
-def _demo(args: argparse.Namespace) -> int:
+def write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _trace(args: argparse.Namespace) -> int:
     import tracelib as tl
+    from tracelib import plotting
 
     torch.set_grad_enabled(False)
     model = tl.load_model(args.model)
-    resolved = tl.resolve_answer(model, args.prompt, args.answer)
-    print(f"model      {args.model}  ({model.cfg.n_layers} layers, d_model {model.cfg.d_model})")
-    print(f"prompt     {resolved.typed_prompt!r} -> {resolved.prompt_str_tokens}")
-    print(f"BOS        {'prepended' if resolved.prepended_bos else 'none (this tokenizer has no BOS)'}")
-    print(f"answer     {resolved.typed_answer!r} -> {resolved.answer_str_tokens}")
-    for note in resolved.notes:
-        print(f"note       {note}")
-    for step in resolved.steps:
-        logits = model(step.tokens[None].to(model.cfg.device))[0, -1].float()
-        probs = logits.softmax(-1)
-        top = probs.topk(5)
-        rank = int((logits > logits[step.target]).sum())
-        predicted = model.tokenizer.decode([int(top.indices[0])])
-        print(f"\nstep {step.index}: predict {step.target_str!r} after {model.tokenizer.decode(step.tokens[-3:])!r}")
-        print(f"  prediction {predicted!r}; answer rank {rank}, p = {probs[step.target].item():.4f}")
-        for p, i in zip(top.values.tolist(), top.indices.tolist()):
-            print(f"  {model.tokenizer.decode([i])!r:>10}  p = {p:.4f}  logit = {logits[i].item():+.3f}")
+    prompt = tl.chat_prompt(model, args.prompt) if args.chat else args.prompt
+    result = tl.trace(model, prompt, args.answer, distractors=args.distractors or None, metric=args.metric)
+    if args.json:
+        print(result.to_json(indent=2))
+    else:
+        print(result.summary())
+    if args.html:
+        write_atomically(Path(args.html), plotting.report_html(result))
+        print(f"\nwrote {args.html}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tracelib", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tracelib", description="Explain why a model predicts an answer.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="tokenise, predict and show the top 5 for one prompt")
-    demo.add_argument("--model", default="tiny-arith")
-    demo.add_argument("--prompt", default="what is 1 + 1")
-    demo.add_argument("--answer", default=" 2")
-    demo.set_defaults(func=_demo)
+    for name, help_text in (
+        ("trace", "trace one prompt: margin, lens, DLA by component, head and neuron"),
+        ("demo", "trace 'what is 1 + 1' on the bundled model and write report.html"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model", default="tiny-arith", help="bundled name, local folder or Hub name")
+        p.add_argument("--prompt", default="what is 1 + 1")
+        p.add_argument("--answer", default=" 2")
+        p.add_argument("--distractors", nargs="*", default=None, help="tokens the answer should beat")
+        p.add_argument("--metric", choices=["logit", "logit_diff"], default="logit")
+        p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+        p.add_argument("--json", action="store_true", help="print the JSON summary instead of text")
+        p.add_argument("--html", default="report.html" if name == "demo" else None, help="write an offline HTML report")
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        return _trace(args)
     except (ValueError, OSError) as exc:
         print(f"tracelib: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,73 @@
+"""Both lenses: their endpoints, their agreement with TransformerLens, their difference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens.tools.analysis import logit_lens as tl_logit_lens
+
+import tracelib as tl
+
+PROMPT, ANSWER = "what is 1 + 1", " 2"
+
+
+@pytest.fixture(scope="module")
+def traced(any_model):
+    return any_model, tl.trace(any_model, PROMPT, ANSWER), tl.resolve_answer(any_model, PROMPT, ANSWER)
+
+
+def test_last_entry_of_both_lenses_is_the_models_logit(traced):
+    model, tr, r = traced
+    logits = model(r.prompt_tokens[None])[0, -1].cpu()
+    for curve in (tr.lens.standard, tr.lens.dla):
+        assert curve.labels[-1] == "final_post"
+        torch.testing.assert_close(curve.logit[-1, 0], logits[r.token], rtol=1e-5, atol=1e-4)
+        assert int(curve.rank[-1, 0]) == int(tr.margin.rank[0])
+        torch.testing.assert_close(curve.prob[-1, 0], tr.margin.prob[0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(curve.logit_diff[-1, 0], tr.margin.logit_diff[0], rtol=1e-5, atol=1e-4)
+
+
+def test_standard_lens_matches_transformer_lens(traced):
+    model, tr, r = traced
+    ref = tl_logit_lens(model, r.prompt_tokens[None], incl_mid=True, targets=r.token, return_type="log_probs")
+    assert ref.labels == tr.lens.labels
+    ours = (tr.lens.standard.prob[:, 0]).log()
+    torch.testing.assert_close(ours, ref.values[:, 0, 0].cpu().float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tr.lens.standard.rank[:, 0], ref.readout.target_ranks[:, 0, 0].cpu())
+
+
+def test_dla_lens_is_the_running_sum_of_component_dla(traced):
+    """The cached-scale lens is linear: each whole-layer entry is b_U plus the DLA written so far."""
+    _, tr, _ = traced
+    dla = tr.dla
+    bias = dla.reconstruction.bias[0]
+    n_embed = len(dla.component_labels) - 2 * dla.n_layers
+    running = torch.cumsum(dla.components[:, 0], 0)[n_embed - 1 :] + bias  # after embed, each sublayer
+    torch.testing.assert_close(tr.lens.dla.logit[:, 0], running, rtol=1e-5, atol=1e-4)
+
+
+def test_the_lenses_differ_before_the_end(tiny):
+    tr = tl.trace(tiny, PROMPT, ANSWER)
+    assert not torch.allclose(tr.lens.standard.logit[:-1, 0], tr.lens.dla.logit[:-1, 0])
+
+
+def test_readable_from_is_first_entry_of_a_top1_run(tiny):
+    tr = tl.trace(tiny, PROMPT, ANSWER)
+    label = tr.lens.readable_from()
+    assert label is not None
+    i = tr.lens.labels.index(label)
+    ranks = tr.lens.standard.rank[:, 0]
+    assert (ranks[i:] == 0).all() and (i == 0 or ranks[i - 1] != 0)
+
+
+def test_per_layer_view_drops_sublayers(tiny):
+    tr = tl.trace(tiny, PROMPT, ANSWER)
+    idx = tr.lens.per_layer()
+    assert len(idx) == tiny.cfg.n_layers + 1
+    assert all(not tr.lens.labels[i].endswith("_mid") for i in idx)
+    assert len(tr.lens.to_frame()) == 2 * len(tr.lens.labels)
+    fig = tr.lens.plot()
+    assert len(fig.data) == 2 and {d.name for d in fig.data} == {
+        "standard logit lens (re-normalised)",
+        "cached-scale DLA lens",
+    }

@@ -1,0 +1,268 @@
+"""Direct logit attribution (DLA) by component, layer, head and neuron, with its reconstruction.
+
+The final residual stream is a sum of what each component wrote: the embedding, every attention
+layer (a sum of heads plus the output bias) and every MLP (a sum of neurons plus its bias). The
+answer's logit reads it through the final norm and the unembedding, so with the norm's scale frozen
+at its cached value the logit is a sum too:
+
+    logit - b_U[answer] = sum over components of (component / scale) . W_U[:, answer]
+
+Heads and neurons are attributed by **projecting onto the answer direction first** and expanding
+second: `z . (W_O @ u)` and `post * (W_out @ u)`, where `u` is the direction divided by the scale.
+No `[components, d_model]` stack of heads or neurons is ever built.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+UNITS = ("component", "layer", "head", "neuron")
+# How far the reconstruction may be off, relative to max(1, |actual|), before a warning.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+class ReconstructionWarning(UserWarning):
+    """The attributions do not add up to the model's own logit within the dtype's tolerance."""
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """Components summed, the `b_U` term, the model's actual value, and what is left over, `[row]`."""
+
+    attributed: Float[Tensor, " row"]
+    bias: Float[Tensor, " row"]
+    actual: Float[Tensor, " row"]
+    tolerance: float
+
+    @property
+    def residual(self) -> Float[Tensor, " row"]:
+        return self.actual - self.attributed - self.bias
+
+    @property
+    def ok(self) -> bool:
+        limit = self.tolerance * self.actual.abs().clamp(min=1.0)
+        return bool((self.residual.abs() <= limit).all())
+
+    def to_dict(self, row: int = 0) -> dict[str, float]:
+        return {
+            "attributed": self.attributed[row].item(),
+            "bias": self.bias[row].item(),
+            "actual": self.actual[row].item(),
+            "residual": self.residual[row].item(),
+        }
+
+    def __repr__(self) -> str:
+        d = self.to_dict(0)
+        return (
+            f"Reconstruction(attributed {d['attributed']:+.3f} + b_U {d['bias']:+.3f} = "
+            f"{d['attributed'] + d['bias']:+.3f}; actual {d['actual']:+.3f}; residual {d['residual']:+.2e})"
+        )
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """DLA of one metric (the answer's logit, or its difference to the distractors) for each row.
+
+    Attributes:
+        metric: `"logit"` or `"logit_diff"`.
+        row_labels: one label per row.
+        component_labels: `"embed"` (and `"pos_embed"`), then `"L_attn_out"`, `"L_mlp_out"` per layer.
+        components: `[component, row]`; sums to the metric minus its `b_U` term.
+        heads: `[layer, head, row]`; each layer's heads plus `head_bias` sum to its `attn_out`.
+        head_bias: `[layer, row]`, the attention output bias (with value biases folded in).
+        neurons: `[layer, neuron, row]`; each layer's neurons plus `neuron_bias` sum to `mlp_out`.
+        neuron_bias: `[layer, row]`, the MLP output bias (zero where the MLP has none).
+        reconstruction: the check that everything adds up to the model's own value.
+    """
+
+    metric: str
+    row_labels: list[str]
+    component_labels: list[str]
+    components: Float[Tensor, "component row"]
+    heads: Float[Tensor, "layer head row"]
+    head_bias: Float[Tensor, "layer row"]
+    neurons: Float[Tensor, "layer neuron row"]
+    neuron_bias: Float[Tensor, "layer row"]
+    reconstruction: Reconstruction
+
+    def __post_init__(self) -> None:
+        n_rows, n_layers = len(self.row_labels), self.heads.shape[0]
+        checks = {
+            "components": (len(self.component_labels), n_rows),
+            "head_bias": (n_layers, n_rows),
+            "neuron_bias": (n_layers, n_rows),
+        }
+        for name, shape in checks.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"Attribution.{name} must be {shape}, got {tuple(getattr(self, name).shape)}")
+        if self.heads.shape[2] != n_rows or self.neurons.shape[::2] != (n_layers, n_rows):
+            raise ValueError("heads and neurons must be [layer, unit, row] with the same layers and rows")
+        if self.metric not in ("logit", "logit_diff"):
+            raise ValueError(f"metric must be 'logit' or 'logit_diff', got {self.metric!r}")
+
+    @property
+    def n_layers(self) -> int:
+        return self.heads.shape[0]
+
+    def by_layer(self) -> tuple[list[str], Float[Tensor, "layer row"]]:
+        """Embedding terms, then each layer's attention + MLP together."""
+        n_embed = len(self.component_labels) - 2 * self.n_layers
+        embed = self.components[:n_embed].sum(0, keepdim=True)
+        layers = self.components[n_embed:].reshape(self.n_layers, 2, -1).sum(1)
+        return ["embed"] + [str(layer) for layer in range(self.n_layers)], torch.cat([embed, layers])
+
+    def _unit(self, unit: str, row: int) -> tuple[list[str], Tensor]:
+        if unit == "component":
+            return self.component_labels, self.components[:, row]
+        if unit == "layer":
+            labels, values = self.by_layer()
+            return labels, values[:, row]
+        if unit == "head":
+            n_heads = self.heads.shape[1]
+            labels = [f"L{layer}H{h}" for layer in range(self.n_layers) for h in range(n_heads)]
+            bias_labels = [f"L{layer} bias" for layer in range(self.n_layers)]
+            return labels + bias_labels, torch.cat([self.heads[:, :, row].flatten(), self.head_bias[:, row]])
+        if unit == "neuron":
+            d_mlp = self.neurons.shape[1]
+            labels = [f"L{layer}N{n}" for layer in range(self.n_layers) for n in range(d_mlp)]
+            bias_labels = [f"L{layer} b_out" for layer in range(self.n_layers)]
+            return labels + bias_labels, torch.cat([self.neurons[:, :, row].flatten(), self.neuron_bias[:, row]])
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+
+    def to_frame(self, unit: str = "component") -> pd.DataFrame:
+        """Long form: one line per (row, unit), with the value and its share of the total."""
+        frames = []
+        for r, row_label in enumerate(self.row_labels):
+            labels, values = self._unit(unit, r)
+            frames.append(pd.DataFrame({"row": r, "label": row_label, unit: labels, "value": values.tolist()}))
+        return pd.concat(frames, ignore_index=True)
+
+    def top(self, k: int = 5, unit: str = "component", row: int = 0) -> pd.DataFrame:
+        """The k largest attributions by absolute value, signs kept."""
+        labels, values = self._unit(unit, row)
+        order = values.abs().argsort(descending=True)[:k].tolist()
+        return pd.DataFrame({unit: [labels[i] for i in order], "value": values[order].tolist()})
+
+    def top_neurons(self, k: int = 3, row: int = 0) -> pd.DataFrame:
+        """Per layer, the k most positive and the k most negative neurons."""
+        records = []
+        for layer in range(self.n_layers):
+            values = self.neurons[layer, :, row]
+            for sign, idx in (("+", values.topk(k).indices), ("-", (-values).topk(k).indices)):
+                for n in idx.tolist():
+                    records.append(dict(layer=layer, sign=sign, neuron=n, value=values[n].item()))
+        return pd.DataFrame.from_records(records)
+
+    def plot(self, unit: str = "component", row: int = 0, **layout):
+        """Bars for components or layers, a layer x head heatmap for heads (RdBu, centred at 0)."""
+        from tracelib import plotting
+
+        if unit == "head":
+            return plotting.head_heatmap(self.heads[:, :, row], title=f"DLA by head: {self.row_labels[row]}", **layout)
+        labels, values = self._unit(unit, row)
+        return plotting.signed_bars(labels, values, title=f"DLA by {unit}: {self.row_labels[row]}", **layout)
+
+    def __repr__(self) -> str:
+        top = self.top(3)
+        parts = ", ".join(f"{u} {v:+.3f}" for u, v in zip(top["component"], top["value"]))
+        return f"Attribution({self.metric}, {len(self.row_labels)} row(s); top: {parts}; {self.reconstruction!r})"
+
+
+def answer_directions(model, targets: list[int], distractors: list[list[int]], metric: str) -> Float[Tensor, "row d_model"]:
+    """Per-row residual direction of the metric: `W_U[:, answer]`, minus the mean distractor column."""
+    W_U = model.W_U
+    dirs = W_U[:, targets].T
+    if metric == "logit_diff":
+        dirs = dirs - torch.stack([W_U[:, d].mean(-1) for d in distractors])
+    return dirs
+
+
+def compute_attribution(
+    model, cache, logits: Float[Tensor, "row vocab"], targets: list[int], distractors: list[list[int]],
+    row_labels: list[str], metric: str = "logit",
+) -> Attribution:
+    """DLA of every unit from a final-position cache (position axis of length 1)."""
+    if metric not in ("logit", "logit_diff"):
+        raise ValueError(f"metric must be 'logit' or 'logit_diff', got {metric!r}")
+    cfg = model.cfg
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    directions = answer_directions(model, targets, distractors, metric).to(dtype)
+    if cfg.normalization_type in ("LN", "LNPre"):
+        # LayerNorm centres the residual first; (x - mean x) . d == x . (d - mean d).
+        directions = directions - directions.mean(-1, keepdim=True)
+    scale = cache["ln_final.hook_scale"][:, 0].to(dtype)  # [row, 1]
+    u = directions / scale  # [row, d_model]: the direction as seen by the un-normalised residual
+
+    stack, labels = cache.decompose_resid(apply_ln=False, pos_slice=None, return_labels=True)
+    components = torch.einsum("crd,rd->cr", stack[:, :, 0].to(dtype), u)
+
+    heads, head_bias, neurons, neuron_bias = [], [], [], []
+    for layer in range(cfg.n_layers):
+        # Project W_O onto u first: [head, d_head, row], never [head, row, d_model].
+        W_O_u = torch.einsum("hem,rm->her", model.W_O[layer].to(dtype), u)
+        z = cache[f"blocks.{layer}.attn.hook_z"][:, 0].to(dtype)  # [row, head, d_head]
+        heads.append(torch.einsum("rhe,her->hr", z, W_O_u))
+        head_bias.append(_bias(model, "b_O", layer, u, dtype))
+        W_out_u = model.W_out[layer].to(dtype) @ u.T  # [neuron, row]
+        post = cache[f"blocks.{layer}.mlp.hook_post"][:, 0].to(dtype)  # [row, neuron]
+        neurons.append(post.T * W_out_u)
+        neuron_bias.append(_bias(model, "b_out", layer, u, dtype))
+
+    idx = torch.arange(len(targets))
+    logits = logits.to(dtype)
+    b_U = model.b_U.to(dtype)
+    actual = logits[idx, targets]
+    bias = b_U[targets]
+    if metric == "logit_diff":
+        actual = actual - torch.stack([logits[i, d].mean() for i, d in enumerate(distractors)])
+        bias = bias - torch.stack([b_U[d].mean() for d in distractors])
+    model_dtype = next(model.parameters()).dtype
+    reconstruction = Reconstruction(
+        attributed=components.sum(0).cpu(), bias=bias.cpu(), actual=actual.cpu(),
+        tolerance=TOLERANCE.get(model_dtype, 1e-4),
+    )
+    if not reconstruction.ok:
+        worst = reconstruction.residual.abs().max().item()
+        warnings.warn(
+            f"DLA reconstruction is off by {worst:.3g} (tolerance {reconstruction.tolerance:g} relative, "
+            f"{model_dtype}): the attributions do not add up to the model's {metric}. Low-precision "
+            "weights (fp16/bf16) are the usual cause; load the model with dtype=torch.float32 for exact sums.",
+            ReconstructionWarning,
+            stacklevel=3,
+        )
+    return Attribution(
+        metric=metric,
+        row_labels=list(row_labels),
+        component_labels=list(labels),
+        components=components.cpu(),
+        heads=torch.stack(heads).cpu(),
+        head_bias=torch.stack(head_bias).cpu(),
+        neurons=torch.stack(neurons).cpu(),
+        neuron_bias=torch.stack(neuron_bias).cpu(),
+        reconstruction=reconstruction,
+    )
+
+
+def _bias(model, name: str, layer: int, u: Tensor, dtype) -> Tensor:
+    """A layer's output bias projected on u, `[row]`; zero where the architecture has none."""
+    try:
+        bias = getattr(model, name)[layer]
+    except (AttributeError, KeyError, IndexError):
+        return torch.zeros(u.shape[0], dtype=dtype, device=u.device)
+    return u @ bias.to(dtype)
+
+
+def direct_logit_attribution(model, prompt, answer, distractors=None, metric: str = "logit") -> Attribution:
+    """DLA of the answer's logit (or logit difference) by component, layer, head and neuron.
+
+    The `.dla` of `tl.trace`; see `Attribution` for the units and the reconstruction check.
+    """
+    from tracelib.trace import trace
+
+    return trace(model, prompt, answer, distractors=distractors, metric=metric).dla

@@ -1,0 +1,145 @@
+"""The final logit margin: how strongly, and against what, the model prefers the answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Margin:
+    """The answer's standing in the model's final prediction, one row per traced prediction.
+
+    Attributes:
+        row_labels: one label per row (prompt, answer token, step).
+        answers: the answer token of each row, as a string.
+        logit, prob: the answer's logit and probability, `[row]`.
+        rank: the answer's zero-based rank among all tokens (0 = top prediction), `[row]`.
+        top_strs, top_logits, top_probs: the model's k most likely tokens, `[row][k]` / `[row, k]`.
+        distractor_strs, distractor_logits: the rivals of each row and their logits.
+        logit_diff: answer logit minus the mean distractor logit, `[row]`.
+    """
+
+    row_labels: list[str]
+    answers: list[str]
+    logit: Float[Tensor, " row"]
+    prob: Float[Tensor, " row"]
+    rank: Int[Tensor, " row"]
+    top_strs: list[list[str]]
+    top_logits: Float[Tensor, "row k"]
+    top_probs: Float[Tensor, "row k"]
+    distractor_strs: list[list[str]]
+    distractor_logits: list[Float[Tensor, " n"]]
+    logit_diff: Float[Tensor, " row"]
+
+    def __post_init__(self) -> None:
+        n = len(self.row_labels)
+        for name in ("logit", "prob", "rank", "logit_diff"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"Margin.{name} must have shape ({n},), got {tuple(getattr(self, name).shape)}")
+        if self.top_logits.shape[0] != n or len(self.top_strs) != n or len(self.distractor_strs) != n:
+            raise ValueError(f"Margin fields must all have {n} rows")
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long form: one line per (row, token) for the answer, the top-k and the distractors."""
+        records = []
+        for i, label in enumerate(self.row_labels):
+            records.append(
+                dict(row=i, label=label, role="answer", token=self.answers[i], logit=self.logit[i].item(),
+                     prob=self.prob[i].item(), rank=int(self.rank[i]))
+            )
+            for j, tok in enumerate(self.top_strs[i]):
+                records.append(
+                    dict(row=i, label=label, role=f"top{j + 1}", token=tok, logit=self.top_logits[i, j].item(),
+                         prob=self.top_probs[i, j].item(), rank=j)
+                )
+            for tok, value in zip(self.distractor_strs[i], self.distractor_logits[i].tolist()):
+                records.append(
+                    dict(row=i, label=label, role="distractor", token=tok, logit=value,
+                         prob=float("nan"), rank=-1)
+                )
+        return pd.DataFrame.from_records(records)
+
+    def top(self, k: int = 5, row: int = 0) -> pd.DataFrame:
+        """The k most likely tokens of one row, with their logit difference to the answer."""
+        k = min(k, self.top_logits.shape[1])
+        return pd.DataFrame(
+            {
+                "token": self.top_strs[row][:k],
+                "logit": self.top_logits[row, :k].tolist(),
+                "prob": self.top_probs[row, :k].tolist(),
+                "answer - token": (self.logit[row] - self.top_logits[row, :k]).tolist(),
+            }
+        )
+
+    def plot(self, row: int = 0, **layout):
+        """Bar chart of the top-k logits of one row, the answer highlighted."""
+        from tracelib import plotting
+
+        return plotting.margin_bars(self, row, **layout)
+
+    def __repr__(self) -> str:
+        lines = [f"Margin({len(self.row_labels)} row{'s' if len(self.row_labels) != 1 else ''})"]
+        for i, label in enumerate(self.row_labels[:5]):
+            lines.append(
+                f"  {label}: logit {self.logit[i].item():+.3f}, p {self.prob[i].item():.3f}, "
+                f"rank {int(self.rank[i])}, diff vs {self.distractor_strs[i]} {self.logit_diff[i].item():+.3f}"
+            )
+        if len(self.row_labels) > 5:
+            lines.append(f"  ... {len(self.row_labels) - 5} more")
+        return "\n".join(lines)
+
+
+def compute_margin(
+    logits: Float[Tensor, "row vocab"],
+    targets: list[int],
+    distractors: list[list[int]],
+    row_labels: list[str],
+    decode,
+    k: int = 5,
+) -> Margin:
+    """Build a `Margin` from each row's final logits."""
+    logits = logits.float().cpu()
+    probs = logits.softmax(-1)
+    idx = torch.arange(len(targets))
+    target = torch.tensor(targets)
+    answer_logit = logits[idx, target]
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    dist_logits = [logits[i, d] for i, d in enumerate(distractors)]
+    return Margin(
+        row_labels=list(row_labels),
+        answers=[decode([t]) for t in targets],
+        logit=answer_logit,
+        prob=probs[idx, target],
+        # Only strictly larger logits outrank the answer, as in TransformerLens's readouts.
+        rank=(logits > answer_logit[:, None]).sum(-1),
+        top_strs=[[decode([t]) for t in row] for row in top.indices.tolist()],
+        top_logits=top.values,
+        top_probs=probs.gather(-1, top.indices),
+        distractor_strs=[[decode([t]) for t in d] for d in distractors],
+        distractor_logits=dist_logits,
+        logit_diff=answer_logit - torch.stack([d.mean() for d in dist_logits]),
+    )
+
+
+def logit_margin(model, prompt, answer, distractors=None, k: int = 5) -> Margin:
+    """The answer's logit, probability, rank, top-k rivals and logit difference to distractors.
+
+    Args:
+        model: a loaded model (`tl.load_model`).
+        prompt: a prompt, or a list of prompts (run as one batch).
+        answer: the answer, e.g. `" 2"`, or one per prompt.
+        distractors: tokens the answer should beat; default: a digit's neighbours, else the
+            model's strongest competitor.
+        k: how many top tokens to keep.
+
+    Returns:
+        A `Margin` (the `.margin` of `tl.trace`).
+    """
+    from tracelib.trace import trace
+
+    return trace(model, prompt, answer, distractors=distractors, k=k).margin

@@ -1,0 +1,130 @@
+"""Every plotly figure tracelib draws. Functions return figures and never call `.show()`."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import torch
+from torch import Tensor
+
+DIVERGING = "RdBu"
+
+
+def token_labels(str_tokens: list[str]) -> list[str]:
+    """Tick labels that keep repeated tokens apart: `'1'@3`."""
+    return [f"{tok!r}@{i}" for i, tok in enumerate(str_tokens)]
+
+
+def _layout(fig: go.Figure, **layout) -> go.Figure:
+    fig.update_layout(template="plotly_white", margin=dict(l=60, r=20, t=50, b=60))
+    fig.update_layout(**layout)
+    return fig
+
+
+def signed_bars(labels: list[str], values: Tensor, title: str = "", **layout) -> go.Figure:
+    """Bars coloured by sign on the diverging scale, centred at zero."""
+    vals = values.tolist()
+    limit = max((abs(v) for v in vals), default=1.0) or 1.0
+    fig = go.Figure(
+        go.Bar(
+            x=labels,
+            y=vals,
+            marker=dict(color=vals, colorscale=DIVERGING, cmin=-limit, cmax=limit, cmid=0),
+            hovertemplate="%{x}: %{y:+.3f}<extra></extra>",
+        )
+    )
+    return _layout(fig, title=title, yaxis_title="Direct logit attribution", **layout)
+
+
+def head_heatmap(values: Tensor, title: str = "", **layout) -> go.Figure:
+    """A layer x head grid on RdBu with its midpoint at 0."""
+    limit = values.abs().max().item() or 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=values.tolist(),
+            x=list(range(values.shape[1])),
+            y=list(range(values.shape[0])),
+            colorscale=DIVERGING,
+            zmid=0,
+            zmin=-limit,
+            zmax=limit,
+            hovertemplate="L%{y}H%{x}: %{z:+.3f}<extra></extra>",
+        )
+    )
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, title=title, xaxis_title="Head", yaxis_title="Layer", **layout)
+
+
+def margin_bars(margin, row: int = 0, **layout) -> go.Figure:
+    """The top-k logits of one row; the answer's bar is drawn darker."""
+    tokens = [repr(t) for t in margin.top_strs[row]]
+    answer = repr(margin.answers[row])
+    colors = ["#b2182b" if t == answer else "#92c5de" for t in tokens]
+    fig = go.Figure(go.Bar(x=tokens, y=margin.top_logits[row].tolist(), marker_color=colors))
+    title = f"Top predictions: {margin.row_labels[row]} (rank {int(margin.rank[row])}, p={margin.prob[row].item():.3f})"
+    return _layout(fig, title=title, xaxis_title="Token", yaxis_title="Logit", **layout)
+
+
+METRIC_TITLES = {"logit": "Answer logit", "logit_diff": "Logit difference", "prob": "Probability", "rank": "Rank"}
+
+
+def lens_lines(lens, row: int = 0, metric: str = "logit_diff", **layout) -> go.Figure:
+    """Both lenses along depth, labelled apart (they differ on purpose before the last entry)."""
+    from tracelib.lens import LENS_NAMES
+
+    if metric not in METRIC_TITLES:
+        raise ValueError(f"metric must be one of {list(METRIC_TITLES)}, got {metric!r}")
+    fig = go.Figure()
+    for curve, dash in ((lens.standard, "solid"), (lens.dla, "dot")):
+        fig.add_trace(
+            go.Scatter(
+                x=curve.labels,
+                y=getattr(curve, metric)[:, row].tolist(),
+                name=LENS_NAMES[curve.kind],
+                mode="lines+markers",
+                line=dict(dash=dash),
+            )
+        )
+    if metric == "rank":
+        fig.update_yaxes(type="log", autorange="reversed")
+    return _layout(
+        fig,
+        title=f"{METRIC_TITLES[metric]} along depth: {lens.row_labels[row]}",
+        xaxis_title="Layer (residual entering block L, mid = after its attention)",
+        yaxis_title=METRIC_TITLES[metric],
+        legend=dict(orientation="h", y=-0.3),
+        **layout,
+    )
+
+
+def neuron_strip(values: Tensor, title: str = "", k: int = 10, **layout) -> go.Figure:
+    """The k strongest neurons of each sign across all layers, as signed bars."""
+    flat = values.flatten()
+    d_mlp = values.shape[1]
+    order = torch.cat([flat.topk(k).indices, (-flat).topk(k).indices])
+    order = order[flat[order].argsort(descending=True)]
+    labels = [f"L{int(i) // d_mlp}N{int(i) % d_mlp}" for i in order]
+    return signed_bars(labels, flat[order], title=title, xaxis_title="Neuron", **layout)
+
+
+def report_html(trace, row: int = 0) -> str:
+    """A standalone HTML report of one trace: summary text and every figure, plotly.js inlined so
+    it opens offline."""
+    import html
+
+    figures = [
+        trace.margin.plot(row),
+        trace.lens.plot(row, "logit_diff"),
+        trace.lens.plot(row, "rank"),
+        trace.dla.plot("component", row),
+        trace.dla.plot("layer", row),
+        trace.dla.plot("head", row),
+        neuron_strip(trace.dla.neurons[:, :, row], title=f"Strongest neurons: {trace.dla.row_labels[row]}"),
+    ]
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>tracelib report</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{background:#f6f6f6;padding:1em;"
+        "white-space:pre-wrap}</style></head><body>"
+        f"<h1>Why does {html.escape(trace.model_name)} predict {html.escape(repr(trace.rows[row].target_str))}?</h1>"
+        f"<pre>{html.escape(trace.summary())}</pre>" + "".join(parts) + "</body></html>"
+    )

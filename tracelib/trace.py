@@ -1,0 +1,331 @@
+"""trace(): the whole workflow (margin, both lenses, DLA down to neurons) from one forward pass.
+
+The forward pass caches only the hooks the analyses read, and only at each row's final position
+(the position that predicts the answer). Those slices form a small `ActivationCache` with a
+position axis of length 1, so TransformerLens's own primitives (`accumulated_resid`,
+`decompose_resid`, `apply_ln_to_stack`) work on it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tracelib.answers import ResolvedAnswer, resolve_answer
+
+_DIGITS = "0123456789"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One prediction to explain: `target` after `tokens` (one teacher-forced step of an answer)."""
+
+    prompt: str
+    tokens: Int[Tensor, " pos"]
+    str_tokens: list[str]
+    target: int
+    target_str: str
+    distractors: list[int]
+    distractor_strs: list[str]
+    step: int
+    n_steps: int
+
+    @property
+    def label(self) -> str:
+        step = f" [step {self.step + 1}/{self.n_steps}]" if self.n_steps > 1 else ""
+        return f"{self.prompt!r} -> {self.target_str!r}{step}"
+
+
+def _token_str(model, token: int) -> str:
+    return model.tokenizer.decode([token])
+
+
+def default_distractors(model, target: int) -> list[int]:
+    """Sensible rivals for a target: for a digit, its neighbouring digits written the same way.
+
+    `" 2"` gets `" 1"` and `" 3"`, `"2"` gets `"1"` and `"3"`, `"0"` gets `"1"` only. For other
+    answers there is no natural rival, so an empty list is returned and the trace uses the model's
+    own strongest competitor.
+    """
+    text = _token_str(model, target)
+    digit = text.strip()
+    if len(digit) != 1 or digit not in _DIGITS:
+        return []
+    out = []
+    for neighbour in (int(digit) - 1, int(digit) + 1):
+        if 0 <= neighbour <= 9:
+            ids = model.to_tokens(text.replace(digit, str(neighbour)), prepend_bos=False)[0].tolist()
+            if len(ids) == 1:
+                out.append(ids[0])
+    return out
+
+
+def _distractor_ids(model, distractors, resolved: ResolvedAnswer) -> list[int] | None:
+    """Distractor tokens, written the way the user wrote the answer.
+
+    Whitespace that `resolve_answer` moved out of the answer (Qwen's `" "` before a digit) or
+    dropped (a prompt ending in whitespace) is taken off the distractors too, so `" 3"` is a rival
+    of `" 2"` on every tokenizer.
+    """
+    from tracelib.answers import _single_token
+
+    if distractors is None:
+        return None
+    if isinstance(distractors, (str, int)):
+        distractors = [distractors]
+    out = []
+    for d in distractors:
+        if isinstance(d, str) and d[:1].isspace() and (
+            resolved.moved_whitespace or resolved.answer != resolved.typed_answer
+        ):
+            d = d[len(resolved.moved_whitespace) :] if resolved.moved_whitespace else d.lstrip()
+        out.append(_single_token(model, d))
+    return out
+
+
+def build_rows(model, prompts, answer, distractors=None) -> list[Row]:
+    """Resolve every prompt's answer and unroll multi-token answers into teacher-forced rows."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("trace() needs at least one prompt.")
+    answers = answer if isinstance(answer, (list, tuple)) else [answer] * len(prompts)
+    if len(answers) != len(prompts):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(answers)} answers; pass one answer, or one per prompt.")
+    rows = []
+    for prompt, ans in zip(prompts, answers):
+        resolved = ans if isinstance(ans, ResolvedAnswer) else resolve_answer(model, prompt, ans)
+        chosen = _distractor_ids(model, distractors, resolved)
+        for step in resolved.steps:
+            rivals = chosen if chosen is not None else default_distractors(model, step.target)
+            if step.target in rivals:
+                raise ValueError(
+                    f"The distractor {_token_str(model, step.target)!r} is the answer itself; "
+                    "pass tokens the answer should beat."
+                )
+            rows.append(
+                Row(
+                    prompt=resolved.prompt,
+                    tokens=step.tokens,
+                    str_tokens=[_token_str(model, t) for t in step.tokens.tolist()],
+                    target=step.target,
+                    target_str=step.target_str,
+                    distractors=list(rivals),
+                    distractor_strs=[_token_str(model, t) for t in rivals],
+                    step=step.index,
+                    n_steps=len(resolved.answer_tokens),
+                )
+            )
+    return rows
+
+
+def hook_names(model) -> list[str]:
+    """Every hook a trace reads: residual stream, sublayer outputs, head z, MLP post, final scale."""
+    names = ["hook_embed", "ln_final.hook_scale"]
+    if model.cfg.positional_embedding_type == "standard":
+        names.append("hook_pos_embed")
+    for layer in range(model.cfg.n_layers):
+        for hook in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"):
+            names.append(f"blocks.{layer}.{hook}")
+        names.append(f"blocks.{layer}.attn.hook_z")
+        names.append(f"blocks.{layer}.mlp.hook_post")
+    return names
+
+
+def run_forward(model, rows: list[Row]) -> tuple[object, Float[Tensor, "row vocab"]]:
+    """Run all rows as one right-padded batch and keep each row's final position.
+
+    Right padding cannot change a row's numbers: attention is causal, so no real position attends
+    to the padding after it, and positions still count from 0.
+    """
+    from transformer_lens import ActivationCache
+
+    lengths = torch.tensor([len(r.tokens) for r in rows])
+    pad = model.tokenizer.pad_token_id
+    pad = 0 if pad is None else pad
+    tokens = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row.tokens)] = row.tokens
+    device = model.cfg.device
+    final = (lengths - 1).to(device)
+    batch = torch.arange(len(rows), device=device)
+    store: dict[str, Tensor] = {}
+    # The bridge exposes TransformerLens's names as aliases (blocks.0.hook_resid_pre is the hook
+    # point blocks.0.hook_in); hook the real points and file each slice under its alias.
+    aliases: dict[str, list[str]] = {}
+    for name in hook_names(model):
+        point = model.hook_dict.get(name)
+        if point is None:
+            raise RuntimeError(f"This model has no hook {name!r}, so tracelib cannot trace it.")
+        aliases.setdefault(point.name, []).append(name)
+
+    def keep_final(act: Tensor, hook) -> Tensor:
+        for alias in aliases[hook.name]:
+            store[alias] = act[batch, final][:, None].detach()
+        return act
+
+    with torch.no_grad():
+        logits = model.run_with_hooks(
+            tokens.to(device),
+            fwd_hooks=[(name, keep_final) for name in aliases],
+            return_type="logits",
+        )
+    missing = {a for names in aliases.values() for a in names} - set(store)
+    if missing:
+        raise RuntimeError(f"These hooks did not fire, so this architecture is not supported: {sorted(missing)[:5]}")
+    return ActivationCache(store, model), logits[batch, final]
+
+
+def _fill_distractors(rows: list[Row], logits: Tensor) -> list[list[int]]:
+    """Each row's rivals; rows without any get the model's strongest non-answer token."""
+    out = []
+    for row, row_logits in zip(rows, logits):
+        if row.distractors:
+            out.append(list(row.distractors))
+        else:
+            ranked = row_logits.topk(2).indices.tolist()
+            out.append([ranked[1] if ranked[0] == row.target else ranked[0]])
+    return out
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Everything `trace()` found, from one forward pass.
+
+    Attributes:
+        rows: what was traced, one row per prompt (and per answer token, teacher-forced).
+        margin: the answer's logit, probability, rank, rivals (`tl.Margin`).
+        lens: the standard and the cached-scale DLA lens along depth (`tl.LogitLens`).
+        dla: direct logit attribution by component, layer, head and neuron (`tl.Attribution`).
+        model_name: the name the model was loaded under.
+    """
+
+    rows: list[Row]
+    distractors: list[list[int]]
+    margin: object
+    lens: object
+    dla: object
+    model_name: str
+
+    def to_dict(self, k: int = 5) -> dict:
+        """A JSON-able summary, one entry per row."""
+        out = []
+        for r, row in enumerate(self.rows):
+            out.append(
+                {
+                    "prompt": row.prompt,
+                    "str_tokens": row.str_tokens,
+                    "answer": row.target_str,
+                    "step": row.step,
+                    "n_steps": row.n_steps,
+                    "distractors": self.margin.distractor_strs[r],
+                    "margin": {
+                        "logit": self.margin.logit[r].item(),
+                        "prob": self.margin.prob[r].item(),
+                        "rank": int(self.margin.rank[r]),
+                        "logit_diff": self.margin.logit_diff[r].item(),
+                        "top": [
+                            {"token": t, "logit": lg, "prob": p}
+                            for t, lg, p in zip(
+                                self.margin.top_strs[r], self.margin.top_logits[r].tolist(), self.margin.top_probs[r].tolist()
+                            )
+                        ],
+                    },
+                    "lens": {
+                        "entries": self.lens.labels,
+                        "readable_from": {"standard": self.lens.standard.readable_from(r), "dla": self.lens.dla.readable_from(r)},
+                        "standard_logit_diff": self.lens.standard.logit_diff[:, r].tolist(),
+                        "dla_logit_diff": self.lens.dla.logit_diff[:, r].tolist(),
+                    },
+                    "dla": {
+                        "metric": self.dla.metric,
+                        "components": dict(zip(self.dla.component_labels, self.dla.components[:, r].tolist())),
+                        "top_heads": self.dla.top(k, "head", r).to_dict("records"),
+                        "top_neurons": self.dla.top(k, "neuron", r).to_dict("records"),
+                    },
+                    "reconstruction": self.dla.reconstruction.to_dict(r),
+                }
+            )
+        return {"model": self.model_name, "rows": out}
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    def summary(self, k: int = 5) -> str:
+        """A readable report: tokens, prediction and margin, where the answer becomes readable,
+        top components, heads and neurons, and the reconstruction residual."""
+        m, dla = self.margin, self.dla
+        out = [f"model: {self.model_name}"]
+        for r, row in enumerate(self.rows):
+            readable = self.lens.standard.readable_from(r)
+            out += [
+                "",
+                f"== {row.label}",
+                f"tokens      {row.str_tokens}",
+                f"prediction  {m.top_strs[r][0]!r} (p={m.top_probs[r, 0].item():.3f}); answer {row.target_str!r} "
+                f"rank {int(m.rank[r])}, p={m.prob[r].item():.3f}, logit {m.logit[r].item():+.3f}",
+                f"margin      logit diff {m.logit_diff[r].item():+.3f} against {m.distractor_strs[r]}",
+                f"readable    from {readable or 'never (not top-1 at the end)'} by the standard lens; "
+                f"from {self.lens.dla.readable_from(r) or 'never'} by the cached-scale DLA lens",
+                f"DLA of the answer's {dla.metric}:",
+            ]
+            for unit in ("component", "head", "neuron"):
+                top = dla.top(k, unit, r)
+                out.append(f"  top {unit}s  " + ", ".join(f"{u} {v:+.3f}" for u, v in zip(top[unit], top["value"])))
+            rec = dla.reconstruction.to_dict(r)
+            out.append(
+                f"reconstruction  sum of components {rec['attributed']:+.4f} + b_U {rec['bias']:+.4f} = "
+                f"{rec['attributed'] + rec['bias']:+.4f}; model {rec['actual']:+.4f}; residual {rec['residual']:+.2e}"
+            )
+        return "\n".join(out)
+
+    def __repr__(self) -> str:
+        m = self.margin
+        lines = [f"Trace({self.model_name}, {len(self.rows)} row(s))"]
+        for r, row in enumerate(self.rows[:5]):
+            lines.append(
+                f"  {row.label}: rank {int(m.rank[r])}, p {m.prob[r].item():.3f}, logit diff "
+                f"{m.logit_diff[r].item():+.3f} vs {m.distractor_strs[r]}; readable from "
+                f"{self.lens.standard.readable_from(r)}; DLA residual {self.dla.reconstruction.residual[r].item():+.1e}"
+            )
+        return "\n".join(lines)
+
+
+def trace(model, prompts, answer, distractors=None, *, metric: str = "logit", k: int = 5) -> Trace:
+    """Trace why the model predicts `answer` after each prompt, from exactly one forward pass.
+
+    Args:
+        model: a loaded model (`tl.load_model`).
+        prompts: one prompt, or a list run as one right-padded batch (padding never changes a
+            prompt's numbers).
+        answer: the answer (`" 2"`), or one per prompt. Multi-token answers are traced per token,
+            teacher-forced, each step a row.
+        distractors: tokens the answer should beat. Default: a digit's neighbouring digits,
+            otherwise the model's strongest competitor.
+        metric: what DLA explains: `"logit"` (sums to logit - b_U) or `"logit_diff"`.
+        k: how many top tokens the margin keeps.
+
+    Returns:
+        A `Trace` with `.margin`, `.lens`, `.dla`, and `.to_dict()`.
+    """
+    from tracelib.attribution import compute_attribution
+    from tracelib.lens import compute_lens
+    from tracelib.margin import compute_margin
+    from tracelib.models import model_name
+
+    if metric not in ("logit", "logit_diff"):
+        raise ValueError(f"metric must be 'logit' or 'logit_diff', got {metric!r}")
+    rows = build_rows(model, prompts, answer, distractors)
+    with torch.no_grad():
+        cache, logits = run_forward(model, rows)
+        targets = [row.target for row in rows]
+        rivals = _fill_distractors(rows, logits)
+        labels = [row.label for row in rows]
+        margin = compute_margin(logits, targets, rivals, labels, model.tokenizer.decode, k)
+        lens = compute_lens(model, cache, torch.tensor(targets), rivals, labels)
+        dla = compute_attribution(model, cache, logits, targets, rivals, labels, metric)
+    return Trace(rows, rivals, margin, lens, dla, model_name(model))
