@@ -183,6 +183,25 @@ def answer_directions(model, targets: list[int], distractors: list[list[int]], m
     return dirs
 
 
+def compute_dtype(tensor: Tensor) -> torch.dtype:
+    """Attribute in fp32 (fp64 kept): half-precision sums would drift more than the signal."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def scaled_directions(
+    model, scale: Float[Tensor, "*row 1"], targets: list[int], distractors: list[list[int]], metric: str
+) -> Float[Tensor, "*row d_model"]:
+    """The metric's direction as the un-normalised residual sees it: centred if the final norm
+    centres, divided by the final norm's cached scale. `residual . u` is then the DLA."""
+    directions = answer_directions(model, targets, distractors, metric).to(scale.dtype)
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        # LayerNorm centres the residual first; (x - mean x) . d == x . (d - mean d).
+        directions = directions - directions.mean(-1, keepdim=True)
+    if scale.ndim == 3:  # [row, pos, 1]: one scale per position
+        return directions[:, None] / scale
+    return directions / scale
+
+
 def compute_attribution(
     model, cache, logits: Float[Tensor, "row vocab"], targets: list[int], distractors: list[list[int]],
     row_labels: list[str], metric: str = "logit",
@@ -191,13 +210,9 @@ def compute_attribution(
     if metric not in ("logit", "logit_diff"):
         raise ValueError(f"metric must be 'logit' or 'logit_diff', got {metric!r}")
     cfg = model.cfg
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    directions = answer_directions(model, targets, distractors, metric).to(dtype)
-    if cfg.normalization_type in ("LN", "LNPre"):
-        # LayerNorm centres the residual first; (x - mean x) . d == x . (d - mean d).
-        directions = directions - directions.mean(-1, keepdim=True)
+    dtype = compute_dtype(logits)
     scale = cache["ln_final.hook_scale"][:, 0].to(dtype)  # [row, 1]
-    u = directions / scale  # [row, d_model]: the direction as seen by the un-normalised residual
+    u = scaled_directions(model, scale, targets, distractors, metric)  # [row, d_model]
 
     stack, labels = cache.decompose_resid(apply_ln=False, pos_slice=None, return_labels=True)
     components = torch.einsum("crd,rd->cr", stack[:, :, 0].to(dtype), u)

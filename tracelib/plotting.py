@@ -128,3 +128,40 @@ def report_html(trace, row: int = 0) -> str:
         f"<h1>Why does {html.escape(trace.model_name)} predict {html.escape(repr(trace.rows[row].target_str))}?</h1>"
         f"<pre>{html.escape(trace.summary())}</pre>" + "".join(parts) + "</body></html>"
     )
+
+
+def source_bars(sources, **layout) -> go.Figure:
+    """One head's contribution by source position, bars ticked with the tokens, attention on hover."""
+    fig = signed_bars(
+        token_labels(sources.str_tokens),
+        sources.values,
+        title=f"L{sources.layer}H{sources.head} by source position: {sources.row_label}",
+        **layout,
+    )
+    fig.data[0].customdata = sources.attention.tolist()
+    fig.data[0].hovertemplate = "%{x}: %{y:+.3f} (attention %{customdata:.2f})<extra></extra>"
+    fig.update_xaxes(title="Position")
+    return fig
+
+
+def position_heatmap(positions, row: int = 0, **layout) -> go.Figure:
+    """Position x component DLA grid on RdBu centred at 0, positions ticked with their tokens."""
+    grid = positions.values[row]
+    limit = grid.abs().max().item() or 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.T.tolist(),
+            x=token_labels(positions.str_tokens[row]),
+            y=positions.component_labels,
+            colorscale=DIVERGING,
+            zmid=0,
+            zmin=-limit,
+            zmax=limit,
+            hovertemplate="%{y} at %{x}: %{z:+.3f}<extra></extra>",
+        )
+    )
+    fig.update_yaxes(autorange="reversed")
+    return _layout(
+        fig, title=f"DLA toward the answer at every position: {positions.row_labels[row]}",
+        xaxis_title="Position", yaxis_title="Component", **layout,
+    )

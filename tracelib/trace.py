@@ -123,21 +123,53 @@ def build_rows(model, prompts, answer, distractors=None) -> list[Row]:
     return rows
 
 
-def hook_names(model) -> list[str]:
-    """Every hook a trace reads: residual stream, sublayer outputs, head z, MLP post, final scale."""
-    names = ["hook_embed", "ln_final.hook_scale"]
+FULL, FINAL = "full", "final"
+
+
+def hook_names(model) -> dict[str, str]:
+    """Every hook a trace reads, and whether it is kept at every position or only the final one.
+
+    Kept at every position (for the position and source analyses): embeddings, residual stream,
+    sublayer outputs, the final norm's scale, values and attention patterns. Kept at the final
+    position only: head outputs `z` and MLP activations, the two that would cost the most.
+    """
+    names = {"hook_embed": FULL, "ln_final.hook_scale": FULL}
     if model.cfg.positional_embedding_type == "standard":
-        names.append("hook_pos_embed")
+        names["hook_pos_embed"] = FULL
     for layer in range(model.cfg.n_layers):
         for hook in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"):
-            names.append(f"blocks.{layer}.{hook}")
-        names.append(f"blocks.{layer}.attn.hook_z")
-        names.append(f"blocks.{layer}.mlp.hook_post")
+            names[f"blocks.{layer}.{hook}"] = FULL
+        names[f"blocks.{layer}.attn.hook_v"] = FULL
+        names[f"blocks.{layer}.attn.hook_pattern"] = FULL
+        names[f"blocks.{layer}.attn.hook_z"] = FINAL
+        names[f"blocks.{layer}.mlp.hook_post"] = FINAL
     return names
 
 
-def run_forward(model, rows: list[Row]) -> tuple[object, Float[Tensor, "row vocab"]]:
-    """Run all rows as one right-padded batch and keep each row's final position.
+@dataclass
+class Forward:
+    """What the one forward pass leaves behind.
+
+    Attributes:
+        tokens: the right-padded batch, `[row, pos]`; `lengths` gives each row's real length.
+        final: an ActivationCache of every hook at each row's final position (`[row, 1, ...]`).
+        full: an ActivationCache of the FULL hooks at every position (`[row, pos, ...]`).
+        logits: the model's logits at every position, `[row, pos, vocab]`.
+    """
+
+    tokens: Int[Tensor, "row pos"]
+    lengths: Int[Tensor, " row"]
+    final: object
+    full: object
+    logits: Float[Tensor, "row pos vocab"]
+
+    @property
+    def final_logits(self) -> Float[Tensor, "row vocab"]:
+        return self.logits[torch.arange(len(self.lengths)), self.lengths - 1]
+
+
+def run_forward(model, rows: list[Row]) -> Forward:
+    """Run all rows as one right-padded batch, caching only the hooks the analyses read.
 
     Right padding cannot change a row's numbers: attention is causal, so no real position attends
     to the padding after it, and positions still count from 0.
@@ -153,31 +185,44 @@ def run_forward(model, rows: list[Row]) -> tuple[object, Float[Tensor, "row voca
     device = model.cfg.device
     final = (lengths - 1).to(device)
     batch = torch.arange(len(rows), device=device)
-    store: dict[str, Tensor] = {}
+    full_store: dict[str, Tensor] = {}
+    final_store: dict[str, Tensor] = {}
     # The bridge exposes TransformerLens's names as aliases (blocks.0.hook_resid_pre is the hook
-    # point blocks.0.hook_in); hook the real points and file each slice under its alias.
+    # point blocks.0.hook_in); hook the real points and file each activation under its alias.
+    wanted = hook_names(model)
     aliases: dict[str, list[str]] = {}
-    for name in hook_names(model):
+    for name in wanted:
         point = model.hook_dict.get(name)
         if point is None:
             raise RuntimeError(f"This model has no hook {name!r}, so tracelib cannot trace it.")
         aliases.setdefault(point.name, []).append(name)
 
-    def keep_final(act: Tensor, hook) -> Tensor:
+    def keep(act: Tensor, hook) -> Tensor:
+        act = act.detach()
         for alias in aliases[hook.name]:
-            store[alias] = act[batch, final][:, None].detach()
+            if wanted[alias] == FULL:
+                full_store[alias] = act
+            # Patterns are [row, head, dst, src]: the final position is a destination.
+            at_final = act[batch, :, final] if alias.endswith("hook_pattern") else act[batch, final]
+            final_store[alias] = at_final.unsqueeze(2 if alias.endswith("hook_pattern") else 1)
         return act
 
     with torch.no_grad():
         logits = model.run_with_hooks(
             tokens.to(device),
-            fwd_hooks=[(name, keep_final) for name in aliases],
+            fwd_hooks=[(name, keep) for name in aliases],
             return_type="logits",
         )
-    missing = {a for names in aliases.values() for a in names} - set(store)
+    missing = set(wanted) - set(final_store)
     if missing:
         raise RuntimeError(f"These hooks did not fire, so this architecture is not supported: {sorted(missing)[:5]}")
-    return ActivationCache(store, model), logits[batch, final]
+    return Forward(
+        tokens=tokens,
+        lengths=lengths,
+        final=ActivationCache(final_store, model),
+        full=ActivationCache(full_store, model),
+        logits=logits,
+    )
 
 
 def _fill_distractors(rows: list[Row], logits: Tensor) -> list[list[int]]:
@@ -201,6 +246,8 @@ class Trace:
         margin: the answer's logit, probability, rank, rivals (`tl.Margin`).
         lens: the standard and the cached-scale DLA lens along depth (`tl.LogitLens`).
         dla: direct logit attribution by component, layer, head and neuron (`tl.Attribution`).
+        heads: every head's DLA split by source position, and attention patterns (`tl.Heads`).
+        positions: DLA toward the answer at every position, lens per position (`tl.Positions`).
         model_name: the name the model was loaded under.
     """
 
@@ -209,6 +256,8 @@ class Trace:
     margin: object
     lens: object
     dla: object
+    heads: object
+    positions: object
     model_name: str
 
     def to_dict(self, k: int = 5) -> dict:
@@ -312,20 +361,27 @@ def trace(model, prompts, answer, distractors=None, *, metric: str = "logit", k:
     Returns:
         A `Trace` with `.margin`, `.lens`, `.dla`, and `.to_dict()`.
     """
-    from tracelib.attribution import compute_attribution
+    from tracelib.attribution import compute_attribution, compute_dtype, scaled_directions
+    from tracelib.heads import compute_heads
     from tracelib.lens import compute_lens
     from tracelib.margin import compute_margin
     from tracelib.models import model_name
+    from tracelib.positions import compute_positions
 
     if metric not in ("logit", "logit_diff"):
         raise ValueError(f"metric must be 'logit' or 'logit_diff', got {metric!r}")
     rows = build_rows(model, prompts, answer, distractors)
     with torch.no_grad():
-        cache, logits = run_forward(model, rows)
+        fwd = run_forward(model, rows)
+        cache, logits = fwd.final, fwd.final_logits
         targets = [row.target for row in rows]
         rivals = _fill_distractors(rows, logits)
         labels = [row.label for row in rows]
         margin = compute_margin(logits, targets, rivals, labels, model.tokenizer.decode, k)
         lens = compute_lens(model, cache, torch.tensor(targets), rivals, labels)
         dla = compute_attribution(model, cache, logits, targets, rivals, labels, metric)
-    return Trace(rows, rivals, margin, lens, dla, model_name(model))
+        scale = cache["ln_final.hook_scale"][:, 0]
+        u = scaled_directions(model, scale.to(compute_dtype(scale)), targets, rivals, metric)
+        heads = compute_heads(model, fwd, u, rows)
+        positions = compute_positions(model, fwd, rows, rivals, heads, metric)
+    return Trace(rows, rivals, margin, lens, dla, heads, positions, model_name(model))

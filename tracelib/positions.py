@@ -1,0 +1,171 @@
+"""Positions: where along the sequence the answer is written.
+
+Every component writes at every position. Reading each component's output at position `p` through
+the answer direction (divided by position `p`'s own final-norm scale) gives a position x component
+grid of DLA: at the final position it is exactly `trace().dla` by component. Earlier positions show
+whether the answer direction is already present there (copied later by attention) or only appears
+at the final position (computed there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+VERDICTS = ("written at the final position", "copied from an operand", "assembled gradually")
+
+
+@dataclass(frozen=True)
+class Positions:
+    """DLA toward the answer at every position, and the standard lens per position.
+
+    Attributes:
+        row_labels, str_tokens, operand_positions: per row.
+        component_labels: `"embed"`, then `"L_attn_out"`, `"L_mlp_out"` (as `trace().dla`).
+        values: one `[pos, component]` grid per row (the row's own length).
+        lens_labels: accumulated-residual entries, as in `trace().lens`.
+        lens_logit_diff: one `[entry, pos]` grid per row: the standard (re-normalised) lens's
+            logit difference of the answer against its distractors at every position.
+        head_share: share of the final-position attention DLA (absolute) that heads read from
+            operand positions, per row, from the source decomposition.
+    """
+
+    row_labels: list[str]
+    str_tokens: list[list[str]]
+    operand_positions: list[list[int]]
+    component_labels: list[str]
+    values: list[Float[Tensor, "pos component"]]
+    lens_labels: list[str]
+    lens_logit_diff: list[Float[Tensor, "entry pos"]]
+    operand_share: list[float]
+
+    def __post_init__(self) -> None:
+        for r, grid in enumerate(self.values):
+            shape = (len(self.str_tokens[r]), len(self.component_labels))
+            if tuple(grid.shape) != shape:
+                raise ValueError(f"row {r}: values must be [pos, component] = {shape}, got {tuple(grid.shape)}")
+            if tuple(self.lens_logit_diff[r].shape) != (len(self.lens_labels), shape[0]):
+                raise ValueError(f"row {r}: lens_logit_diff must be [entry, pos]")
+
+    def readable_at(self, row: int = 0) -> list[str | None]:
+        """Per position, the first lens entry from which the answer beats its distractors and
+        keeps beating them to the last layer (None if it never does there)."""
+        out = []
+        grid = self.lens_logit_diff[row]
+        for p in range(grid.shape[1]):
+            ahead = (grid[:, p] > 0).tolist()
+            if not ahead[-1]:
+                out.append(None)
+                continue
+            first = len(ahead) - 1
+            while first > 0 and ahead[first - 1]:
+                first -= 1
+            out.append(self.lens_labels[first])
+        return out
+
+    def first_readable_position(self, row: int = 0) -> int | None:
+        """The earliest position whose last-layer residual already favours the answer."""
+        readable = self.readable_at(row)
+        return next((p for p, entry in enumerate(readable) if entry is not None), None)
+
+    def verdict(self, row: int = 0) -> tuple[str, dict[str, float]]:
+        """Written at the final position, copied from an operand, or assembled gradually, with
+        the evidence: how much of the final position's DLA heads read from operands, how much the
+        final position's own MLPs wrote, and where the answer first becomes readable."""
+        grid = self.values[row]
+        final = grid[-1]
+        mlp = [i for i, label in enumerate(self.component_labels) if label.endswith("mlp_out")]
+        attn = [i for i, label in enumerate(self.component_labels) if label.endswith("attn_out")]
+        total = final.abs().sum().item() or 1.0
+        mlp_share = final[mlp].abs().sum().item() / total
+        attn_share = final[attn].abs().sum().item() / total
+        copied_share = attn_share * self.operand_share[row]
+        first = self.first_readable_position(row)
+        evidence = {
+            "final MLP share": mlp_share,
+            "attention share": attn_share,
+            "attention-from-operands share": copied_share,
+            "first readable position": float(first) if first is not None else float("nan"),
+            "readable before the final position": float(first is not None and first < grid.shape[0] - 1),
+        }
+        if copied_share >= 0.5 and evidence["readable before the final position"]:
+            return VERDICTS[1], evidence
+        if mlp_share + attn_share * (1 - self.operand_share[row]) >= 0.5 and not evidence["readable before the final position"]:
+            return VERDICTS[0], evidence
+        return VERDICTS[2], evidence
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long form: one line per (row, position, component)."""
+        from tracelib.plotting import token_labels
+
+        frames = []
+        for r, grid in enumerate(self.values):
+            labels = token_labels(self.str_tokens[r])
+            for p in range(grid.shape[0]):
+                frames.append(pd.DataFrame({"row": r, "position": p, "token": labels[p],
+                                            "component": self.component_labels, "value": grid[p].tolist()}))
+        return pd.concat(frames, ignore_index=True)
+
+    def top(self, k: int = 5, row: int = 0) -> pd.DataFrame:
+        """The k largest (position, component) writes by absolute value, signs kept."""
+        frame = self.to_frame()
+        frame = frame[frame["row"] == row]
+        return frame.reindex(frame["value"].abs().sort_values(ascending=False).index[:k]).reset_index(drop=True)
+
+    def plot(self, row: int = 0, **layout):
+        """Position x component heatmap (RdBu, centred at 0), positions ticked with their tokens."""
+        from tracelib import plotting
+
+        return plotting.position_heatmap(self, row, **layout)
+
+    def __repr__(self) -> str:
+        verdict, evidence = self.verdict(0)
+        return (
+            f"Positions({len(self.row_labels)} row(s); {self.row_labels[0]}: {verdict}; "
+            f"final MLP share {evidence['final MLP share']:.2f}, attention-from-operands "
+            f"{evidence['attention-from-operands share']:.2f})"
+        )
+
+
+def compute_positions(model, fwd, rows, distractors: list[list[int]], heads, metric: str) -> Positions:
+    """The per-position grid and lens from the trace's full-position cache."""
+    from tracelib.attribution import compute_dtype, scaled_directions
+
+    targets = [row.target for row in rows]
+    scale = fwd.full["ln_final.hook_scale"]
+    dtype = compute_dtype(scale)
+    u = scaled_directions(model, scale.to(dtype), targets, distractors, metric)  # [row, pos, d_model]
+    stack, labels = fwd.full.decompose_resid(apply_ln=False, pos_slice=None, return_labels=True)
+    grid = torch.einsum("crpd,rpd->rpc", stack.to(dtype), u).cpu()
+
+    resid, lens_labels = fwd.full.accumulated_resid(
+        layer=None, incl_mid=True, apply_ln=False, pos_slice=None, return_labels=True
+    )
+    normalised = fwd.full.apply_ln_to_stack(resid, layer=None, recompute_ln=True).to(dtype)  # [entry, row, pos, d]
+    W_U, b_U = model.W_U.to(dtype), model.b_U.to(dtype)
+    lens = []
+    for r, (target, rivals) in enumerate(zip(targets, distractors)):
+        cols = W_U[:, [target] + rivals]
+        logits = normalised[:, r] @ cols + b_U[[target] + rivals]  # [entry, pos, 1 + n]
+        lens.append((logits[..., 0] - logits[..., 1:].mean(-1)).cpu())
+
+    operand_share = []
+    for r in range(len(rows)):
+        mag = heads.sources[:, :, :, r].abs()
+        ops = heads.operand_positions[r]
+        operand_share.append(mag[:, :, ops].sum().item() / (mag.sum().item() or 1.0))
+    lengths = fwd.lengths.tolist()
+    return Positions(
+        row_labels=[row.label for row in rows],
+        str_tokens=[row.str_tokens for row in rows],
+        operand_positions=[heads.operand_positions[r] for r in range(len(rows))],
+        component_labels=list(labels),
+        values=[grid[r, :n] for r, n in enumerate(lengths)],
+        lens_labels=list(lens_labels),
+        lens_logit_diff=[lens[r][:, :n] for r, n in enumerate(lengths)],
+        operand_share=operand_share,
+    )
