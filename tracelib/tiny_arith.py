@@ -269,6 +269,8 @@ def _save(model, tokenizer, name: str, card: dict, out_dir: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     (tmp / "README.md").write_text(MODEL_CARD.format(name=name, **card))
     (tmp / "metrics.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    for f in tmp.iterdir():
+        f.chmod(0o644)  # package data: readable by every user of the install
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
