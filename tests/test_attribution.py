@@ -99,22 +99,25 @@ def test_top_keeps_signs_and_orders_by_magnitude(traced):
     assert set(neurons["sign"]) == {"+", "-"} and len(neurons) == 4 * tr.dla.n_layers
 
 
-def test_low_precision_reconstruction_warns(tiny):
-    """bf16 weights cannot reconstruct to fp32 tolerance; the user is told, not misled."""
+def test_reconstruction_out_of_tolerance_warns(tiny, monkeypatch):
+    """When the sums do not add up (fp16/bf16 weights, say) the user is told, not misled."""
+    import tracelib.attribution as attribution
     from tracelib.attribution import Reconstruction
 
     rec = Reconstruction(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([1.5]), tolerance=1e-4)
-    assert not rec.ok
+    assert not rec.ok and rec.residual.item() == pytest.approx(0.5)
+    assert tl.trace(tiny, PROMPT, ANSWER).dla.reconstruction.ok
+    monkeypatch.setitem(attribution.TOLERANCE, torch.float32, -1.0)  # nothing can pass now
     with pytest.warns(tl.ReconstructionWarning, match="dtype=torch.float32"):
-        import tracelib.attribution as attribution
+        tl.trace(tiny, PROMPT, ANSWER)
 
-        tr = tl.trace(tiny, PROMPT, ANSWER)
-        attribution.TOLERANCE[torch.float32], old = 0.0, attribution.TOLERANCE[torch.float32]
-        try:
-            tl.trace(tiny, "what is 2 + 5", " 7")
-        finally:
-            attribution.TOLERANCE[torch.float32] = old
-    assert tr.dla.reconstruction.ok
+
+def test_bf16_model_reconstructs_within_its_tolerance():
+    model = tl.load_model("tiny-arith", dtype=torch.bfloat16)
+    tr = tl.trace(model, PROMPT, ANSWER)
+    rec = tr.dla.reconstruction
+    assert rec.tolerance == 5e-2 and rec.ok
+    assert abs(rec.residual[0].item()) > 1e-6  # bf16 really is inexact: the residual is visible
 
 
 def test_result_frames_and_plots(traced):

@@ -65,3 +65,13 @@ def test_per_position_grid_at_the_final_position_is_the_dla(traced):
     _, tr, _ = traced
     torch.testing.assert_close(tr.positions.values[0][-1], tr.dla.components[:, 0], rtol=1e-5, atol=1e-6)
     assert tr.positions.component_labels == tr.dla.component_labels
+
+
+def test_heads_plus_bias_sum_to_attn_out_at_every_position(traced):
+    _, tr, _ = traced
+    pos = tr.positions
+    attn = [pos.component_labels.index(f"{layer}_attn_out") for layer in range(tr.dla.n_layers)]
+    summed = pos.heads[0].sum(-1) + pos.head_bias[0]  # [pos, layer]
+    torch.testing.assert_close(summed, pos.values[0][:, attn], rtol=1e-5, atol=1e-5)
+    # At the final position they are the trace's head DLA.
+    torch.testing.assert_close(pos.heads[0][-1], tr.dla.heads[:, :, 0], rtol=1e-5, atol=1e-6)

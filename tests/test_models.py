@@ -98,9 +98,11 @@ def test_large_loads_print_an_estimate(capsys, monkeypatch):
     assert "1.50B parameters" in out and "5.6 GiB" in out
 
 
-def test_estimate_parameters_counts_without_loading(gpt2_dir, gpt2):
+def test_estimate_parameters_counts_without_loading(gpt2_dir):
+    from transformers import AutoModelForCausalLM
+
     n = models.estimate_parameters(str(gpt2_dir))
-    assert n == sum(p.numel() for p in gpt2.original_model.parameters())
+    assert n == AutoModelForCausalLM.from_pretrained(gpt2_dir).num_parameters()
 
 
 def test_default_dtype_on_cpu_is_fp32():

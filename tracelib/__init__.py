@@ -11,6 +11,7 @@ from tracelib.answers import (
     resolve_answer,
 )
 from tracelib.attribution import Attribution, Reconstruction, ReconstructionWarning, direct_logit_attribution
+from tracelib.heads import Heads, HeadSources
 from tracelib.lens import LensCurve, LogitLens, logit_lens
 from tracelib.margin import Margin, logit_margin
 from tracelib.models import (
@@ -20,6 +21,7 @@ from tracelib.models import (
     load_model,
 )
 from tracelib.notebook import setup_notebook
+from tracelib.positions import Positions
 from tracelib.trace import Trace, default_distractors, trace
 
 __version__ = "0.1.0"
@@ -29,11 +31,14 @@ __all__ = [
     "AnswerStep",
     "Attribution",
     "EmptyInputError",
+    "HeadSources",
+    "Heads",
     "LensCurve",
     "LogitLens",
     "Margin",
     "ModelUnavailableError",
     "MultiTokenAnswerError",
+    "Positions",
     "PromptTooLongError",
     "Reconstruction",
     "ReconstructionWarning",

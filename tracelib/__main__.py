@@ -29,7 +29,6 @@ def _trace(args: argparse.Namespace) -> int:
     import tracelib as tl
     from tracelib import plotting
 
-    torch.set_grad_enabled(False)
     model = tl.load_model(args.model)
     prompt = tl.chat_prompt(model, args.prompt) if args.chat else args.prompt
     result = tl.trace(model, prompt, args.answer, distractors=args.distractors or None, metric=args.metric)

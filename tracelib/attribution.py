@@ -160,13 +160,19 @@ class Attribution:
         return pd.DataFrame.from_records(records)
 
     def plot(self, unit: str = "component", row: int = 0, **layout):
-        """Bars for components or layers, a layer x head heatmap for heads (RdBu, centred at 0)."""
+        """Bars for components or layers, a layer x head heatmap for heads (RdBu, centred at 0),
+        and for neurons the strongest ten of each sign across all layers."""
         from tracelib import plotting
 
+        what = "logit" if self.metric == "logit" else "logit difference"
+        title = f"DLA of the answer's {what} by {unit}: {self.row_labels[row]}"
+        layout = {"title": title, **layout}
         if unit == "head":
-            return plotting.head_heatmap(self.heads[:, :, row], title=f"DLA by head: {self.row_labels[row]}", **layout)
+            return plotting.head_heatmap(self.heads[:, :, row], **layout)
+        if unit == "neuron":
+            return plotting.neuron_strip(self.neurons[:, :, row], **layout)
         labels, values = self._unit(unit, row)
-        return plotting.signed_bars(labels, values, title=f"DLA by {unit}: {self.row_labels[row]}", **layout)
+        return plotting.signed_bars(labels, values, **layout)
 
     def __repr__(self) -> str:
         top = self.top(3)

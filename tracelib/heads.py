@@ -179,7 +179,7 @@ class Heads:
         """The layer x head DLA grid (RdBu, centred at 0)."""
         from tracelib import plotting
 
-        return plotting.head_heatmap(self.values[:, :, row], title=f"DLA by head: {self.row_labels[row]}", **layout)
+        return plotting.head_heatmap(self.values[:, :, row], **{"title": f"DLA by head: {self.row_labels[row]}", **layout})
 
     def attention_view(self, heads: list[tuple[int, int]] | None = None, row: int = 0):
         """circuitsvis attention patterns for the chosen (layer, head) pairs (default: the top 4)."""

@@ -19,8 +19,9 @@ class Margin:
         answers: the answer token of each row, as a string.
         logit, prob: the answer's logit and probability, `[row]`.
         rank: the answer's zero-based rank among all tokens (0 = top prediction), `[row]`.
-        top_strs, top_logits, top_probs: the model's k most likely tokens, `[row][k]` / `[row, k]`.
-        distractor_strs, distractor_logits: the rivals of each row and their logits.
+        top_ids, top_strs, top_logits, top_probs: the model's k most likely tokens, `[row, k]`.
+        distractor_ids, distractor_strs, distractor_logits, distractor_probs, distractor_ranks: the
+            rivals of each row and where they stand.
         logit_diff: answer logit minus the mean distractor logit, `[row]`.
     """
 
@@ -29,11 +30,15 @@ class Margin:
     logit: Float[Tensor, " row"]
     prob: Float[Tensor, " row"]
     rank: Int[Tensor, " row"]
+    top_ids: Int[Tensor, "row k"]
     top_strs: list[list[str]]
     top_logits: Float[Tensor, "row k"]
     top_probs: Float[Tensor, "row k"]
+    distractor_ids: list[list[int]]
     distractor_strs: list[list[str]]
     distractor_logits: list[Float[Tensor, " n"]]
+    distractor_probs: list[Float[Tensor, " n"]]
+    distractor_ranks: list[Int[Tensor, " n"]]
     logit_diff: Float[Tensor, " row"]
 
     def __post_init__(self) -> None:
@@ -57,10 +62,10 @@ class Margin:
                     dict(row=i, label=label, role=f"top{j + 1}", token=tok, logit=self.top_logits[i, j].item(),
                          prob=self.top_probs[i, j].item(), rank=j)
                 )
-            for tok, value in zip(self.distractor_strs[i], self.distractor_logits[i].tolist()):
+            for j, tok in enumerate(self.distractor_strs[i]):
                 records.append(
-                    dict(row=i, label=label, role="distractor", token=tok, logit=value,
-                         prob=float("nan"), rank=-1)
+                    dict(row=i, label=label, role="distractor", token=tok, logit=self.distractor_logits[i][j].item(),
+                         prob=self.distractor_probs[i][j].item(), rank=int(self.distractor_ranks[i][j]))
                 )
         return pd.DataFrame.from_records(records)
 
@@ -110,6 +115,7 @@ def compute_margin(
     answer_logit = logits[idx, target]
     top = logits.topk(min(k, logits.shape[-1]), dim=-1)
     dist_logits = [logits[i, d] for i, d in enumerate(distractors)]
+    dist_ranks = [(logits[i][None] > logits[i, d][:, None]).sum(-1) for i, d in enumerate(distractors)]
     return Margin(
         row_labels=list(row_labels),
         answers=[decode([t]) for t in targets],
@@ -117,11 +123,15 @@ def compute_margin(
         prob=probs[idx, target],
         # Only strictly larger logits outrank the answer, as in TransformerLens's readouts.
         rank=(logits > answer_logit[:, None]).sum(-1),
+        top_ids=top.indices,
         top_strs=[[decode([t]) for t in row] for row in top.indices.tolist()],
         top_logits=top.values,
         top_probs=probs.gather(-1, top.indices),
+        distractor_ids=[list(d) for d in distractors],
         distractor_strs=[[decode([t]) for t in d] for d in distractors],
         distractor_logits=dist_logits,
+        distractor_probs=[probs[i, d] for i, d in enumerate(distractors)],
+        distractor_ranks=dist_ranks,
         logit_diff=answer_logit - torch.stack([d.mean() for d in dist_logits]),
     )
 

@@ -201,7 +201,7 @@ def load_model(
     name = str(name).strip()
     source, origin = _resolve_source(name)
     device = torch.device(device) if device is not None else default_device()
-    n_params = estimate_parameters(source) if origin != "bundled" else None
+    n_params = estimate_parameters(source)
     if dtype is None:
         dtype = default_dtype(device, n_params)
     _announce(name, n_params, dtype, device)
@@ -211,6 +211,11 @@ def load_model(
     # its progress bars.
     err = io.StringIO()
     quiet = contextlib.redirect_stderr(err) if origin != "hub" else contextlib.nullcontext()
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if origin != "hub":
+        hf_logging.disable_progress_bar()  # Jupyter's stderr is not sys.stderr; silence at the source
     with warnings.catch_warnings(), quiet:
         warnings.simplefilter("ignore")
         try:
@@ -221,6 +226,9 @@ def load_model(
                 f"TransformerLens could not load {name!r} from {source} ({origin}): {exc}\n"
                 f"What it printed:\n{err.getvalue()[-2000:]}"
             ) from exc
+        finally:
+            if bars_were_on:
+                hf_logging.enable_progress_bar()
     model.eval()
     model.tracelib_name = name
     return model

@@ -14,9 +14,10 @@ def token_labels(str_tokens: list[str]) -> list[str]:
     return [f"{tok!r}@{i}" for i, tok in enumerate(str_tokens)]
 
 
-def _layout(fig: go.Figure, **layout) -> go.Figure:
+def _layout(fig: go.Figure, defaults: dict, layout: dict) -> go.Figure:
+    """Apply tracelib's defaults, then whatever the caller passed (which wins, title included)."""
     fig.update_layout(template="plotly_white", margin=dict(l=60, r=20, t=50, b=60))
-    fig.update_layout(**layout)
+    fig.update_layout(**{**defaults, **layout})
     return fig
 
 
@@ -32,7 +33,7 @@ def signed_bars(labels: list[str], values: Tensor, title: str = "", **layout) ->
             hovertemplate="%{x}: %{y:+.3f}<extra></extra>",
         )
     )
-    return _layout(fig, title=title, yaxis_title="Direct logit attribution", **layout)
+    return _layout(fig, {"title": title, "yaxis_title": "Direct logit attribution"}, layout)
 
 
 def head_heatmap(values: Tensor, title: str = "", **layout) -> go.Figure:
@@ -51,7 +52,7 @@ def head_heatmap(values: Tensor, title: str = "", **layout) -> go.Figure:
         )
     )
     fig.update_yaxes(autorange="reversed")
-    return _layout(fig, title=title, xaxis_title="Head", yaxis_title="Layer", **layout)
+    return _layout(fig, {"title": title, "xaxis_title": "Head", "yaxis_title": "Layer"}, layout)
 
 
 def margin_bars(margin, row: int = 0, **layout) -> go.Figure:
@@ -61,10 +62,15 @@ def margin_bars(margin, row: int = 0, **layout) -> go.Figure:
     colors = ["#b2182b" if t == answer else "#92c5de" for t in tokens]
     fig = go.Figure(go.Bar(x=tokens, y=margin.top_logits[row].tolist(), marker_color=colors))
     title = f"Top predictions: {margin.row_labels[row]} (rank {int(margin.rank[row])}, p={margin.prob[row].item():.3f})"
-    return _layout(fig, title=title, xaxis_title="Token", yaxis_title="Logit", **layout)
+    return _layout(fig, {"title": title, "xaxis_title": "Token", "yaxis_title": "Logit"}, layout)
 
 
-METRIC_TITLES = {"logit": "Answer logit", "logit_diff": "Logit difference", "prob": "Probability", "rank": "Rank"}
+METRIC_TITLES = {
+    "logit": "Answer logit",
+    "logit_diff": "Logit difference",
+    "prob": "Probability",
+    "rank": "Rank + 1 (1 = top prediction)",
+}
 
 
 def lens_lines(lens, row: int = 0, metric: str = "logit_diff", **layout) -> go.Figure:
@@ -75,10 +81,13 @@ def lens_lines(lens, row: int = 0, metric: str = "logit_diff", **layout) -> go.F
         raise ValueError(f"metric must be one of {list(METRIC_TITLES)}, got {metric!r}")
     fig = go.Figure()
     for curve, dash in ((lens.standard, "solid"), (lens.dla, "dot")):
+        values = getattr(curve, metric)[:, row]
+        if metric == "rank":
+            values = values + 1  # a log axis cannot show rank 0; plot 1 = top prediction
         fig.add_trace(
             go.Scatter(
                 x=curve.labels,
-                y=getattr(curve, metric)[:, row].tolist(),
+                y=values.tolist(),
                 name=LENS_NAMES[curve.kind],
                 mode="lines+markers",
                 line=dict(dash=dash),
@@ -88,11 +97,13 @@ def lens_lines(lens, row: int = 0, metric: str = "logit_diff", **layout) -> go.F
         fig.update_yaxes(type="log", autorange="reversed")
     return _layout(
         fig,
-        title=f"{METRIC_TITLES[metric]} along depth: {lens.row_labels[row]}",
-        xaxis_title="Layer (residual entering block L, mid = after its attention)",
-        yaxis_title=METRIC_TITLES[metric],
-        legend=dict(orientation="h", y=-0.3),
-        **layout,
+        {
+            "title": f"{METRIC_TITLES[metric]} along depth: {lens.row_labels[row]}",
+            "xaxis_title": "Layer (residual entering block L, mid = after its attention)",
+            "yaxis_title": METRIC_TITLES[metric],
+            "legend": dict(orientation="h", y=-0.3),
+        },
+        layout,
     )
 
 
@@ -103,7 +114,7 @@ def neuron_strip(values: Tensor, title: str = "", k: int = 10, **layout) -> go.F
     order = torch.cat([flat.topk(k).indices, (-flat).topk(k).indices])
     order = order[flat[order].argsort(descending=True)]
     labels = [f"L{int(i) // d_mlp}N{int(i) % d_mlp}" for i in order]
-    return signed_bars(labels, flat[order], title=title, xaxis_title="Neuron", **layout)
+    return signed_bars(labels, flat[order], title=title, **{"xaxis_title": "Neuron", **layout})
 
 
 def report_html(trace, row: int = 0) -> str:
@@ -132,12 +143,8 @@ def report_html(trace, row: int = 0) -> str:
 
 def source_bars(sources, **layout) -> go.Figure:
     """One head's contribution by source position, bars ticked with the tokens, attention on hover."""
-    fig = signed_bars(
-        token_labels(sources.str_tokens),
-        sources.values,
-        title=f"L{sources.layer}H{sources.head} by source position: {sources.row_label}",
-        **layout,
-    )
+    layout = {"title": f"L{sources.layer}H{sources.head} by source position: {sources.row_label}", **layout}
+    fig = signed_bars(token_labels(sources.str_tokens), sources.values, **layout)
     fig.data[0].customdata = sources.attention.tolist()
     fig.data[0].hovertemplate = "%{x}: %{y:+.3f} (attention %{customdata:.2f})<extra></extra>"
     fig.update_xaxes(title="Position")
@@ -162,6 +169,8 @@ def position_heatmap(positions, row: int = 0, **layout) -> go.Figure:
     )
     fig.update_yaxes(autorange="reversed")
     return _layout(
-        fig, title=f"DLA toward the answer at every position: {positions.row_labels[row]}",
-        xaxis_title="Position", yaxis_title="Component", **layout,
+        fig,
+        {"title": f"DLA toward the answer at every position: {positions.row_labels[row]}",
+         "xaxis_title": "Position", "yaxis_title": "Component"},
+        layout,
     )

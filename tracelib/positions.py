@@ -30,8 +30,13 @@ class Positions:
         lens_labels: accumulated-residual entries, as in `trace().lens`.
         lens_logit_diff: one `[entry, pos]` grid per row: the standard (re-normalised) lens's
             logit difference of the answer against its distractors at every position.
-        head_share: share of the final-position attention DLA (absolute) that heads read from
-            operand positions, per row, from the source decomposition.
+        heads: one `[pos, layer, head]` grid per row: each head's DLA toward the answer when read at
+            every position (with that position's own norm scale); with `head_bias` (`[pos, layer]`)
+            it sums to the `attn_out` columns of `values`.
+        final_rank: one `[pos]` vector per row: the answer's rank in the model's own prediction
+            at each position (the standard lens's last entry).
+        operand_share, self_share: per row, the share of the final position's head DLA (absolute)
+            that heads read from operand positions, and from the final position itself.
     """
 
     row_labels: list[str]
@@ -41,7 +46,11 @@ class Positions:
     values: list[Float[Tensor, "pos component"]]
     lens_labels: list[str]
     lens_logit_diff: list[Float[Tensor, "entry pos"]]
+    heads: list[Float[Tensor, "pos layer head"]]
+    head_bias: list[Float[Tensor, "pos layer"]]
+    final_rank: list[Tensor]
     operand_share: list[float]
+    self_share: list[float]
 
     def __post_init__(self) -> None:
         for r, grid in enumerate(self.values):
@@ -52,13 +61,13 @@ class Positions:
                 raise ValueError(f"row {r}: lens_logit_diff must be [entry, pos]")
 
     def readable_at(self, row: int = 0) -> list[str | None]:
-        """Per position, the first lens entry from which the answer beats its distractors and
-        keeps beating them to the last layer (None if it never does there)."""
+        """Per position: None unless the answer is the model's top prediction there; else the first
+        lens entry from which it beats its distractors and keeps beating them."""
         out = []
         grid = self.lens_logit_diff[row]
         for p in range(grid.shape[1]):
             ahead = (grid[:, p] > 0).tolist()
-            if not ahead[-1]:
+            if int(self.final_rank[row][p]) != 0 or not ahead[-1]:
                 out.append(None)
                 continue
             first = len(ahead) - 1
@@ -68,7 +77,7 @@ class Positions:
         return out
 
     def first_readable_position(self, row: int = 0) -> int | None:
-        """The earliest position whose last-layer residual already favours the answer."""
+        """The earliest position at which the answer is the model's top prediction."""
         readable = self.readable_at(row)
         return next((p for p, entry in enumerate(readable) if entry is not None), None)
 
@@ -84,17 +93,21 @@ class Positions:
         mlp_share = final[mlp].abs().sum().item() / total
         attn_share = final[attn].abs().sum().item() / total
         copied_share = attn_share * self.operand_share[row]
+        local_share = mlp_share + attn_share * self.self_share[row]
         first = self.first_readable_position(row)
+        early = first is not None and first < grid.shape[0] - 1
         evidence = {
             "final MLP share": mlp_share,
             "attention share": attn_share,
             "attention-from-operands share": copied_share,
+            "computed-in-place share": local_share,
             "first readable position": float(first) if first is not None else float("nan"),
-            "readable before the final position": float(first is not None and first < grid.shape[0] - 1),
         }
-        if copied_share >= 0.5 and evidence["readable before the final position"]:
+        # Copied: the answer already exists at an operand and heads carry most of it over.
+        if copied_share >= 0.5 and early and first in self.operand_positions[row]:
             return VERDICTS[1], evidence
-        if mlp_share + attn_share * (1 - self.operand_share[row]) >= 0.5 and not evidence["readable before the final position"]:
+        # Written in place: most of it is computed at the final position (MLPs, self-attention).
+        if local_share >= 0.5:
             return VERDICTS[0], evidence
         return VERDICTS[2], evidence
 
@@ -126,7 +139,7 @@ class Positions:
         verdict, evidence = self.verdict(0)
         return (
             f"Positions({len(self.row_labels)} row(s); {self.row_labels[0]}: {verdict}; "
-            f"final MLP share {evidence['final MLP share']:.2f}, attention-from-operands "
+            f"computed in place {evidence['computed-in-place share']:.2f}, attention-from-operands "
             f"{evidence['attention-from-operands share']:.2f})"
         )
 
@@ -153,12 +166,18 @@ def compute_positions(model, fwd, rows, distractors: list[list[int]], heads, met
         logits = normalised[:, r] @ cols + b_U[[target] + rivals]  # [entry, pos, 1 + n]
         lens.append((logits[..., 0] - logits[..., 1:].mean(-1)).cpu())
 
-    operand_share = []
-    for r in range(len(rows)):
-        mag = heads.sources[:, :, :, r].abs()
-        ops = heads.operand_positions[r]
-        operand_share.append(mag[:, :, ops].sum().item() / (mag.sum().item() or 1.0))
+    heads_by_pos, head_bias = _heads_at_every_position(model, fwd, u)
+
+    operand_share, self_share = [], []
     lengths = fwd.lengths.tolist()
+    for r, n in enumerate(lengths):
+        mag = heads.sources[:, :, :, r].abs()
+        total = mag.sum().item() or 1.0
+        operand_share.append(mag[:, :, heads.operand_positions[r]].sum().item() / total)
+        self_share.append(mag[:, :, n - 1].sum().item() / total)
+    logits = fwd.logits
+    answer_logit = logits[torch.arange(len(rows), device=logits.device), :, torch.tensor(targets, device=logits.device)]
+    final_rank = (logits > answer_logit[..., None]).sum(-1).cpu()
     return Positions(
         row_labels=[row.label for row in rows],
         str_tokens=[row.str_tokens for row in rows],
@@ -167,5 +186,32 @@ def compute_positions(model, fwd, rows, distractors: list[list[int]], heads, met
         values=[grid[r, :n] for r, n in enumerate(lengths)],
         lens_labels=list(lens_labels),
         lens_logit_diff=[lens[r][:, :n] for r, n in enumerate(lengths)],
+        heads=[heads_by_pos[r, :n] for r, n in enumerate(lengths)],
+        head_bias=[head_bias[r, :n] for r, n in enumerate(lengths)],
+        final_rank=[final_rank[r, :n] for r, n in enumerate(lengths)],
         operand_share=operand_share,
+        self_share=self_share,
     )
+
+
+def _heads_at_every_position(model, fwd, u: Float[Tensor, "row pos d_model"]):
+    """Every head's DLA at every destination position, projected first: `z . (W_O @ u_pos)`.
+
+    `z` is rebuilt from the cached pattern and values (`z = A @ v`, GQA-expanded) because the trace
+    keeps `hook_z` only at the final position.
+    """
+    from tracelib.attribution import _bias
+
+    cfg = model.cfg
+    n_heads = cfg.n_heads
+    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
+    kv_of_head = torch.arange(n_heads, device=u.device) // (n_heads // n_kv)
+    heads, biases = [], []
+    for layer in range(cfg.n_layers):
+        v = fwd.full[f"blocks.{layer}.attn.hook_v"].to(u.dtype)[:, :, kv_of_head]  # [row, src, head, d_head]
+        pattern = fwd.full[f"blocks.{layer}.attn.hook_pattern"].to(u.dtype)  # [row, head, dst, src]
+        z = torch.einsum("rhps,rshe->rphe", pattern, v)
+        W_O_u = torch.einsum("hem,rpm->rphe", model.W_O[layer].to(u.dtype), u)
+        heads.append((z * W_O_u).sum(-1))  # [row, pos, head]
+        biases.append(_bias(model, "b_O", layer, u.reshape(-1, u.shape[-1]), u.dtype).reshape(u.shape[:2]))
+    return torch.stack(heads, 2).cpu(), torch.stack(biases, 2).cpu()

@@ -222,6 +222,12 @@ def _train(model, encoded, pad_id: int, steps: int, lr: float, batch_size: int, 
         * (1 + math.cos(math.pi * min(1.0, s / steps))),
     )
     model.train()
+    with torch.enable_grad():  # a notebook may have turned gradients off globally
+        _steps(model, opt, sched, encoded, pad_id, steps, batch_size, gen, log)
+    model.eval()
+
+
+def _steps(model, opt, sched, encoded, pad_id, steps, batch_size, gen, log) -> None:
     for step in range(steps):
         idx = torch.randint(len(encoded), (batch_size,), generator=gen).tolist()
         ids, mask, labels = _batch([encoded[i] for i in idx], pad_id)
@@ -233,7 +239,6 @@ def _train(model, encoded, pad_id: int, steps: int, lr: float, batch_size: int, 
         sched.step()
         if step % 250 == 0 or step == steps - 1:
             log(f"  step {step:5d}  loss {loss.item():.4f}")
-    model.eval()
 
 
 def _hf_logits(model):

@@ -197,15 +197,16 @@ def run_forward(model, rows: list[Row]) -> Forward:
             raise RuntimeError(f"This model has no hook {name!r}, so tracelib cannot trace it.")
         aliases.setdefault(point.name, []).append(name)
 
-    def keep(act: Tensor, hook) -> Tensor:
-        act = act.detach()
+    def keep(act: Tensor, hook) -> None:
+        # Returning None leaves the activation untouched; returning any other tensor object makes
+        # the bridge rebuild its output from the hooked values (at float-rounding cost).
+        kept = act.detach()
         for alias in aliases[hook.name]:
             if wanted[alias] == FULL:
-                full_store[alias] = act
+                full_store[alias] = kept
             # Patterns are [row, head, dst, src]: the final position is a destination.
-            at_final = act[batch, :, final] if alias.endswith("hook_pattern") else act[batch, final]
+            at_final = kept[batch, :, final] if alias.endswith("hook_pattern") else kept[batch, final]
             final_store[alias] = at_final.unsqueeze(2 if alias.endswith("hook_pattern") else 1)
-        return act
 
     with torch.no_grad():
         logits = model.run_with_hooks(
