@@ -131,6 +131,8 @@ def report_html(trace, row: int = 0) -> str:
         trace.dla.plot("head", row),
         neuron_strip(trace.dla.neurons[:, :, row], title=f"Strongest neurons: {trace.dla.row_labels[row]}"),
     ]
+    (top_layer, top_head), _ = trace.heads.strongest(row)
+    figures += [trace.heads.source(top_layer, top_head, row).plot(), trace.positions.plot(row)]
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>tracelib report</title>"

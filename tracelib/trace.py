@@ -297,6 +297,8 @@ class Trace:
                         "top_heads": self.dla.top(k, "head", r).to_dict("records"),
                         "top_neurons": self.dla.top(k, "neuron", r).to_dict("records"),
                     },
+                    "heads": self.heads.top(k, r).to_dict("records"),
+                    "positions": dict(zip(("verdict", "evidence"), self.positions.verdict(r))),
                     "reconstruction": self.dla.reconstruction.to_dict(r),
                 }
             )
@@ -326,6 +328,14 @@ class Trace:
             for unit in ("component", "head", "neuron"):
                 top = dla.top(k, unit, r)
                 out.append(f"  top {unit}s  " + ", ".join(f"{u} {v:+.3f}" for u, v in zip(top[unit], top["value"])))
+            heads = self.heads.top(k, r)
+            out.append("  heads read from  " + ", ".join(f"{h} {v:+.3f} ({w})" for h, v, w in
+                                                      zip(heads["head"], heads["value"], heads["reads_from"])))
+            verdict, evidence = self.positions.verdict(r)
+            out.append(
+                f"positions   {verdict} (computed in place {evidence['computed-in-place share']:.0%}, carried from "
+                f"operands {evidence['attention-from-operands share']:.0%} of the final position's DLA)"
+            )
             rec = dla.reconstruction.to_dict(r)
             out.append(
                 f"reconstruction  sum of components {rec['attributed']:+.4f} + b_U {rec['bias']:+.4f} = "

@@ -1,0 +1,75 @@
+"""Positions: the grid, where the answer becomes readable, and the written/copied/assembled verdict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tracelib as tl
+from tracelib.positions import VERDICTS
+
+
+@pytest.fixture(scope="module")
+def positions(any_model):
+    return tl.trace(any_model, ["what is 1 + 1", "Q: what is 3 + 4? A:"], [" 2", " 7"]).positions
+
+
+def test_grid_shapes_follow_each_rows_own_length(positions):
+    for r, tokens in enumerate(positions.str_tokens):
+        assert positions.values[r].shape == (len(tokens), len(positions.component_labels))
+        assert positions.lens_logit_diff[r].shape == (len(positions.lens_labels), len(tokens))
+
+
+def test_readable_only_where_the_answer_is_the_prediction(positions):
+    for r in range(len(positions.row_labels)):
+        for p, entry in enumerate(positions.readable_at(r)):
+            if int(positions.final_rank[r][p]) != 0:
+                assert entry is None
+            else:
+                i = positions.lens_labels.index(entry)
+                assert (positions.lens_logit_diff[r][i:, p] > 0).all()
+
+
+def test_verdict_evidence_is_consistent(positions):
+    for r in range(len(positions.row_labels)):
+        verdict, ev = positions.verdict(r)
+        assert verdict in VERDICTS
+        assert ev["final MLP share"] + ev["attention share"] <= 1 + 1e-6
+        assert 0 <= ev["attention-from-operands share"] <= ev["attention share"] + 1e-9
+        if verdict == VERDICTS[0]:
+            assert ev["computed-in-place share"] >= 0.5
+
+
+def test_tiny_computes_one_plus_one_in_place(tiny):
+    """The bundled model's MLPs at the final position write most of the answer."""
+    verdict, evidence = tl.trace(tiny, "what is 1 + 1", " 2").positions.verdict()
+    assert verdict == "written at the final position"
+    assert evidence["final MLP share"] > 0.5
+
+
+def test_plot_ticks_positions_with_tokens(tiny):
+    pos = tl.trace(tiny, "what is 1 + 1", " 2").positions
+    fig = pos.plot()
+    assert fig.data[0].zmid == 0 and list(fig.data[0].x)[3] == "'1'@3"
+    top = pos.top(3)
+    assert list(top["value"].abs()) == sorted(top["value"].abs(), reverse=True)
+
+
+def test_summary_and_dict_gain_heads_and_positions(tiny):
+    tr = tl.trace(tiny, "what is 1 + 1", " 2")
+    assert "heads read from" in tr.summary() and "positions" in tr.summary()
+    row = tr.to_dict()["rows"][0]
+    assert row["positions"]["verdict"] in VERDICTS and row["heads"][0]["reads_from"]
+
+
+def test_changing_an_operand_moves_the_heads_reading(tiny):
+    """Sanity check from the seed: 1 + 1 -> 1 + 2 changes the top operand-reading head's
+    contribution most at the changed operand."""
+    a = tl.trace(tiny, "what is 1 + 1", " 2")
+    b = tl.trace(tiny, "what is 1 + 2", " 3")
+    operand = a.heads.operand_positions[0][-1]
+    changed = (a.heads.sources[..., 0] - b.heads.sources[..., 0]).abs()  # [layer, head, src]
+    top_layer, top_head = next(
+        (int(h[1:].split("H")[0]), int(h.split("H")[1])) for h, w in zip(a.heads.top(8)["head"], a.heads.top(8)["reads_from"]) if w == "operand"
+    )
+    assert int(changed[top_layer, top_head].argmax()) == operand
