@@ -34,6 +34,13 @@ def test_gqa_sources_match_an_explicit_kv_expansion(traced):
         pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, -1]  # [head, src]
         z = torch.einsum("hs,she->he", pattern, expanded)
         torch.testing.assert_close(z, cache[f"blocks.{layer}.attn.hook_z"][0, -1], rtol=1e-5, atol=1e-6)
+        # tracelib's per-source terms against the same explicit expansion.
+        direction = tl.answer_direction(model, r)
+        if model.cfg.normalization_type in ("LN", "LNPre"):
+            direction = direction - direction.mean()
+        u = direction / cache["ln_final.hook_scale"][0, -1]
+        per_src = torch.einsum("she,hem,m->hs", expanded, model.W_O[layer], u) * pattern
+        torch.testing.assert_close(tr.heads.sources[layer, :, :, 0], per_src.cpu(), rtol=1e-4, atol=1e-6)
 
 
 def test_qwen_fixture_really_is_gqa(qwen):
