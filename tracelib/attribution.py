@@ -226,11 +226,11 @@ def compute_attribution(
     heads, head_bias, neurons, neuron_bias = [], [], [], []
     for layer in range(cfg.n_layers):
         # Project W_O onto u first: [head, d_head, row], never [head, row, d_model].
-        W_O_u = torch.einsum("hem,rm->her", model.W_O[layer].to(dtype), u)
+        W_O_u = torch.einsum("hem,rm->her", layer_weight(model, "attn.W_O", layer).to(dtype), u)
         z = cache[f"blocks.{layer}.attn.hook_z"][:, 0].to(dtype)  # [row, head, d_head]
         heads.append(torch.einsum("rhe,her->hr", z, W_O_u))
         head_bias.append(_bias(model, "b_O", layer, u, dtype))
-        W_out_u = model.W_out[layer].to(dtype) @ u.T  # [neuron, row]
+        W_out_u = layer_weight(model, "mlp.W_out", layer).to(dtype) @ u.T  # [neuron, row]
         post = cache[f"blocks.{layer}.mlp.hook_post"][:, 0].to(dtype)  # [row, neuron]
         neurons.append(post.T * W_out_u)
         neuron_bias.append(_bias(model, "b_out", layer, u, dtype))
@@ -270,11 +270,27 @@ def compute_attribution(
     )
 
 
+def layer_weight(model, path: str, layer: int) -> Tensor | None:
+    """One block's parameter (`"attn.W_O"`, `"mlp.W_out"`, `"attn.b_O"`, ...), or None if absent.
+
+    The bridge's `model.W_O` / `model.W_out` stack every layer on each access: indexing them in a
+    loop over layers copies all layers' weights once per layer (96 s per trace on a
+    Qwen2.5-1.5B-shaped model), so read the block's own parameter instead.
+    """
+    obj = model.blocks[layer]
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    if path == "attn.W_O" and obj.ndim == 2:  # [n_heads * d_head, d_model] -> [n_heads, d_head, d_model]
+        obj = obj.reshape(model.cfg.n_heads, model.cfg.d_head, model.cfg.d_model)
+    return obj
+
+
 def _bias(model, name: str, layer: int, u: Tensor, dtype) -> Tensor:
-    """A layer's output bias projected on u, `[row]`; zero where the architecture has none."""
-    try:
-        bias = getattr(model, name)[layer]
-    except (AttributeError, KeyError, IndexError):
+    """A layer's output bias (`b_O` or `b_out`) projected on u, `[row]`; zero where there is none."""
+    bias = layer_weight(model, "attn.b_O" if name == "b_O" else "mlp.b_out", layer)
+    if bias is None:
         return torch.zeros(u.shape[0], dtype=dtype, device=u.device)
     return u @ bias.to(dtype)
 

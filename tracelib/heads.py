@@ -211,6 +211,8 @@ def compute_heads(model, fwd, u: Float[Tensor, "row d_model"], rows) -> Heads:
     Projects first: `W_O[h] @ u` is `[head, d_head, row]`, then each source's value is dotted with
     it, so the cost is that of one more small matmul per layer, and no `[head, src, d_model]` exists.
     """
+    from tracelib.attribution import layer_weight
+
     cfg = model.cfg
     dtype = u.dtype
     n_heads = cfg.n_heads
@@ -220,7 +222,7 @@ def compute_heads(model, fwd, u: Float[Tensor, "row d_model"], rows) -> Heads:
     final = (fwd.lengths - 1).to(u.device)
     sources, attention = [], []
     for layer in range(cfg.n_layers):
-        W_O_u = torch.einsum("hem,rm->rhe", model.W_O[layer].to(dtype), u)  # [row, head, d_head]
+        W_O_u = torch.einsum("hem,rm->rhe", layer_weight(model, "attn.W_O", layer).to(dtype), u)  # [row, head, d_head]
         v = fwd.full[f"blocks.{layer}.attn.hook_v"].to(dtype)  # [row, src, kv_head, d_head]
         v = v[:, :, kv_of_head]  # GQA: each query head reads its KV head
         pattern = fwd.full[f"blocks.{layer}.attn.hook_pattern"][batch, :, final].to(dtype)  # [row, head, src]

@@ -200,7 +200,7 @@ def _heads_at_every_position(model, fwd, u: Float[Tensor, "row pos d_model"]):
     `z` is rebuilt from the cached pattern and values (`z = A @ v`, GQA-expanded) because the trace
     keeps `hook_z` only at the final position.
     """
-    from tracelib.attribution import _bias
+    from tracelib.attribution import _bias, layer_weight
 
     cfg = model.cfg
     n_heads = cfg.n_heads
@@ -211,7 +211,7 @@ def _heads_at_every_position(model, fwd, u: Float[Tensor, "row pos d_model"]):
         v = fwd.full[f"blocks.{layer}.attn.hook_v"].to(u.dtype)[:, :, kv_of_head]  # [row, src, head, d_head]
         pattern = fwd.full[f"blocks.{layer}.attn.hook_pattern"].to(u.dtype)  # [row, head, dst, src]
         z = torch.einsum("rhps,rshe->rphe", pattern, v)
-        W_O_u = torch.einsum("hem,rpm->rphe", model.W_O[layer].to(u.dtype), u)
+        W_O_u = torch.einsum("hem,rpm->rphe", layer_weight(model, "attn.W_O", layer).to(u.dtype), u)
         heads.append((z * W_O_u).sum(-1))  # [row, pos, head]
         biases.append(_bias(model, "b_O", layer, u.reshape(-1, u.shape[-1]), u.dtype).reshape(u.shape[:2]))
     return torch.stack(heads, 2).cpu(), torch.stack(biases, 2).cpu()
