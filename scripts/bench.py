@@ -1,0 +1,848 @@
+"""Benchmark tracelib against plain TransformerLens on realistic model shapes (`make bench`).
+
+Models are built from configs (random init) with the real GPT-2 / Qwen2.5 tokenizers, using the
+helpers in tests/conftest.py, so nothing is downloaded:
+
+    tiny   the bundled tiny-arith (4 layers, d_model 128)
+    gpt2   GPT-2-small-shaped: 12 layers, d_model 768, 12 heads, vocab 50257
+    qwen   Qwen2.5-1.5B-shaped: hidden 1536, 28 layers, 12 heads, 2 KV heads, MLP 8960, vocab 151936
+
+Every measurement runs in a fresh subprocess, so its peak RSS (VmHWM) is its own. Wall times are
+the median of `--repeat` runs after one warm-up. Forward passes run under torch.no_grad(), as
+trace() does. Usage:
+
+    .venv/bin/python scripts/bench.py                         # all three, full shapes
+    .venv/bin/python scripts/bench.py --models tiny,gpt2 --repeat 3
+    .venv/bin/python scripts/bench.py --models qwen --layers 4 --out /tmp/qwen4.json
+    .venv/bin/python scripts/bench.py --workdir /tmp/bench_models   # keep/reuse built models
+    .venv/bin/python scripts/bench.py --models qwen --loader low_memory   # full Qwen in ~10 GiB
+
+Each step loads the model. tl.load_model peaks at about 3.5x the processed fp32 model (about
+22 GiB for the full Qwen shape), so a step whose load is predicted not to fit in the memory
+available is skipped and listed under the table; `--loader low_memory` loads through the
+proposed low-memory path instead (same weights, bit for bit; peak about 1.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT_TOKENS = 12
+ANSWER = " 2"
+MODELS = ("tiny", "gpt2", "qwen")
+# Each step runs in its own process: (name, what it times).
+STEPS = (
+    ("load", "tl.load_model(folder): boot_transformers + enable_compatibility_mode"),
+    ("load_low_memory", "the same, with enable_compatibility_mode inside low_memory_compat (proposed)"),
+    ("forward", "model(tokens)"),
+    ("run_with_cache", "model.run_with_cache(tokens)"),
+    ("trace", "tl.trace(model, prompt, answer)"),
+    ("neuron_dla_all_pos", "post * (W_out @ dir) / scale, every layer and position, given a cache"),
+    ("naive_decomp", "cache.get_full_resid_decomposition(expand_neurons=True, pos_slice=-1)"),
+    ("naive_decomp_proj", "the same with project_output_onto=dir"),
+)
+# Words to pad prompts to exactly PROMPT_TOKENS tokens; every tokenizer here knows them.
+_FILLER = ("Q:", "what", "is", "1", "+", "1", "and", "what", "is", "3", "+", "4", "so")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory and timing helpers (used inside the worker processes).
+
+
+def proc_status() -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile of this process, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand free heap pages back to the OS, so RSS counts live data only."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+def timed(fn, repeat: int) -> tuple[float, list[float]]:
+    """Median wall time of `repeat` calls after one warm-up (the warm-up is not counted)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the models (in a subprocess: the 28-layer Qwen shape is 6 GB of fp32 weights).
+
+
+def _conftest():
+    sys.path.insert(0, str(REPO / "tests"))
+    import conftest  # noqa: PLC0415  (sets HF_HUB_OFFLINE before huggingface_hub loads)
+
+    return conftest
+
+
+def model_spec(name: str, layers: int | None) -> dict:
+    if name == "tiny":
+        return {"name": "tiny", "source": "tiny-arith", "layers": 4}
+    if name == "gpt2":
+        return {
+            "name": "gpt2",
+            "arch": "gpt2",
+            "config": dict(n_layer=layers or 12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257),
+            "layers": layers or 12,
+        }
+    if name == "qwen":
+        return {
+            "name": "qwen",
+            "arch": "qwen2",
+            "config": dict(
+                vocab_size=151936,
+                hidden_size=1536,
+                intermediate_size=8960,
+                num_hidden_layers=layers or 28,
+                num_attention_heads=12,
+                num_key_value_heads=2,
+                max_position_embeddings=32768,
+                tie_word_embeddings=True,
+                rope_theta=1000000.0,
+                rms_norm_eps=1e-6,
+            ),
+            "layers": layers or 28,
+        }
+    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def build(spec: dict, folder: Path) -> None:
+    """Random-init model from `spec`, saved with its real tokenizer (tests/conftest.py helpers)."""
+    import torch
+
+    conftest = _conftest()
+    torch.manual_seed(0)
+    if spec["arch"] == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        tokenizer = conftest.gpt2_tokenizer(folder)
+        model = GPT2LMHeadModel(GPT2Config(**spec["config"])).eval()
+    else:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        tokenizer = conftest.qwen_tokenizer()
+        model = Qwen2ForCausalLM(Qwen2Config(**spec["config"])).eval()
+    conftest._randomise_norms_and_biases(model)
+    # Small shards: serialising a shard holds a second copy of it in memory.
+    model.save_pretrained(folder, max_shard_size="1GB")
+    tokenizer.save_pretrained(folder)
+    (folder / "bench_spec.json").write_text(json.dumps(spec, sort_keys=True))
+
+
+def ensure_built(spec: dict, workdir: Path) -> str:
+    """The folder (or bundled name) to load `spec` from, building it if needed."""
+    if "source" in spec:
+        return spec["source"]
+    folder = workdir / f"{spec['name']}-{spec['layers']}L"
+    marker = folder / "bench_spec.json"
+    if marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(spec, sort_keys=True)):
+        return str(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    t0 = time.perf_counter()
+    print(f"building {spec['name']} ({spec['layers']} layers) in {folder} ...", file=sys.stderr, flush=True)
+    run_worker({"step": "build", "spec": spec, "folder": str(folder)})
+    print(f"  built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return str(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# The low-memory load path this benchmark compares tl.load_model against (a proposal for
+# tracelib/models.py; measured by the `load_low_memory` step and used by `--loader low_memory`).
+#
+# TransformerBridge.process_weights (TransformerLens 4.3) holds, at its peak, the live weights,
+# a clone of the tied unembedding, and two full copies of the state dict: fold_layer_norm,
+# center_unembed and fold_value_biases each start with `{k: v.clone() ...}` of the whole dict
+# while the caller still holds the previous one. None of them writes into its input (each builds
+# new tensors and stores them in the dict), so those copies can be aliases without changing a
+# single number. `low_memory_compat` makes them aliases, hands each replaced tensor's memory back
+# as soon as processing replaces it, and detaches the live parameters from the original weights
+# (zero-stride placeholders of the same shape) until the processed ones are installed. The peak
+# becomes the processed model plus one vocab x d_model matrix (plus, when the checkpoint is fp32
+# and boot left the weights mapped from the file, the page cache of the replaced originals,
+# which the kernel can drop). Measured: the same weights and logits bit for bit on tiny-arith,
+# GPT-2 and Qwen2 shapes; the test suite passes with every load going through it.
+
+
+def _low_memory_classes():
+    """Tensor and dict helpers, built on first use so that importing this script stays cheap."""
+    import torch
+
+    class Alias(torch.Tensor):
+        """A view whose clone() is a plain alias of the same memory instead of a copy."""
+
+        def clone(self, *args, **kwargs):
+            return self.as_subclass(torch.Tensor)
+
+    class Handoff(dict):
+        """The dict a copying function receives: its one pass over items() (the copy) empties it,
+        so the argument the caller's frame still holds keeps no tensor alive."""
+
+        def items(self):
+            for key in list(self.keys()):
+                yield key, self.pop(key)
+
+    return Alias, Handoff
+
+
+_COPYING = ("fold_layer_norm", "center_unembed", "fold_value_biases", "refactor_factored_attn_matrices")
+
+
+def _sync(target: dict, source: dict) -> None:
+    """Make `target` hold exactly `source`'s entries, in place (every holder of it sees them)."""
+    for key in [k for k in target if k not in source]:
+        del target[key]
+    for key, value in source.items():
+        if target.get(key) is not value:
+            target[key] = value
+
+
+def _view_key(t) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _file_backed(tensors) -> set:
+    """view keys of the tensors whose memory maps a file (weights boot left on the checkpoint)."""
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                spans.append((lo, hi))
+    return {
+        _view_key(t)
+        for t in tensors
+        if t.device.type == "cpu" and any(lo <= t.data_ptr() < hi for lo, hi in spans)
+    }
+
+
+@contextlib.contextmanager
+def low_memory_compat(bridge):
+    """Run `bridge.enable_compatibility_mode()` inside this for the same weights at a lower peak."""
+    import torch
+    from transformer_lens.weight_processing import ProcessWeights
+
+    Alias, Handoff = _low_memory_classes()
+    saved = {name: ProcessWeights.__dict__[name] for name in (*_COPYING, "_fold_layer")}
+    holder: dict = {}
+    placeholders: list = []  # kept alive until the final check, so their addresses stay unique
+
+    def consuming(fn):
+        def wrapper(state_dict, *args, **kwargs):
+            outer, holder["dict"] = holder.get("dict"), state_dict
+            try:
+                handoff = Handoff(
+                    {k: v.as_subclass(Alias) if type(v) is torch.Tensor else v for k, v in state_dict.items()}
+                )
+                result = fn(handoff, *args, **kwargs)
+            finally:
+                holder["dict"] = outer
+            _sync(state_dict, result)  # the caller's dict now holds the new tensors only
+            return state_dict
+
+        return staticmethod(wrapper)
+
+    def fold_layer(state_dict, *args, **kwargs):
+        result = saved["_fold_layer"].__func__(state_dict, *args, **kwargs)
+        if holder.get("dict") is not None:
+            _sync(holder["dict"], result)  # frees what this layer replaced
+        return result
+
+    def detaching_state_dict(*args, **kwargs):
+        state = type(bridge).state_dict(bridge, *args, **kwargs)
+        if args or kwargs:
+            return state
+        embed, unembed = state.get("embed.weight"), state.get("unembed.weight")
+        if embed is not None and unembed is not None and embed.data_ptr() == unembed.data_ptr():
+            # process_weights clones a tied unembedding to untie it; an alias unties it as well.
+            state["unembed.weight"] = unembed.as_subclass(Alias)
+        held = {_view_key(v) for v in state.values() if isinstance(v, torch.Tensor)}
+        for module in bridge.original_model.modules():
+            for param in module._parameters.values():
+                if param is not None and _view_key(param) in held:
+                    placeholders.append(torch.zeros((), dtype=param.dtype, device=param.device))
+                    param.data = placeholders[-1].expand(param.shape)
+        return state
+
+    params = [p for _, p in bridge.original_model.named_parameters(remove_duplicate=False)]
+    on_file = _file_backed(params)
+    bridge.state_dict = detaching_state_dict
+    try:
+        for name in _COPYING:
+            setattr(ProcessWeights, name, consuming(saved[name].__func__))
+        ProcessWeights._fold_layer = staticmethod(fold_layer)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(ProcessWeights, name, fn)
+        del bridge.state_dict
+    params = list(bridge.original_model.named_parameters(remove_duplicate=False))
+    unset = {t.data_ptr() for t in placeholders}
+    left = [n for n, p in params if p.data_ptr() in unset or type(p.data) is not torch.Tensor]
+    placeholders.clear()
+    if left:
+        raise RuntimeError(f"low-memory processing left {len(left)} weights unset, e.g. {left[:3]}")
+    # Weights processing did not change still map the checkpoint file, as boot left them; give
+    # them memory of their own, one at a time, as the copying path does.
+    for _, p in params:
+        if _view_key(p) in on_file:
+            p.data = p.data.clone()
+
+
+def load_low_memory(source: str):
+    """tl.load_model(source), with enable_compatibility_mode run inside low_memory_compat."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    import tracelib as tl
+
+    original = TransformerBridge.enable_compatibility_mode
+
+    def patched(self, *args, **kwargs):
+        with low_memory_compat(self):
+            return original(self, *args, **kwargs)
+
+    TransformerBridge.enable_compatibility_mode = patched
+    try:
+        return tl.load_model(source)
+    finally:
+        TransformerBridge.enable_compatibility_mode = original
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurements (one step per worker process).
+
+
+def pick_prompt(model, answer: str = ANSWER):
+    """A prompt whose resolved tokens (BOS and any moved whitespace included) number PROMPT_TOKENS."""
+    import tracelib as tl
+
+    for start in range(len(_FILLER)):
+        for end in range(start + 1, len(_FILLER) + 1):
+            prompt = " ".join(_FILLER[start:end])
+            resolved = tl.resolve_answer(model, prompt, answer)
+            if len(resolved.prompt_tokens) == PROMPT_TOKENS and resolved.is_single_token:
+                return resolved
+    raise RuntimeError(f"no {PROMPT_TOKENS}-token prompt found for this tokenizer")
+
+
+def weight_bytes(source: str) -> int:
+    """fp32 bytes of the checkpoint's parameters (tied embeddings counted once)."""
+    from tracelib.models import _resolve_source, estimate_parameters
+
+    return 4 * estimate_parameters(_resolve_source(source)[0])
+
+
+def measure_estimate(source: str) -> dict:
+    """fp32 bytes of the checkpoint, and of the processed model (processing unties embed/unembed)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tracelib.models import _resolve_source
+
+    config = AutoConfig.from_pretrained(_resolve_source(source)[0])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight is model.get_input_embeddings().weight
+    return {"weights_bytes": weights, "processed_bytes": weights + (4 * out.weight.numel() if tied else 0)}
+
+
+# Peak RSS of a load: 0.5 GiB of imports plus this many times the processed fp32 model (which
+# holds embed and unembed separately). Measured: tl.load_model 3.4-3.5x (Qwen2.5-1.5B shape at 2
+# and 4 layers, GPT-2 small), the low-memory path 1.4-1.5x (Qwen shape at 4 and 28 layers).
+# A step whose load is predicted not to fit in MemAvailable is skipped (--force runs it).
+PEAK_FACTOR = {"load_model": 3.6, "low_memory": 1.5}
+
+
+def predicted_peak(estimate: dict, loader: str) -> float:
+    return 0.5 * 2**30 + PEAK_FACTOR[loader] * estimate["processed_bytes"]
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def resident_param_bytes(model) -> int:
+    """Bytes of the distinct tensors the loaded model holds (processing unties embed/unembed)."""
+    import torch
+
+    seen, total = set(), 0
+    tensors = list(model.original_model.parameters()) + list(model.original_model.buffers())
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += key[1]
+    return total
+
+
+def _loader(name: str):
+    import tracelib as tl
+
+    return {"load_model": tl.load_model, "low_memory": load_low_memory}[name]
+
+
+def measure_load(source: str, loader: str) -> dict:
+    """One load, split at enable_compatibility_mode's entry into boot and processing.
+
+    `boot_*` covers everything before processing (resolving the source, counting parameters,
+    boot_transformers); `compat_*` everything from there to the model being returned, which for
+    the low-memory loader includes its after-processing step.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    phases = {}
+    original = TransformerBridge.enable_compatibility_mode
+
+    def instrumented(self, *args, **kwargs):
+        phases["boot_s"] = time.perf_counter() - phases["t0"]
+        status = proc_status()
+        phases["boot_hwm"], phases["boot_rss"] = status["VmHWM"], status["VmRSS"]
+        reset_peak()
+        return original(self, *args, **kwargs)
+
+    release_free_memory()
+    base = proc_status()
+    TransformerBridge.enable_compatibility_mode = instrumented
+    reset_peak()
+    phases["t0"] = time.perf_counter()
+    try:
+        model = _loader(loader)(source)
+    finally:
+        TransformerBridge.enable_compatibility_mode = original
+    total = time.perf_counter() - phases.pop("t0")
+    after = proc_status()  # VmHWM: the peak since processing began
+    release_free_memory()
+    settled = proc_status()
+    weights = weight_bytes(source)
+    peak = max(phases["boot_hwm"], after["VmHWM"])
+    return {
+        "loader": loader,
+        "time_s": total,
+        "boot_s": phases["boot_s"],
+        "compat_s": total - phases["boot_s"],
+        "base_rss": base["VmRSS"],
+        "boot_peak": phases["boot_hwm"],
+        "boot_rss": phases["boot_rss"],
+        "compat_peak": after["VmHWM"],
+        "peak_rss": peak,
+        "peak_over_base": peak - base["VmRSS"],
+        "rss_after": after["VmRSS"],
+        "rss_after_trim": settled["VmRSS"],
+        "rss_file_after_trim": settled["RssFile"],
+        "weights_bytes": weights,
+        "resident_param_bytes": resident_param_bytes(model),
+        "peak_over_weights": (peak - base["VmRSS"]) / weights,
+    }
+
+
+def neuron_dla_all_positions(model, cache, direction):
+    """DLA of every neuron at every position, projection first: post * (W_out @ u) / scale.
+
+    `u` is the answer direction (centred for LayerNorm models, as trace() does) and `scale` the
+    final norm's cached scale at each position. Returns [layer, batch, pos, d_mlp]; never builds a
+    [..., d_mlp, d_model] tensor. Reads each block's W_out directly: `model.W_out` would stack
+    every layer's weights on each access.
+    """
+    import torch
+
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        direction = direction - direction.mean()
+    post0 = cache["blocks.0.mlp.hook_post"]
+    out = torch.empty((model.cfg.n_layers, *post0.shape), dtype=post0.dtype)
+    for layer, block in enumerate(model.blocks):
+        w_dir = block.mlp.W_out @ direction  # [d_mlp]
+        torch.mul(cache[f"blocks.{layer}.mlp.hook_post"], w_dir, out=out[layer])
+    out /= cache["ln_final.hook_scale"]  # [batch, pos, 1] broadcasts over d_mlp
+    return out
+
+
+def check_neuron_dla(model, cache, direction, dla) -> float:
+    """Largest gap between each layer's neurons summed (+ b_out) and its mlp_out read the same way."""
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        direction = direction - direction.mean()
+    scale = cache["ln_final.hook_scale"]
+    worst = 0.0
+    for layer, block in enumerate(model.blocks):
+        b_out = getattr(block.mlp, "b_out", None)
+        bias = 0.0 if b_out is None else (b_out @ direction)
+        want = (cache[f"blocks.{layer}.hook_mlp_out"] @ direction)[..., None] / scale
+        got = dla[layer].sum(-1, keepdim=True) + bias / scale
+        worst = max(worst, (want - got).abs().max().item() / max(1.0, want.abs().max().item()))
+    return worst
+
+
+def measure_step(step: str, source: str, repeat: int, loader: str) -> dict:
+    import torch
+
+    import tracelib as tl
+
+    model = _loader(loader)(source)
+    resolved = pick_prompt(model)
+    tokens = resolved.prompt_tokens[None].to(model.cfg.device)
+    assert tokens.shape == (1, PROMPT_TOKENS), tokens.shape
+    direction = model.W_U[:, resolved.token].detach().clone()
+    extra = {"prompt": resolved.prompt, "str_tokens": resolved.prompt_str_tokens, "answer": resolved.answer}
+    state = {}
+
+    if step == "forward":
+
+        def fn():
+            state.pop("out", None)
+            with torch.no_grad():
+                state["out"] = model(tokens)
+    elif step == "run_with_cache":
+
+        def fn():
+            state.pop("out", None)
+            with torch.no_grad():
+                state["out"] = model.run_with_cache(tokens)
+    elif step == "trace":
+
+        def fn():
+            state.pop("out", None)
+            state["out"] = tl.trace(model, resolved.prompt, resolved.answer)
+    else:
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens)
+        if step == "neuron_dla_all_pos":
+
+            def fn():
+                state.pop("out", None)
+                with torch.no_grad():
+                    state["out"] = neuron_dla_all_positions(model, cache, direction)
+        elif step == "naive_decomp":
+
+            def fn():
+                state.pop("out", None)
+                with torch.no_grad():
+                    state["out"] = cache.get_full_resid_decomposition(expand_neurons=True, pos_slice=-1)
+        elif step == "naive_decomp_proj":
+
+            def fn():
+                state.pop("out", None)
+                with torch.no_grad():
+                    state["out"] = cache.get_full_resid_decomposition(
+                        expand_neurons=True, pos_slice=-1, project_output_onto=direction
+                    )
+        else:
+            raise SystemExit(f"unknown step {step!r}")
+
+    release_free_memory()
+    before = proc_status()  # the model (and, for the DLA steps, its cache) resident
+    reset_peak()
+    median, times = timed(fn, repeat)
+    peak = proc_status()["VmHWM"]
+    if step == "neuron_dla_all_pos":
+        with torch.no_grad():
+            extra["max_rel_err_vs_mlp_out"] = check_neuron_dla(model, cache, direction, state["out"])
+        extra["shape"] = list(state["out"].shape)
+    elif step.startswith("naive"):
+        extra["shape"] = list(state["out"].shape)
+    return {
+        "time_s": median,
+        "times_s": times,
+        "rss_before": before["VmRSS"],
+        "peak_rss": peak,
+        "peak_over_before": peak - before["VmRSS"],
+        **extra,
+    }
+
+
+def worker_main(spec: dict) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    if spec["step"] == "build":
+        build(spec["spec"], Path(spec["folder"]))
+        return {}
+    import warnings
+
+    warnings.simplefilter("ignore")
+    if spec["step"] == "estimate":
+        return measure_estimate(spec["source"])
+    if spec["step"] == "load":
+        return measure_load(spec["source"], "load_model")
+    if spec["step"] == "load_low_memory":
+        return measure_load(spec["source"], "low_memory")
+    return measure_step(spec["step"], spec["source"], spec["repeat"], spec["loader"])
+
+
+def run_worker(spec: dict) -> dict:
+    """Run one step in a fresh interpreter; it prints one JSON line tagged BENCH_RESULT last."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"worker {spec.get('step')} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1].removeprefix("BENCH_RESULT "))
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+TARGETS = {
+    "trace_time_vs_run_with_cache": 1.2,
+    "neuron_dla_time_vs_forward": 0.1,
+    "trace_peak_vs_run_with_cache_peak": 1.1,
+}
+
+
+def ratios(r: dict) -> dict:
+    return {
+        "trace_time_vs_run_with_cache": r["trace"]["time_s"] / r["run_with_cache"]["time_s"],
+        "neuron_dla_time_vs_forward": r["neuron_dla_all_pos"]["time_s"] / r["forward"]["time_s"],
+        # run_with_cache's peak RSS already includes the resident model.
+        "trace_peak_vs_run_with_cache_peak": r["trace"]["peak_rss"] / r["run_with_cache"]["peak_rss"],
+    }
+
+
+def _gib(n: float) -> str:
+    """Bytes as GiB, or as MiB below 1 GiB."""
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.2f}" if s < 0.01 else f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}"
+
+
+def render(results: dict) -> str:
+    """Markdown: the steps (time, peak RSS), the loads, and the ratios against the targets."""
+    sections = []
+    names = list(results)
+    step_rows = []
+    for step, _ in STEPS[2:]:
+        if all(step in results[n]["steps"] for n in names):
+            cells = []
+            for n in names:
+                m = results[n]["steps"][step]
+                cells += [_ms(m["time_s"]), f"{_gib(m['peak_rss'])} (+{_gib(m['peak_over_before'])})"]
+            step_rows.append(f"| {step} | " + " | ".join(cells) + " |")
+    if step_rows:
+        cols = " | ".join(f"{n} ({results[n]['layers']}L) ms | {n} peak RSS (+ over model)" for n in names)
+        sections.append("\n".join([f"| step | {cols} |", "|---|" + "---:|---:|" * len(names), *step_rows]))
+
+    loads = [(n, s) for n in names for s in ("load", "load_low_memory") if s in results[n]["steps"]]
+    if loads:
+        label = {"load": "tl.load_model", "load_low_memory": "low-memory"}
+        cols = " | ".join(f"{n} ({results[n]['layers']}L) {label[s]}" for n, s in loads)
+        lines = [f"| load | {cols} |", "|---|" + "---:|" * len(loads)]
+        rows = [
+            ("fp32 weights", lambda m: _gib(m["weights_bytes"])),
+            (
+                "wall s (boot + compat)",
+                lambda m: f"{m['time_s']:.1f} ({m['boot_s']:.1f} + {m['compat_s']:.1f})",
+            ),
+            ("peak RSS (+ over imports)", lambda m: f"{_gib(m['peak_rss'])} (+{_gib(m['peak_over_base'])})"),
+            ("boot peak / compat peak", lambda m: f"{_gib(m['boot_peak'])} / {_gib(m['compat_peak'])}"),
+            ("RSS after load", lambda m: _gib(m["rss_after_trim"])),
+            ("peak over imports / weights", lambda m: f"{m['peak_over_weights']:.2f}x"),
+            ("peak / RSS after load", lambda m: f"{m['peak_rss'] / m['rss_after_trim']:.2f}x"),
+        ]
+        for title, fmt in rows:
+            lines.append(f"| {title} | " + " | ".join(fmt(results[n]["steps"][s]) for n, s in loads) + " |")
+        sections.append("\n".join(lines))
+
+    names = [n for n in names if "ratios" in results[n]]
+    if names:
+        labels = {
+            "trace_time_vs_run_with_cache": "trace() time / run_with_cache time <= 1.2",
+            "neuron_dla_time_vs_forward": "neuron DLA (all positions) time / forward time <= 0.1",
+            "trace_peak_vs_run_with_cache_peak": "trace() peak / (model + run_with_cache) peak <= 1.1",
+        }
+        lines = ["| target | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for key, title in labels.items():
+            cells = []
+            for n in names:
+                value = results[n]["ratios"][key]
+                cells.append(f"{value:.3f} {'ok' if value <= TARGETS[key] else 'MISSED'}")
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) if sections else "(nothing measured)"
+
+
+def write_atomic(path: Path, data: dict) -> None:
+    path = path.resolve()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: tiny,gpt2,qwen")
+    parser.add_argument("--layers", type=int, default=None, help="override the GPT-2 and Qwen layer counts")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per step, after one warm-up")
+    parser.add_argument("--out", type=Path, default=Path("bench_results.json"), help="JSON results file")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per worker (default: torch's)"
+    )
+    parser.add_argument("--workdir", type=Path, default=None, help="build models here and keep them (reused)")
+    parser.add_argument(
+        "--steps", default=",".join(s for s, _ in STEPS), help="comma-separated subset of: %(default)s"
+    )
+    parser.add_argument(
+        "--loader",
+        choices=("load_model", "low_memory"),
+        default="load_model",
+        help="how the measurement steps load the model (the two load steps always use their own)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="run steps even if predicted not to fit in memory"
+    )
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker is not None:
+        result = worker_main(json.loads(args.worker))
+        print("BENCH_RESULT " + json.dumps(result), flush=True)
+        return
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    for n in names:
+        model_spec(n, args.layers)  # validates the name
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be >= 1")
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = set(steps) - {s for s, _ in STEPS}
+    if unknown:
+        parser.error(f"unknown steps {sorted(unknown)}")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tracelib-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    import platform
+
+    results = {}
+    load_before = os.getloadavg()
+    try:
+        for name in names:
+            spec = model_spec(name, args.layers)
+            source = ensure_built(spec, workdir)
+            estimate = run_worker({"step": "estimate", "source": source})
+            entry = {"layers": spec["layers"], "spec": spec, "estimate": estimate, "steps": {}, "skipped": {}}
+            for step in steps:
+                loader = {"load": "load_model", "load_low_memory": "low_memory"}.get(step, args.loader)
+                need, free = predicted_peak(estimate, loader), mem_available()
+                if need > free and not args.force:
+                    reason = (
+                        f"its load ({loader}) is predicted to peak at {_gib(need)}, {_gib(free)} available"
+                    )
+                    print(f"{name}: {step} skipped: {reason}", file=sys.stderr, flush=True)
+                    entry["skipped"][step] = reason
+                    continue
+                print(f"{name}: {step} ...", file=sys.stderr, flush=True)
+                entry["steps"][step] = run_worker(
+                    {
+                        "step": step,
+                        "source": source,
+                        "repeat": args.repeat,
+                        "threads": args.threads,
+                        "loader": args.loader,
+                    }
+                )
+            if all(s in entry["steps"] for s in ("forward", "run_with_cache", "trace", "neuron_dla_all_pos")):
+                entry["ratios"] = ratios(entry["steps"])
+            results[name] = entry
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    table = render(results)
+    skipped = [
+        f"- {n}: {step} skipped: {why}" for n, r in results.items() for step, why in r["skipped"].items()
+    ]
+    if skipped:
+        hint = "(try --loader low_memory, --layers N, or --force)"
+        table += "\n\n" + "\n".join(skipped) + "\n" + hint
+    print(table)
+    import torch
+
+    write_atomic(
+        args.out,
+        {
+            "table": table,
+            "targets": TARGETS,
+            "steps": dict(STEPS),
+            "repeat": args.repeat,
+            "loader": args.loader,
+            "prompt_tokens": PROMPT_TOKENS,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "torch_threads": args.threads or torch.get_num_threads(),
+                "loadavg_before": load_before,
+                "loadavg_after": os.getloadavg(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+            },
+            "results": results,
+        },
+    )
+    print(f"\nwrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
