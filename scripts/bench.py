@@ -247,9 +247,7 @@ def _file_backed(tensors) -> set:
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
                 spans.append((lo, hi))
     return {
-        _view_key(t)
-        for t in tensors
-        if t.device.type == "cpu" and any(lo <= t.data_ptr() < hi for lo, hi in spans)
+        _view_key(t) for t in tensors if t.device.type == "cpu" and any(lo <= t.data_ptr() < hi for lo, hi in spans)
     }
 
 
@@ -625,9 +623,7 @@ def run_worker(spec: dict) -> dict:
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"worker {spec.get('step')} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-        )
+        raise RuntimeError(f"worker {spec.get('step')} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix("BENCH_RESULT "))
 
 
@@ -732,29 +728,21 @@ def write_atomic(path: Path, data: dict) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: tiny,gpt2,qwen")
     parser.add_argument("--layers", type=int, default=None, help="override the GPT-2 and Qwen layer counts")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per step, after one warm-up")
     parser.add_argument("--out", type=Path, default=Path("bench_results.json"), help="JSON results file")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads per worker (default: torch's)"
-    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     parser.add_argument("--workdir", type=Path, default=None, help="build models here and keep them (reused)")
-    parser.add_argument(
-        "--steps", default=",".join(s for s, _ in STEPS), help="comma-separated subset of: %(default)s"
-    )
+    parser.add_argument("--steps", default=",".join(s for s, _ in STEPS), help="comma-separated subset of: %(default)s")
     parser.add_argument(
         "--loader",
         choices=("load_model", "low_memory"),
         default="load_model",
         help="how the measurement steps load the model (the two load steps always use their own)",
     )
-    parser.add_argument(
-        "--force", action="store_true", help="run steps even if predicted not to fit in memory"
-    )
+    parser.add_argument("--force", action="store_true", help="run steps even if predicted not to fit in memory")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -788,9 +776,7 @@ def main(argv=None) -> None:
                 loader = {"load": "load_model", "load_low_memory": "low_memory"}.get(step, args.loader)
                 need, free = predicted_peak(estimate, loader), mem_available()
                 if need > free and not args.force:
-                    reason = (
-                        f"its load ({loader}) is predicted to peak at {_gib(need)}, {_gib(free)} available"
-                    )
+                    reason = f"its load ({loader}) is predicted to peak at {_gib(need)}, {_gib(free)} available"
                     print(f"{name}: {step} skipped: {reason}", file=sys.stderr, flush=True)
                     entry["skipped"][step] = reason
                     continue
@@ -812,9 +798,7 @@ def main(argv=None) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
     table = render(results)
-    skipped = [
-        f"- {n}: {step} skipped: {why}" for n, r in results.items() for step, why in r["skipped"].items()
-    ]
+    skipped = [f"- {n}: {step} skipped: {why}" for n, r in results.items() for step, why in r["skipped"].items()]
     if skipped:
         hint = "(try --loader low_memory, --layers N, or --force)"
         table += "\n\n" + "\n".join(skipped) + "\n" + hint

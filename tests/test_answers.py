@@ -57,7 +57,7 @@ def test_gpt2_multi_token_answer(gpt2):
     r = tl.resolve_answer(gpt2, "The capital of France is", " Parisianism")
     assert len(r.answer_tokens) > 1
     with pytest.raises(tl.MultiTokenAnswerError, match="Parisianism"):
-        r.token
+        _ = r.token
 
 
 def test_prompt_ending_in_whitespace_drops_the_answers_space(tiny_chat):

@@ -75,7 +75,9 @@ def test_heads_match_transformer_lens(traced):
     ref = direct_logit_attribution(model, r.prompt_tokens[None], answer_tokens=r.token, unit="head")
     n = model.cfg.n_layers * model.cfg.n_heads
     assert ref.labels[:n] == [f"L{layer}H{h}" for layer in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
-    torch.testing.assert_close(tr.dla.heads[:, :, 0].flatten(), ref.attribution[:n, 0].cpu().float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        tr.dla.heads[:, :, 0].flatten(), ref.attribution[:n, 0].cpu().float(), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_neurons_match_the_full_decomposition(traced):

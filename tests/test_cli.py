@@ -12,7 +12,16 @@ from tracelib.__main__ import main
 def test_trace_text_report(capsys):
     assert main(["trace", "--prompt", "what is 1 + 1", "--answer", " 2"]) == 0
     out = capsys.readouterr().out
-    for part in ("tokens", "prediction  '2'", "rank 0", "readable", "top components", "top heads", "top neurons", "residual"):
+    for part in (
+        "tokens",
+        "prediction  '2'",
+        "rank 0",
+        "readable",
+        "top components",
+        "top heads",
+        "top neurons",
+        "residual",
+    ):
         assert part in out
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import tracelib as tl
 from tracelib.positions import VERDICTS
@@ -70,6 +69,8 @@ def test_changing_an_operand_moves_the_heads_reading(tiny):
     operand = a.heads.operand_positions[0][-1]
     changed = (a.heads.sources[..., 0] - b.heads.sources[..., 0]).abs()  # [layer, head, src]
     top_layer, top_head = next(
-        (int(h[1:].split("H")[0]), int(h.split("H")[1])) for h, w in zip(a.heads.top(8)["head"], a.heads.top(8)["reads_from"]) if w == "operand"
+        (int(h[1:].split("H")[0]), int(h.split("H")[1]))
+        for h, w in zip(a.heads.top(8)["head"], a.heads.top(8)["reads_from"])
+        if w == "operand"
     )
     assert int(changed[top_layer, top_head].argmax()) == operand

@@ -82,9 +82,7 @@ def test_non_digit_answers_are_compared_with_the_strongest_rival(gpt2):
 def test_explicit_distractors(tiny):
     tr = tl.trace(tiny, "what is 1 + 1", " 2", distractors=["7", "9"], metric="logit_diff")
     assert tr.margin.distractor_strs[0] == ["7", "9"]
-    torch.testing.assert_close(
-        tr.margin.logit_diff[0], tr.margin.logit[0] - tr.margin.distractor_logits[0].mean()
-    )
+    torch.testing.assert_close(tr.margin.logit_diff[0], tr.margin.logit[0] - tr.margin.distractor_logits[0].mean())
     rec = tr.dla.reconstruction
     torch.testing.assert_close(rec.actual[0], tr.margin.logit_diff[0], rtol=1e-5, atol=1e-5)
 

@@ -8,8 +8,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 
 def write_atomically(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""

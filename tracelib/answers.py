@@ -103,9 +103,7 @@ class ResolvedAnswer:
         if self.is_single_token:
             return self
         moved = (
-            f" (after moving the leading {self.moved_whitespace!r} into the prompt)"
-            if self.moved_whitespace
-            else ""
+            f" (after moving the leading {self.moved_whitespace!r} into the prompt)" if self.moved_whitespace else ""
         )
         raise MultiTokenAnswerError(
             f"The answer {self.typed_answer!r} is {len(self.answer_tokens)} tokens for this "
@@ -117,8 +115,7 @@ class ResolvedAnswer:
     def __repr__(self) -> str:
         bos = ", BOS" if self.prepended_bos else ""
         return (
-            f"ResolvedAnswer({self.prompt!r} -> {self.answer_str_tokens}; "
-            f"{len(self.prompt_tokens)} prompt tokens{bos})"
+            f"ResolvedAnswer({self.prompt!r} -> {self.answer_str_tokens}; {len(self.prompt_tokens)} prompt tokens{bos})"
         )
 
 
@@ -266,7 +263,5 @@ def chat_prompt(model, question: str, *, system: str | None = None) -> str:
             "model. Use a plain prompt, or load an instruct model (e.g. 'tiny-arith-chat', "
             "'Qwen/Qwen2.5-1.5B-Instruct')."
         )
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": question}
-    ]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -180,7 +180,9 @@ class Attribution:
         return f"Attribution({self.metric}, {len(self.row_labels)} row(s); top: {parts}; {self.reconstruction!r})"
 
 
-def answer_directions(model, targets: list[int], distractors: list[list[int]], metric: str) -> Float[Tensor, "row d_model"]:
+def answer_directions(
+    model, targets: list[int], distractors: list[list[int]], metric: str
+) -> Float[Tensor, "row d_model"]:
     """Per-row residual direction of the metric: `W_U[:, answer]`, minus the mean distractor column."""
     W_U = model.W_U
     dirs = W_U[:, targets].T
@@ -209,8 +211,13 @@ def scaled_directions(
 
 
 def compute_attribution(
-    model, cache, logits: Float[Tensor, "row vocab"], targets: list[int], distractors: list[list[int]],
-    row_labels: list[str], metric: str = "logit",
+    model,
+    cache,
+    logits: Float[Tensor, "row vocab"],
+    targets: list[int],
+    distractors: list[list[int]],
+    row_labels: list[str],
+    metric: str = "logit",
 ) -> Attribution:
     """DLA of every unit from a final-position cache (position axis of length 1)."""
     if metric not in ("logit", "logit_diff"):
@@ -245,7 +252,9 @@ def compute_attribution(
         bias = bias - torch.stack([b_U[d].mean() for d in distractors])
     model_dtype = next(model.parameters()).dtype
     reconstruction = Reconstruction(
-        attributed=components.sum(0).cpu(), bias=bias.cpu(), actual=actual.cpu(),
+        attributed=components.sum(0).cpu(),
+        bias=bias.cpu(),
+        actual=actual.cpu(),
         tolerance=TOLERANCE.get(model_dtype, 1e-4),
     )
     if not reconstruction.ok:

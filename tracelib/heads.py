@@ -171,15 +171,25 @@ class Heads:
             for layer in range(self.values.shape[0]):
                 for head in range(self.values.shape[1]):
                     src = self.source(layer, head, r)
-                    records.append(dict(row=r, label=label, layer=layer, head=head,
-                                        value=self.values[layer, head, r].item(), reads_from=src.verdict))
+                    records.append(
+                        dict(
+                            row=r,
+                            label=label,
+                            layer=layer,
+                            head=head,
+                            value=self.values[layer, head, r].item(),
+                            reads_from=src.verdict,
+                        )
+                    )
         return pd.DataFrame.from_records(records)
 
     def plot(self, row: int = 0, **layout):
         """The layer x head DLA grid (RdBu, centred at 0)."""
         from tracelib import plotting
 
-        return plotting.head_heatmap(self.values[:, :, row], **{"title": f"DLA by head: {self.row_labels[row]}", **layout})
+        return plotting.head_heatmap(
+            self.values[:, :, row], **{"title": f"DLA by head: {self.row_labels[row]}", **layout}
+        )
 
     def attention_view(self, heads: list[tuple[int, int]] | None = None, row: int = 0):
         """circuitsvis attention patterns for the chosen (layer, head) pairs (default: the top 4)."""
@@ -239,7 +249,9 @@ def compute_heads(model, fwd, u: Float[Tensor, "row d_model"], rows) -> Heads:
         sources=sources_t,
         attention=torch.stack(attention).cpu(),
         patterns=[
-            torch.stack([fwd.full[f"blocks.{layer}.attn.hook_pattern"][r, :, :n, :n] for layer in range(cfg.n_layers)]).cpu()
+            torch.stack(
+                [fwd.full[f"blocks.{layer}.attn.hook_pattern"][r, :, :n, :n] for layer in range(cfg.n_layers)]
+            ).cpu()
             for r, n in enumerate(fwd.lengths.tolist())
         ],
     )

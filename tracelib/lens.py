@@ -44,7 +44,9 @@ class LensCurve:
         shape = (len(self.labels), self.logit.shape[-1])
         for name in ("logit", "logit_diff", "prob", "rank"):
             if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"LensCurve.{name} must be [entry, row] = {shape}, got {tuple(getattr(self, name).shape)}")
+                raise ValueError(
+                    f"LensCurve.{name} must be [entry, row] = {shape}, got {tuple(getattr(self, name).shape)}"
+                )
         if self.kind not in LENS_NAMES:
             raise ValueError(f"kind must be one of {list(LENS_NAMES)}, got {self.kind!r}")
 
@@ -92,9 +94,17 @@ class LogitLens:
             for r, row_label in enumerate(self.row_labels):
                 for e, label in enumerate(curve.labels):
                     records.append(
-                        dict(lens=curve.kind, row=r, label=row_label, entry=label, index=e,
-                             logit=curve.logit[e, r].item(), logit_diff=curve.logit_diff[e, r].item(),
-                             prob=curve.prob[e, r].item(), rank=int(curve.rank[e, r]))
+                        dict(
+                            lens=curve.kind,
+                            row=r,
+                            label=row_label,
+                            entry=label,
+                            index=e,
+                            logit=curve.logit[e, r].item(),
+                            logit_diff=curve.logit_diff[e, r].item(),
+                            prob=curve.prob[e, r].item(),
+                            rank=int(curve.rank[e, r]),
+                        )
                     )
         return pd.DataFrame.from_records(records)
 

@@ -54,18 +54,39 @@ class Margin:
         records = []
         for i, label in enumerate(self.row_labels):
             records.append(
-                dict(row=i, label=label, role="answer", token=self.answers[i], logit=self.logit[i].item(),
-                     prob=self.prob[i].item(), rank=int(self.rank[i]))
+                dict(
+                    row=i,
+                    label=label,
+                    role="answer",
+                    token=self.answers[i],
+                    logit=self.logit[i].item(),
+                    prob=self.prob[i].item(),
+                    rank=int(self.rank[i]),
+                )
             )
             for j, tok in enumerate(self.top_strs[i]):
                 records.append(
-                    dict(row=i, label=label, role=f"top{j + 1}", token=tok, logit=self.top_logits[i, j].item(),
-                         prob=self.top_probs[i, j].item(), rank=j)
+                    dict(
+                        row=i,
+                        label=label,
+                        role=f"top{j + 1}",
+                        token=tok,
+                        logit=self.top_logits[i, j].item(),
+                        prob=self.top_probs[i, j].item(),
+                        rank=j,
+                    )
                 )
             for j, tok in enumerate(self.distractor_strs[i]):
                 records.append(
-                    dict(row=i, label=label, role="distractor", token=tok, logit=self.distractor_logits[i][j].item(),
-                         prob=self.distractor_probs[i][j].item(), rank=int(self.distractor_ranks[i][j]))
+                    dict(
+                        row=i,
+                        label=label,
+                        role="distractor",
+                        token=tok,
+                        logit=self.distractor_logits[i][j].item(),
+                        prob=self.distractor_probs[i][j].item(),
+                        rank=int(self.distractor_ranks[i][j]),
+                    )
                 )
         return pd.DataFrame.from_records(records)
 

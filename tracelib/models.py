@@ -141,8 +141,7 @@ def _resolve_source(name: str) -> tuple[str, str]:
     hint = f" Did you mean the bundled {close[0]!r}?" if close else ""
     raise ModelUnavailableError(
         f"Cannot load {name!r}: the Hugging Face Hub cannot be reached (no network, or "
-        f"HF_HUB_OFFLINE is set) and the model is not in the local Hugging Face cache.{hint} "
-        + _help_text()
+        f"HF_HUB_OFFLINE is set) and the model is not in the local Hugging Face cache.{hint} " + _help_text()
     )
 
 
@@ -232,7 +231,6 @@ def load_model(
     model.eval()
     model.tracelib_name = name
     return model
-
 
 
 def model_name(model) -> str:

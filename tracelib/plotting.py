@@ -172,7 +172,10 @@ def position_heatmap(positions, row: int = 0, **layout) -> go.Figure:
     fig.update_yaxes(autorange="reversed")
     return _layout(
         fig,
-        {"title": f"DLA toward the answer at every position: {positions.row_labels[row]}",
-         "xaxis_title": "Position", "yaxis_title": "Component"},
+        {
+            "title": f"DLA toward the answer at every position: {positions.row_labels[row]}",
+            "xaxis_title": "Position",
+            "yaxis_title": "Component",
+        },
         layout,
     )

@@ -119,8 +119,17 @@ class Positions:
         for r, grid in enumerate(self.values):
             labels = token_labels(self.str_tokens[r])
             for p in range(grid.shape[0]):
-                frames.append(pd.DataFrame({"row": r, "position": p, "token": labels[p],
-                                            "component": self.component_labels, "value": grid[p].tolist()}))
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "row": r,
+                            "position": p,
+                            "token": labels[p],
+                            "component": self.component_labels,
+                            "value": grid[p].tolist(),
+                        }
+                    )
+                )
         return pd.concat(frames, ignore_index=True)
 
     def top(self, k: int = 5, row: int = 0) -> pd.DataFrame:

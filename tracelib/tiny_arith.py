@@ -167,9 +167,7 @@ def encode(tokenizer, examples: list[Example], chat: bool) -> list[tuple[list[in
     out = []
     for e in examples:
         if chat:
-            prompt = tokenizer.apply_chat_template(
-                chat_messages(e), add_generation_prompt=True, tokenize=False
-            )
+            prompt = tokenizer.apply_chat_template(chat_messages(e), add_generation_prompt=True, tokenize=False)
             completion = e.answer + "<|im_end|>"
         else:
             prompt = e.prompt + " "
@@ -217,9 +215,7 @@ def _train(model, encoded, pad_id: int, steps: int, lr: float, batch_size: int, 
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: min(1.0, (s + 1) / warmup)
-        * 0.5
-        * (1 + math.cos(math.pi * min(1.0, s / steps))),
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))),
     )
     model.train()
     with torch.enable_grad():  # a notebook may have turned gradients off globally

@@ -79,8 +79,10 @@ def _distractor_ids(model, distractors, resolved: ResolvedAnswer) -> list[int] |
         distractors = [distractors]
     out = []
     for d in distractors:
-        if isinstance(d, str) and d[:1].isspace() and (
-            resolved.moved_whitespace or resolved.answer != resolved.typed_answer
+        if (
+            isinstance(d, str)
+            and d[:1].isspace()
+            and (resolved.moved_whitespace or resolved.answer != resolved.typed_answer)
         ):
             d = d[len(resolved.moved_whitespace) :] if resolved.moved_whitespace else d.lstrip()
         out.append(_single_token(model, d))
@@ -281,13 +283,18 @@ class Trace:
                         "top": [
                             {"token": t, "logit": lg, "prob": p}
                             for t, lg, p in zip(
-                                self.margin.top_strs[r], self.margin.top_logits[r].tolist(), self.margin.top_probs[r].tolist()
+                                self.margin.top_strs[r],
+                                self.margin.top_logits[r].tolist(),
+                                self.margin.top_probs[r].tolist(),
                             )
                         ],
                     },
                     "lens": {
                         "entries": self.lens.labels,
-                        "readable_from": {"standard": self.lens.standard.readable_from(r), "dla": self.lens.dla.readable_from(r)},
+                        "readable_from": {
+                            "standard": self.lens.standard.readable_from(r),
+                            "dla": self.lens.dla.readable_from(r),
+                        },
                         "standard_logit_diff": self.lens.standard.logit_diff[:, r].tolist(),
                         "dla_logit_diff": self.lens.dla.logit_diff[:, r].tolist(),
                     },
@@ -329,8 +336,12 @@ class Trace:
                 top = dla.top(k, unit, r)
                 out.append(f"  top {unit}s  " + ", ".join(f"{u} {v:+.3f}" for u, v in zip(top[unit], top["value"])))
             heads = self.heads.top(k, r)
-            out.append("  heads read from  " + ", ".join(f"{h} {v:+.3f} ({w})" for h, v, w in
-                                                      zip(heads["head"], heads["value"], heads["reads_from"])))
+            out.append(
+                "  heads read from  "
+                + ", ".join(
+                    f"{h} {v:+.3f} ({w})" for h, v, w in zip(heads["head"], heads["value"], heads["reads_from"])
+                )
+            )
             verdict, evidence = self.positions.verdict(r)
             out.append(
                 f"positions   {verdict} (computed in place {evidence['computed-in-place share']:.0%}, carried from "
