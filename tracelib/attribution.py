@@ -218,14 +218,20 @@ def compute_attribution(
     distractors: list[list[int]],
     row_labels: list[str],
     metric: str = "logit",
+    u: Float[Tensor, "row d_model"] | None = None,
 ) -> Attribution:
-    """DLA of every unit from a final-position cache (position axis of length 1)."""
+    """DLA of every unit from a final-position cache (position axis of length 1).
+
+    `u` is the metric's scaled direction (`scaled_directions`), when the caller already has it.
+    """
     if metric not in ("logit", "logit_diff"):
         raise ValueError(f"metric must be 'logit' or 'logit_diff', got {metric!r}")
     cfg = model.cfg
     dtype = compute_dtype(logits)
-    scale = cache["ln_final.hook_scale"][:, 0].to(dtype)  # [row, 1]
-    u = scaled_directions(model, scale, targets, distractors, metric)  # [row, d_model]
+    if u is None:
+        scale = cache["ln_final.hook_scale"][:, 0].to(dtype)  # [row, 1]
+        u = scaled_directions(model, scale, targets, distractors, metric)  # [row, d_model]
+    u = u.to(dtype)
 
     stack, labels = cache.decompose_resid(apply_ln=False, pos_slice=None, return_labels=True)
     components = torch.einsum("crd,rd->cr", stack[:, :, 0].to(dtype), u)

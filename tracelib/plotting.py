@@ -38,21 +38,29 @@ def signed_bars(labels: list[str], values: Tensor, title: str = "", **layout) ->
 
 def head_heatmap(values: Tensor, title: str = "", **layout) -> go.Figure:
     """A layer x head grid on RdBu with its midpoint at 0."""
+    fig = _diverging_heatmap(
+        values, list(range(values.shape[1])), list(range(values.shape[0])), "L%{y}H%{x}: %{z:+.3f}<extra></extra>"
+    )
+    return _layout(fig, {"title": title, "xaxis_title": "Head", "yaxis_title": "Layer"}, layout)
+
+
+def _diverging_heatmap(values: Tensor, x: list, y: list, hovertemplate: str) -> go.Figure:
+    """A heatmap on RdBu, symmetric about 0, first row at the top."""
     limit = values.abs().max().item() or 1.0
     fig = go.Figure(
         go.Heatmap(
             z=values.tolist(),
-            x=list(range(values.shape[1])),
-            y=list(range(values.shape[0])),
+            x=x,
+            y=y,
             colorscale=DIVERGING,
             zmid=0,
             zmin=-limit,
             zmax=limit,
-            hovertemplate="L%{y}H%{x}: %{z:+.3f}<extra></extra>",
+            hovertemplate=hovertemplate,
         )
     )
     fig.update_yaxes(autorange="reversed")
-    return _layout(fig, {"title": title, "xaxis_title": "Head", "yaxis_title": "Layer"}, layout)
+    return fig
 
 
 def margin_bars(margin, row: int = 0, **layout) -> go.Figure:
@@ -155,21 +163,12 @@ def source_bars(sources, **layout) -> go.Figure:
 
 def position_heatmap(positions, row: int = 0, **layout) -> go.Figure:
     """Position x component DLA grid on RdBu centred at 0, positions ticked with their tokens."""
-    grid = positions.values[row]
-    limit = grid.abs().max().item() or 1.0
-    fig = go.Figure(
-        go.Heatmap(
-            z=grid.T.tolist(),
-            x=token_labels(positions.str_tokens[row]),
-            y=positions.component_labels,
-            colorscale=DIVERGING,
-            zmid=0,
-            zmin=-limit,
-            zmax=limit,
-            hovertemplate="%{y} at %{x}: %{z:+.3f}<extra></extra>",
-        )
+    fig = _diverging_heatmap(
+        positions.values[row].T,
+        token_labels(positions.str_tokens[row]),
+        positions.component_labels,
+        "%{y} at %{x}: %{z:+.3f}<extra></extra>",
     )
-    fig.update_yaxes(autorange="reversed")
     return _layout(
         fig,
         {

@@ -401,9 +401,9 @@ def trace(model, prompts, answer, distractors=None, *, metric: str = "logit", k:
         labels = [row.label for row in rows]
         margin = compute_margin(logits, targets, rivals, labels, model.tokenizer.decode, k)
         lens = compute_lens(model, cache, torch.tensor(targets), rivals, labels)
-        dla = compute_attribution(model, cache, logits, targets, rivals, labels, metric)
         scale = cache["ln_final.hook_scale"][:, 0]
-        u = scaled_directions(model, scale.to(compute_dtype(scale)), targets, rivals, metric)
+        u = scaled_directions(model, scale.to(compute_dtype(logits)), targets, rivals, metric)  # [row, d_model]
+        dla = compute_attribution(model, cache, logits, targets, rivals, labels, metric, u=u)
         heads = compute_heads(model, fwd, u, rows)
         positions = compute_positions(model, fwd, rows, rivals, heads, metric)
     return Trace(rows, rivals, margin, lens, dla, heads, positions, model_name(model))
