@@ -136,5 +136,12 @@ def any_model(request):
     return request.getfixturevalue(request.param)
 
 
+@pytest.fixture(scope="session")
+def traced(any_model):
+    """(model, trace, resolved answer) for "what is 1 + 1" -> " 2" on each model family."""
+    prompt, answer = "what is 1 + 1", " 2"
+    return any_model, tl.trace(any_model, prompt, answer), tl.resolve_answer(any_model, prompt, answer)
+
+
 def read_json(path: Path):
     return json.loads(Path(path).read_text())

@@ -11,11 +11,6 @@ import tracelib as tl
 PROMPT, ANSWER = "what is 1 + 1", " 2"
 
 
-@pytest.fixture(scope="module")
-def traced(any_model):
-    return any_model, tl.trace(any_model, PROMPT, ANSWER), tl.resolve_answer(any_model, PROMPT, ANSWER)
-
-
 def _layer_rows(attr, kind):
     return attr.components[[attr.component_labels.index(f"{layer}_{kind}") for layer in range(attr.n_layers)]]
 

@@ -10,11 +10,6 @@ import tracelib as tl
 PROMPT, ANSWER = "what is 1 + 1", " 2"
 
 
-@pytest.fixture(scope="module")
-def traced(any_model):
-    return any_model, tl.trace(any_model, PROMPT, ANSWER), tl.resolve_answer(any_model, PROMPT, ANSWER)
-
-
 def test_sources_sum_to_each_heads_dla(traced):
     _, tr, _ = traced
     torch.testing.assert_close(tr.heads.sources.sum(2), tr.dla.heads, rtol=1e-5, atol=1e-6)

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from transformer_lens.tools.analysis import logit_lens as tl_logit_lens
 
 import tracelib as tl
 
 PROMPT, ANSWER = "what is 1 + 1", " 2"
-
-
-@pytest.fixture(scope="module")
-def traced(any_model):
-    return any_model, tl.trace(any_model, PROMPT, ANSWER), tl.resolve_answer(any_model, PROMPT, ANSWER)
 
 
 def test_last_entry_of_both_lenses_is_the_models_logit(traced):
