@@ -3,27 +3,127 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import math
 import os
+import secrets
+import stat
 import sys
-import tempfile
+import traceback
 from pathlib import Path
 
+# report_html puts this in every report's head: it is how --html knows a file is ours to overwrite.
+_GENERATOR_MARKER = b'<meta name="generator" content="tracelib">'
+# Exceptions whose message is written for the reader (tracelib's own too); any other kind is named: likely a bug.
+_READABLE_ERRORS = (ValueError, OSError, RuntimeError)
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr like every other error (usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _check_html_target(path: Path, force: bool) -> Path:
+    """The file to write for `path` (a symlink's target), or a clear error before any work is done."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if not path.parent.is_dir():
+        # Creating folders is left to the user: a typo in a path should not grow a tree of folders.
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist; create it first")
+    target = Path(os.path.realpath(path))
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: it links to {target}, whose folder does not exist")
+    if target.exists():
+        if not target.is_file():
+            raise IsADirectoryError(f"cannot write {path}: it is not a regular file")
+        if not force:
+            with open(target, "rb") as f:
+                head = f.read(4096)
+            if _GENERATOR_MARKER not in head:
+                raise FileExistsError(
+                    f"{path} exists and is not a tracelib report; pass --force to overwrite it, or choose another path"
+                )
+    return target
+
+
+def write_atomically(path: Path, text: str, force: bool = False) -> None:
+    """Write to a temporary file beside the target, fsync, then rename: a crash never leaves half a file.
+
+    A symlink is written through (it stays a link), an existing file keeps its permission mode, and a
+    file tracelib did not write is only replaced with `force`.
+    """
+    target = _check_html_target(path, force)
+    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else None
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+    # Not mkstemp: its 0o600 would hide a new report from other users. 0o666 goes through the umask.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the file
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    if hasattr(os, "O_DIRECTORY"):  # persist the rename too; Windows cannot open a folder
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+
+def _replace_non_finite(value, where: str, notes: list[str]):
+    """`value` with every NaN or infinity replaced by None, each noted in `notes` with its path.
+
+    JSON has no NaN or Infinity; Python's json writes them anyway and strict readers then fail.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        name = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        notes.append(f"{where} was {name}; written as null")
+        return None
+    if isinstance(value, dict):
+        return {k: _replace_non_finite(v, f"{where}.{k}" if where else str(k), notes) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_replace_non_finite(v, f"{where}[{i}]", notes) for i, v in enumerate(value)]
+    return value
+
+
+def _strict_json(data: dict) -> str:
+    notes: list[str] = []
+    data = _replace_non_finite(data, "", notes)
+    data["notes"] = [*data.get("notes", []), *notes]
+    return json.dumps(data, indent=2, allow_nan=False)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line.
+
+    A log after a "What it printed:" line (load_model's boot errors have carried one) is left to --debug.
+    """
+    lines = []
+    for line in str(exc).splitlines():
+        if line.strip() == "What it printed:":
+            break
+        if line.strip():
+            lines.append(line.strip())
+    message = " ".join(lines)
+    readable = isinstance(exc, _READABLE_ERRORS) or type(exc).__module__.startswith("tracelib")
+    if not message or not readable:
+        message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return message
 
 
 def _trace(args: argparse.Namespace) -> int:
+    if args.html:  # refuse a bad destination before spending time on the model
+        _check_html_target(Path(args.html), args.force)
+
     import tracelib as tl
     from tracelib import plotting
 
@@ -31,36 +131,42 @@ def _trace(args: argparse.Namespace) -> int:
     prompt = tl.chat_prompt(model, args.prompt) if args.chat else args.prompt
     result = tl.trace(model, prompt, args.answer, distractors=args.distractors or None, metric=args.metric)
     if args.json:
-        print(result.to_json(indent=2))
+        print(_strict_json(result.to_dict()))
     else:
         print(result.summary())
     if args.html:
-        write_atomically(Path(args.html), plotting.report_html(result))
+        write_atomically(Path(args.html), plotting.report_html(result), force=args.force)
         print(f"\nwrote {args.html}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tracelib", description="Explain why a model predicts an answer.")
+    parser = _Parser(prog="tracelib", description="Explain why a model predicts an answer.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("trace", "trace one prompt: margin, lens, DLA by component, head and neuron"),
         ("demo", "trace 'what is 1 + 1' on the bundled model and write report.html"),
     ):
+        demo = name == "demo"
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--model", default="tiny-arith", help="bundled name, local folder or Hub name")
-        p.add_argument("--prompt", default="what is 1 + 1")
-        p.add_argument("--answer", default=" 2")
+        # trace has no defaults here: a forgotten --answer must not silently explain the demo's answer.
+        p.add_argument("--prompt", required=not demo, default="what is 1 + 1" if demo else None)
+        p.add_argument("--answer", required=not demo, default=" 2" if demo else None, help='e.g. " 2"')
         p.add_argument("--distractors", nargs="*", default=None, help="tokens the answer should beat")
         p.add_argument("--metric", choices=["logit", "logit_diff"], default="logit")
         p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-        p.add_argument("--json", action="store_true", help="print the JSON summary instead of text")
-        p.add_argument("--html", default="report.html" if name == "demo" else None, help="write an offline HTML report")
+        p.add_argument("--json", action="store_true", help="print the JSON summary (strict: NaN becomes null)")
+        p.add_argument("--html", default="report.html" if demo else None, help="write an offline HTML report")
+        p.add_argument("--force", action="store_true", help="let --html overwrite a file tracelib did not write")
+        p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     args = parser.parse_args(argv)
     try:
         return _trace(args)
-    except (ValueError, OSError) as exc:
-        print(f"tracelib: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # every failure, load errors included, ends as one readable line
+        if args.debug:
+            traceback.print_exc()
+        print(f"tracelib: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -144,6 +144,7 @@ def report_html(trace, row: int = 0) -> str:
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>tracelib report</title>"
+        '<meta name="generator" content="tracelib">'
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{background:#f6f6f6;padding:1em;"
         "white-space:pre-wrap}</style></head><body>"
         f"<h1>Why does {html.escape(trace.model_name)} predict {html.escape(repr(trace.rows[row].target_str))}?</h1>"
