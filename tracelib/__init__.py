@@ -16,6 +16,7 @@ from tracelib.lens import LensCurve, LogitLens, logit_lens
 from tracelib.margin import Margin, logit_margin
 from tracelib.models import (
     BUNDLED_MODELS,
+    ModelLoadError,
     ModelUnavailableError,
     UnknownModelError,
     load_model,
@@ -36,6 +37,7 @@ __all__ = [
     "LensCurve",
     "LogitLens",
     "Margin",
+    "ModelLoadError",
     "ModelUnavailableError",
     "MultiTokenAnswerError",
     "Positions",

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import difflib
 import io
+import json
 import re
-import socket
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
@@ -52,18 +53,65 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_dtype(device: torch.device | str, n_params: int | None = None) -> torch.dtype:
-    """fp32 on the CPU; on a GPU fp32 while the weights take at most a third of its memory.
+# On a GPU, fp32 while the weights take at most this share of its memory (Qwen2.5-1.5B: 6.2 GB
+# of fp32 weights on a 15 GB T4 is 41%, leaving room for the untied unembedding and activations).
+FP32_GPU_SHARE = 0.45
 
-    Past that, bf16 where the GPU supports it (Ampere and later), else fp16 (Colab's T4). fp32 is
-    preferred because attributions are only as exact as the dtype: fp16 sums drift by ~1e-3.
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "f32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "f16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64, "f64": torch.float64,
+}  # fmt: skip
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name (`"float16"`, `"bf16"`, `"torch.float32"`, ...)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in _DTYPE_NAMES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.strip().lower().removeprefix("torch.") in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.strip().lower().removeprefix("torch.")]
+    raise ValueError(
+        f"dtype {dtype!r} is not a floating-point dtype tracelib can load. Use torch.float32, torch.bfloat16, "
+        "torch.float16 or torch.float64, or their names: 'float32', 'bf16', 'fp16', 'float64'."
+    )
+
+
+def parse_device(device) -> torch.device:
+    """A device that exists here, or a clear error that says which one to use instead."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a device torch knows ({exc}); use 'cpu' or 'cuda'.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for, but there is no CUDA device here; use device='cpu'.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(device)!r} does not exist: there are {torch.cuda.device_count()} CUDA device(s)."
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device='mps' was asked for, but Apple's MPS is not available here; use device='cpu'.")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'.")
+    return device
+
+
+def default_dtype(device: torch.device | str, n_params: int | None = None) -> torch.dtype:
+    """fp32 on the CPU; on a GPU, fp32 while the weights take at most 45% of its memory.
+
+    Past that, bf16 where the GPU supports it (Ampere and later), else fp16 (Colab's T4), which
+    `trace()` checks for overflow. fp32 is preferred because attributions are only as exact as
+    the dtype: fp16 and bf16 sums drift by ~1e-3 of the logit.
     """
     device = torch.device(device)
     if device.type != "cuda":
         return torch.float32
     if n_params is not None:
         total = torch.cuda.get_device_properties(device).total_memory
-        if n_params * 4 <= total / 3:
+        if n_params * 4 <= FP32_GPU_SHARE * total:
             return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
@@ -83,19 +131,67 @@ def _is_complete_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file() and has_weights
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub's host answers; a quick probe instead of huggingface_hub's 20 s of retries."""
+# Every network step has a time limit: the probe's connect and each read, and the download's.
+PROBE_TIMEOUT_S = 5.0
+DOWNLOAD_TIMEOUT_S = 10.0
+# The files a load needs; everything else in a Hub repository (TF, Flax, ONNX weights) is skipped.
+_HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.safetensors"]
+# Any one of these sets is a tokenizer transformers can load.
+_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("vocab.txt",))
+
+
+def _hub_model_info(name: str, timeout: float = PROBE_TIMEOUT_S) -> dict | None:
+    """The Hub's record of a model (its files), `{}` if the Hub says it has none, None if unreachable.
+
+    A real HTTP request with a limit on the connect and on every read: an endpoint that accepts
+    the connection and then never answers is unreachable after `timeout` seconds, not a hang.
+    """
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
+        return None
+    request = urllib.request.Request(f"{constants.ENDPOINT.rstrip('/')}/api/models/{name}")
     try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read(4 * 2**20))
+    except urllib.error.HTTPError as exc:
+        return {} if exc.code in (401, 404) else None
+    except (OSError, ValueError):  # refused, timed out, DNS, TLS, a body that is not JSON
+        return None
+
+
+def _download(name: str, info: dict) -> Path:
+    """Download what a load needs into the Hugging Face cache, every step under a time limit."""
+    from huggingface_hub import constants, snapshot_download
+
+    files = [s.get("rfilename", "") for s in info.get("siblings", [])]
+    patterns = list(_HUB_PATTERNS)
+    if files and not any(f.endswith(".safetensors") for f in files):
+        patterns.append("*.bin")  # an old checkpoint without safetensors
+    saved = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = int(DOWNLOAD_TIMEOUT_S)  # each read of the download
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns, etag_timeout=DOWNLOAD_TIMEOUT_S))
+    except Exception as exc:  # huggingface_hub raises many kinds; all mean "not loaded"
+        raise ModelUnavailableError(
+            f"Downloading {name!r} from the Hugging Face Hub failed ({type(exc).__name__}: {exc}). "
+            "Check the network, then try again. " + _help_text()
+        ) from exc
+    finally:
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = saved
+
+
+def _check_tokenizer(path: Path, name: str) -> None:
+    """Refuse a folder that has weights but no tokenizer, naming the files that would do."""
+    if any(all((path / f).is_file() for f in files) for files in _TOKENIZER_FILES):
+        return
+    if any(path.glob("*.tiktoken")):
+        return
+    wanted = " or ".join(" + ".join(files) for files in _TOKENIZER_FILES)
+    raise FileNotFoundError(
+        f"{name!r} ({path}) has a model but no tokenizer: none of {wanted} is there. Save the tokenizer "
+        "beside the model with `tokenizer.save_pretrained(DIR)`."
+    )
 
 
 def _cached_snapshot(name: str) -> Path | None:
@@ -133,15 +229,18 @@ def _resolve_source(name: str) -> tuple[str, str]:
         raise FileNotFoundError(f"No model folder at {path}. {_help_text()}")
     _check_hub_name(name)
     close = difflib.get_close_matches(name, BUNDLED_MODELS, n=1, cutoff=0.75)
-    if _hub_reachable():
-        return name, "hub"
+    hint = f" Did you mean the bundled {close[0]!r}?" if close else ""
+    info = _hub_model_info(name)
+    if info == {}:
+        raise UnknownModelError(f"The Hugging Face Hub has no model {name!r} (or it is private).{hint} {_help_text()}")
+    if info is not None:
+        return str(_download(name, info)), "hub"
     cached = _cached_snapshot(name)
     if cached is not None:
         return str(cached), "hub cache (offline)"
-    hint = f" Did you mean the bundled {close[0]!r}?" if close else ""
     raise ModelUnavailableError(
-        f"Cannot load {name!r}: the Hugging Face Hub cannot be reached (no network, or "
-        f"HF_HUB_OFFLINE is set) and the model is not in the local Hugging Face cache.{hint} " + _help_text()
+        f"Cannot load {name!r}: the Hugging Face Hub cannot be reached within {PROBE_TIMEOUT_S:.0f} s (no network, "
+        f"or HF_HUB_OFFLINE is set) and the model is not in the local Hugging Face cache.{hint} " + _help_text()
     )
 
 
@@ -170,11 +269,16 @@ def _announce(name: str, n_params: int | None, dtype: torch.dtype, device: torch
     )
 
 
+class ModelLoadError(RuntimeError):
+    """TransformerLens or transformers could not load a checkpoint that was found."""
+
+
 def load_model(
     name: str = "tiny-arith",
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    lean: bool = True,
 ):
     """Load a model as a `TransformerBridge` in compatibility mode and eval mode.
 
@@ -182,48 +286,62 @@ def load_model(
         name: a bundled model (`"tiny-arith"`, `"tiny-arith-chat"`), a folder holding a saved model
             and tokenizer, or a Hugging Face Hub name (`"gpt2"`, `"Qwen/Qwen2.5-1.5B"`, ...).
             Offline, a Hub name loads from the Hugging Face cache if it is there.
-        device: defaults to CUDA when there is a GPU, else the CPU.
-        dtype: defaults to fp32 on the CPU; see `default_dtype` for GPUs.
+        device: `"cpu"`, `"cuda"`, `"cuda:1"`...; defaults to CUDA when there is a GPU, else the CPU.
+        dtype: a torch dtype or its name (`"float32"`, `"bf16"`, `"fp16"`); defaults to fp32 on the
+            CPU, see `default_dtype` for GPUs.
+        lean: process the weights one block at a time (`tracelib.lean_processing`), which peaks at
+            about one copy of the weights instead of three. The weights are bit-identical either
+            way; False uses TransformerLens's own path.
 
     Returns:
         A `TransformerBridge` with `enable_compatibility_mode()` applied (LayerNorm folded, writing
         weights and unembedding centred), in `eval()` mode, as TransformerLens's analysis tools need.
 
     Raises:
-        UnknownModelError: the name is neither bundled, a folder, nor a valid Hub name.
-        ModelUnavailableError: a Hub model with no network and no cached copy.
+        UnknownModelError: the name is neither bundled, a folder, nor a Hub model.
+        ModelUnavailableError: a Hub model with no network (or a failed download) and no cached copy.
+        FileNotFoundError: a folder that is not a saved model, or has no tokenizer.
+        ModelLoadError: the checkpoint is there but could not be loaded (corrupt or truncated files).
+        ValueError: a device that is not available here, or a dtype that is not a float type.
     """
     from transformer_lens.model_bridge import TransformerBridge
+
+    from tracelib import lean_processing
 
     if not isinstance(name, (str, Path)) or not str(name).strip():
         raise UnknownModelError(f"load_model needs a model name or folder, got {name!r}. {_help_text()}")
     name = str(name).strip()
+    device, dtype = parse_device(device), parse_dtype(dtype)
     source, origin = _resolve_source(name)
-    device = torch.device(device) if device is not None else default_device()
+    _check_tokenizer(Path(source), name)
     n_params = estimate_parameters(source)
     if dtype is None:
         dtype = default_dtype(device, n_params)
     _announce(name, n_params, dtype, device)
+    lean = lean and lean_processing.warn_if_unsupported(stacklevel=2)
+    # On a GPU the weights load straight onto it (a device map), never as a full copy in host
+    # memory first; processing then runs on the GPU, one block at a time.
+    where = {"device_map": {"": str(device)}} if device.type == "cuda" else {"device": device}
 
     # TransformerLens and transformers report routine conversion steps as warnings; they say
-    # nothing the reader can act on, and nbval would compare them as output. A Hub download keeps
-    # its progress bars.
+    # nothing the reader can act on, and nbval would compare them as output. (A Hub download has
+    # already shown its progress bars.)
     err = io.StringIO()
-    quiet = contextlib.redirect_stderr(err) if origin != "hub" else contextlib.nullcontext()
     from transformers.utils import logging as hf_logging
 
     bars_were_on = hf_logging.is_progress_bar_enabled()
-    if origin != "hub":
-        hf_logging.disable_progress_bar()  # Jupyter's stderr is not sys.stderr; silence at the source
-    with warnings.catch_warnings(), quiet:
+    hf_logging.disable_progress_bar()  # Jupyter's stderr is not sys.stderr; silence at the source
+    with warnings.catch_warnings(), contextlib.redirect_stderr(err):
         warnings.simplefilter("ignore")
         try:
-            model = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
-            model.enable_compatibility_mode(disable_warnings=True)
+            model = TransformerBridge.boot_transformers(source, dtype=dtype, **where)
+            with lean_processing.lean_processing(model) if lean else contextlib.nullcontext():
+                model.enable_compatibility_mode(disable_warnings=True)
         except Exception as exc:
-            raise RuntimeError(
-                f"TransformerLens could not load {name!r} from {source} ({origin}): {exc}\n"
-                f"What it printed:\n{err.getvalue()[-2000:]}"
+            detail = " ".join(str(exc).split())[:500]
+            raise ModelLoadError(
+                f"Could not load {name!r} from {source} ({origin}): {type(exc).__name__}: {detail}. Check that "
+                "the folder holds a complete checkpoint saved with `save_pretrained` (config.json and the weights)."
             ) from exc
         finally:
             if bars_were_on:

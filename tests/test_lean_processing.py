@@ -1,0 +1,71 @@
+"""The lean loader is TransformerLens's weight processing, bit for bit, at a fraction of the memory."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import tracelib as tl
+from tracelib import lean_processing
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _source(request, family: str):
+    return {
+        "tiny": "tiny-arith",
+        "gpt2": request.getfixturevalue("gpt2_dir"),
+        "qwen": request.getfixturevalue("qwen_dir"),
+    }[family]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("family", ["tiny", "gpt2", "qwen"])
+def test_lean_load_is_bit_identical_to_transformerlens(request, family, dtype):
+    """Same state dict (every tensor, dtype and value) and the same logits, both ways."""
+    source = _source(request, family)
+    lean = tl.load_model(source, dtype=dtype)
+    full = tl.load_model(source, dtype=dtype, lean=False)
+    a, b = lean.state_dict(), full.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype == (dtype if a[key].is_floating_point() else a[key].dtype), key
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+    tokens = lean.to_tokens("what is 1 + 1")
+    with torch.no_grad():
+        assert torch.equal(lean(tokens), full(tokens))
+
+
+def test_lean_weights_own_their_memory(gpt2_dir):
+    """No processed weight shares memory with another (the tied unembedding is untied, as in TL)."""
+    model = tl.load_model(gpt2_dir)
+    pointers = [p.data_ptr() for p in model.original_model.parameters()]
+    assert len(pointers) == len(set(pointers))
+    assert all(type(p.data) is torch.Tensor for p in model.original_model.parameters())
+
+
+def test_changed_transformerlens_falls_back_with_a_warning(monkeypatch):
+    """If TransformerLens's weight-processing code changes, load through its own path and say so."""
+    monkeypatch.setattr(lean_processing, "CHECKED_FINGERPRINT", "0" * 64)
+    with pytest.warns(lean_processing.LeanLoadWarning, match="three times"):
+        model = tl.load_model("tiny-arith")
+    reference = tl.load_model("tiny-arith", lean=False)
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_unchecked_version_is_reported(monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: "9.9.9" if n == "transformer-lens" else real(n))
+    assert "9.9.9" in lean_processing.unsupported_reason()
+
+
+def test_installed_transformerlens_is_the_checked_one():
+    """The pinned fingerprint matches what is installed, so users get the lean path."""
+    assert lean_processing.unsupported_reason() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lean_processing.LeanLoadWarning)
+        assert lean_processing.warn_if_unsupported()

@@ -1,0 +1,244 @@
+"""Compatibility-mode weight processing at about the memory of one copy of the weights.
+
+`TransformerBridge.enable_compatibility_mode()` folds the norms into the weights and centres them
+(TransformerLens 4.3, `ProcessWeights.process_weights`). It upcasts the *whole* state dict to fp32
+first, and `fold_layer_norm`, `center_unembed` and `fold_value_biases` each start with a clone of
+the whole dict, while the live model still holds the original weights. A bf16 Qwen2.5-1.5B then
+peaks above 20 GB of host memory: more than Colab's free tier has.
+
+This module runs TransformerLens's own pipeline unchanged, one piece of the model at a time:
+
+- each block alone (its keys renamed to block 0, with `n_layers=1`), then the embedding, then the
+  final norm with the unembedding, each upcast, processed and cast back before the next starts;
+- inside a piece, the whole-dict clones are aliases (no step writes into its input; each builds
+  new tensors and stores them in the dict);
+- the live parameters let go of the original weights while processing runs (zero-stride
+  placeholders), so each original is freed as soon as its processed tensor replaces it.
+
+Every step of the pipeline acts within one block, or on the embedding, or on the final norm and
+unembedding, so processing the pieces apart gives the same numbers, bit for bit; the test suite
+checks that on GPT-2-style (LayerNorm with biases), Qwen2-style (RMSNorm, GQA) and the bundled
+models, in fp32, fp16 and bf16.
+
+This is the one module that reaches into TransformerLens internals. It is pinned to the sources
+it was checked against: if any of the functions it relies on changes, it warns and leaves the
+load to TransformerLens's own path, which needs about three times the weights in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import inspect
+import re
+import warnings
+
+import torch
+
+# TransformerLens versions whose weight-processing sources were read and checked for this module,
+# and the sha256 of those sources (see `_fingerprint`). Any difference means "not checked".
+CHECKED_VERSIONS = ("4.3.0",)
+CHECKED_FINGERPRINT = "590ce118a4637306719da65e101d4c984f5e0b3755219ad9b1b95da3eac01cdc"
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# The global (non-block) weights and the piece of the pipeline each belongs to.
+_EMBED_KEYS = ("embed.", "pos_embed.")
+_FINAL_KEYS = ("ln_final.", "unembed.")
+
+
+class LeanLoadWarning(UserWarning):
+    """The lean processing path is not used: this load needs TransformerLens's full memory."""
+
+
+def _relied_on():
+    """The TransformerLens functions whose behaviour this module depends on."""
+    from transformer_lens.model_bridge.transformer_bridge import TransformerBridge
+    from transformer_lens.weight_processing import ProcessWeights
+
+    return [
+        TransformerBridge.enable_compatibility_mode,
+        TransformerBridge.process_weights,
+        TransformerBridge.state_dict,
+        ProcessWeights.process_weights,
+        ProcessWeights.fold_layer_norm,
+        ProcessWeights._fold_layer,
+        ProcessWeights._fold_final_rms_bias,
+        ProcessWeights._fold_unembed_layer_norm,
+        ProcessWeights.center_writing_weights,
+        ProcessWeights.center_unembed,
+        ProcessWeights.fold_value_biases,
+        ProcessWeights.distribute_weights_to_components,
+    ]
+
+
+def _fingerprint() -> str | None:
+    """sha256 over the sources of every function relied on; None if a source cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        for fn in _relied_on():
+            digest.update(inspect.getsource(fn).encode())
+    except (OSError, TypeError, AttributeError):
+        return None
+    return digest.hexdigest()
+
+
+def unsupported_reason() -> str | None:
+    """Why the lean path cannot be used with the installed TransformerLens, or None if it can."""
+    from importlib.metadata import version
+
+    installed = version("transformer-lens")
+    if installed not in CHECKED_VERSIONS:
+        return f"TransformerLens {installed} is not one of the versions it was checked against {CHECKED_VERSIONS}"
+    fingerprint = _fingerprint()
+    if fingerprint is None:
+        return "TransformerLens's weight-processing sources cannot be read to check them"
+    if fingerprint != CHECKED_FINGERPRINT:
+        return f"TransformerLens {installed}'s weight-processing code differs from the code it was checked against"
+    return None
+
+
+class _Alias(torch.Tensor):
+    """A tensor whose clone() is the same memory: the pipeline's defensive whole-dict copies."""
+
+    def clone(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor)
+
+
+def _plain(value):
+    return value.as_subclass(torch.Tensor) if isinstance(value, torch.Tensor) else value
+
+
+def _split(state_dict: dict) -> tuple[dict[int, list[str]], list[str], list[str], list[str]]:
+    """Keys by block index, embedding keys, final-norm/unembedding keys, and keys of no known piece."""
+    blocks: dict[int, list[str]] = {}
+    embed, final, unknown = [], [], []
+    for key in state_dict:
+        match = _BLOCK_KEY.match(key)
+        if match:
+            blocks.setdefault(int(match.group(1)), []).append(key)
+        elif key.startswith(_EMBED_KEYS):
+            embed.append(key)
+        elif key.startswith(_FINAL_KEYS):
+            final.append(key)
+        else:
+            unknown.append(key)
+    return blocks, embed, final, unknown
+
+
+def _stand_ins(cfg, present: dict, adapter) -> dict:
+    """One-row embedding/unembedding stand-ins for the steps that insist the keys exist.
+
+    `center_writing_weights` needs the embedding (and learned positions) and `center_unembed` the
+    unembedding, even when processing one block; their results on a stand-in are thrown away.
+    """
+    from transformer_lens.weight_processing import ProcessWeights
+
+    row = torch.zeros(1, cfg.d_model, dtype=torch.float32, device=next(iter(present.values())).device)
+    keys = [ProcessWeights._get_param_key("embed.W_E", adapter), ProcessWeights._get_param_key("unembed.W_U", adapter)]
+    if getattr(cfg, "positional_embedding_type", "standard") not in ("rotary", "alibi", "none"):
+        keys.append(ProcessWeights._get_param_key("pos_embed.W_pos", adapter))
+    return {k: row.clone() for k in keys if k not in present}
+
+
+def _process_piece(pipeline, piece: dict, cfg, n_layers: int, kwargs: dict) -> dict:
+    """Run TransformerLens's whole pipeline on one piece, with `n_layers` blocks in its config."""
+    piece_cfg = copy.copy(cfg)
+    piece_cfg.n_layers = n_layers
+    stand_ins = _stand_ins(cfg, piece, kwargs.get("adapter"))
+    aliased = {k: v.as_subclass(_Alias) if isinstance(v, torch.Tensor) else v for k, v in piece.items()}
+    piece.clear()  # the aliases are now the only holders of the originals
+    aliased.update(stand_ins)
+    result = pipeline(aliased, piece_cfg, **kwargs)
+    return {k: _plain(v) for k, v in result.items() if k not in stand_ins}
+
+
+def _chunked_pipeline(original):
+    """`ProcessWeights.process_weights`, run one block, then the embedding, then the unembedding."""
+
+    def process_weights(state_dict, cfg, **kwargs):
+        blocks, embed, final, unknown = _split(state_dict)
+        if unknown or sorted(blocks) != list(range(cfg.n_layers)):
+            # A piece this module does not know: the whole dict goes through in one piece.
+            return original(state_dict, cfg, **kwargs)
+        out: dict = {}
+        for layer in range(cfg.n_layers):
+            piece = {f"blocks.0.{_BLOCK_KEY.match(k).group(2)}": state_dict.pop(k) for k in blocks[layer]}
+            for key, value in _process_piece(original, piece, cfg, 1, kwargs).items():
+                out[re.sub(r"^blocks\.0\.", f"blocks.{layer}.", key)] = value
+        for keys in (embed, final):
+            piece = {k: state_dict.pop(k) for k in keys}
+            out.update(_process_piece(original, piece, cfg, 0, kwargs))
+        state_dict.update(out)  # the caller's dict now holds the processed weights only
+        return state_dict
+
+    return staticmethod(process_weights)
+
+
+def _view_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+def warn_if_unsupported(stacklevel: int = 2) -> bool:
+    """True if the lean path can be used; else warn (LeanLoadWarning) and return False."""
+    reason = unsupported_reason()
+    if reason is None:
+        return True
+    warnings.warn(
+        f"{reason}, so tracelib loads through TransformerLens's own weight processing, which needs about "
+        "three times the model's weights in memory.",
+        LeanLoadWarning,
+        stacklevel=stacklevel + 1,
+    )
+    return False
+
+
+@contextlib.contextmanager
+def lean_processing(bridge):
+    """Inside this, `bridge.enable_compatibility_mode()` processes the weights piece by piece.
+
+    Check `warn_if_unsupported()` first: this assumes the installed TransformerLens was checked.
+    """
+    from transformer_lens.weight_processing import ProcessWeights
+
+    original = ProcessWeights.__dict__["process_weights"]
+    placeholders: list[torch.Tensor] = []  # kept alive so their addresses stay distinct
+    originals: set[tuple] = set()
+
+    def detaching_state_dict(*args, **kwargs):
+        state = type(bridge).state_dict(bridge, *args, **kwargs)
+        if args or kwargs:
+            return state
+        embed, unembed = state.get("embed.weight"), state.get("unembed.weight")
+        if embed is not None and unembed is not None and embed.data_ptr() == unembed.data_ptr():
+            # The bridge clones a tied unembedding to untie it; an alias unties it as well,
+            # since processing builds new tensors instead of writing into old ones.
+            state["unembed.weight"] = unembed.as_subclass(_Alias)
+        held = {_view_key(v) for v in state.values() if isinstance(v, torch.Tensor)}
+        originals.update(held)
+        for module in bridge.original_model.modules():
+            for param in module._parameters.values():
+                if param is not None and _view_key(param) in held:
+                    placeholders.append(torch.zeros((), dtype=param.dtype, device=param.device))
+                    param.data = placeholders[-1].expand(param.shape)
+        return state
+
+    bridge.state_dict = detaching_state_dict
+    ProcessWeights.process_weights = _chunked_pipeline(original.__func__)
+    try:
+        yield
+    finally:
+        ProcessWeights.process_weights = original
+        del bridge.state_dict
+    params = list(bridge.original_model.named_parameters(remove_duplicate=False))
+    unset = {t.data_ptr() for t in placeholders}
+    left = [n for n, p in params if p.data_ptr() in unset or type(p.data) is not torch.Tensor]
+    placeholders.clear()
+    if left:
+        raise RuntimeError(f"lean weight processing left {len(left)} weights unset, e.g. {left[:3]}")
+    # Weights that processing left unchanged still share memory with what boot loaded (possibly a
+    # read-only map of the checkpoint). TransformerLens's path gives every weight memory of its
+    # own; do the same, one tensor at a time.
+    for _, param in params:
+        if _view_key(param.data) in originals:
+            param.data = param.data.clone()
