@@ -120,3 +120,43 @@ def test_answer_direction_dot_final_residual_is_the_logit(tiny):
 def test_answer_direction_refuses_multi_token_strings(tiny):
     with pytest.raises(tl.MultiTokenAnswerError, match="resolve_answer"):
         tl.answer_direction(tiny, " 12")
+
+
+@pytest.mark.parametrize(
+    "prompt, answer, what", [(b"what is 1 + 1", " 2", "prompt"), ("what is 1 + 1", b" 2", "answer")]
+)
+def test_bytes_inputs_say_to_decode(tiny, prompt, answer, what):
+    with pytest.raises(TypeError, match=rf"bytes.*{what}\.decode\('utf-8'\)"):
+        tl.resolve_answer(tiny, prompt, answer)
+
+
+def test_byte_fragment_answer_is_refused_with_its_ids_and_bytes(tiny):
+    """The bundled byte-level BPE writes 'é' as two byte tokens, each decoding to '\ufffd' alone."""
+    with pytest.raises(tl.ByteFragmentError) as info:
+        tl.resolve_answer(tiny, "what is 1 + 1", " é")
+    assert isinstance(info.value, ValueError)
+    message = str(info.value)
+    ids = tiny.to_tokens("é", prepend_bos=False)[0].tolist()
+    assert "byte fragments, not characters" in message and "allow_byte_fragments=True" in message
+    assert all(str(i) in message for i in ids) and r"b'\xc3'" in message and r"b'\xa9'" in message
+
+
+def test_byte_fragments_are_allowed_on_request_and_labelled_by_their_bytes(tiny):
+    r = tl.resolve_answer(tiny, "what is 1 + 1", " é", allow_byte_fragments=True)
+    assert r.answer == "é" and r.moved_whitespace == " "
+    assert r.answer_str_tokens == ["<0xC3>", "<0xA9>"]
+    assert [tl.answers.token_bytes(tiny, t) for t in r.answer_tokens] == [b"\xc3", b"\xa9"]
+    assert any("byte fragments" in n for n in r.notes)
+    # Whole characters, even multi-byte ones, are not fragments.
+    assert tl.resolve_answer(tiny, "what is 1 + 1", " 2").answer_str_tokens == ["2"]
+
+
+@pytest.mark.parametrize("model_name", ["gpt2", "qwen"])
+def test_real_vocabularies_label_fragments_apart(model_name, request):
+    model = request.getfixturevalue(model_name)
+    ids = model.to_tokens("\U0001f9ec", prepend_bos=False)[0].tolist()  # a rare emoji: split into byte tokens
+    assert len(ids) > 1 and all(model.tokenizer.decode([i]) == "\ufffd" for i in ids)
+    labels = [tl.answers.token_str(model, i) for i in ids]
+    assert all(label.startswith("<0x") for label in labels) and len(set(labels)) == len(labels)
+    with pytest.raises(tl.ByteFragmentError, match="byte fragments"):
+        tl.resolve_answer(model, "The DNA emoji is", " \U0001f9ec")

@@ -120,3 +120,70 @@ def test_margin_result(tiny):
     assert set(frame["role"]) == {"answer", "top1", "top2", "top3", "top4", "top5", "distractor"}
     assert m.plot().data[0].type == "bar"
     assert "rank 0" in repr(m)
+
+
+@pytest.mark.parametrize("k", [0, -3])
+def test_k_below_one_is_refused_everywhere(tiny, k):
+    message = f"k must be a positive integer, got {k}"
+    with pytest.raises(ValueError, match=message):
+        tl.trace(tiny, "what is 1 + 1", " 2", k=k)
+    tr = tl.trace(tiny, "what is 1 + 1", " 2")
+    for call in (
+        lambda: tr.to_dict(k=k),
+        lambda: tr.summary(k=k),
+        lambda: tr.dla.top(k, "head"),
+        lambda: tr.dla.top_neurons(k),
+        lambda: tr.margin.top(k),
+        lambda: tr.lens.top(k),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+@pytest.mark.parametrize("k", [2.5, "3", True, None])
+def test_k_that_is_not_an_integer_is_refused(tiny, k):
+    with pytest.raises(TypeError, match="k must be a positive integer"):
+        tl.trace(tiny, "what is 1 + 1", " 2", k=k)
+
+
+def test_k_accepts_any_integer_type(tiny):
+    import numpy as np
+
+    tr = tl.trace(tiny, "what is 1 + 1", " 2", k=np.int64(3))
+    assert len(tr.margin.top_strs[0]) == 3 and len(tr.dla.top(np.int64(2))) == 2
+
+
+@pytest.mark.parametrize(
+    "make",
+    [tuple, lambda p: (x for x in p), lambda p: map(str, p), lambda p: iter(p)],
+    ids=["tuple", "generator", "map", "iterator"],
+)
+def test_any_iterable_of_prompts_traces_like_the_list(tiny, make):
+    want = tl.trace(tiny, PROMPTS, ANSWERS)
+    got = tl.trace(tiny, make(PROMPTS), make(ANSWERS))
+    assert [row.label for row in got.rows] == [row.label for row in want.rows]
+    torch.testing.assert_close(got.margin.logit, want.margin.logit)
+    torch.testing.assert_close(got.dla.components, want.dla.components)
+    one_answer = tl.trace(tiny, make(["what is 1 + 1", "what is 2 + 0"]), " 2")
+    assert [row.target_str for row in one_answer.rows] == ["2", "2"]
+
+
+def test_bytes_are_refused_with_a_hint_to_decode(tiny):
+    with pytest.raises(TypeError, match=r"prompt\.decode\('utf-8'\)"):
+        tl.trace(tiny, b"what is 1 + 1", " 2")
+    with pytest.raises(TypeError, match=r"prompt\.decode\('utf-8'\)"):
+        tl.trace(tiny, ["what is 1 + 1", b"what is 2 + 2"], " 2")
+    with pytest.raises(TypeError, match=r"answer\.decode\('utf-8'\)"):
+        tl.trace(tiny, "what is 1 + 1", b" 2")
+    with pytest.raises(TypeError, match=r"decode\('utf-8'\)"):
+        tl.trace(tiny, "what is 1 + 1", " 2", distractors=b"3")
+
+
+def test_byte_fragment_answers_need_opting_in(tiny):
+    with pytest.raises(tl.ByteFragmentError, match="byte fragments"):
+        tl.trace(tiny, "what is 1 + 1", " é")
+    tr = tl.trace(tiny, "what is 1 + 1", " é", allow_byte_fragments=True)
+    assert [row.target_str for row in tr.rows] == ["<0xC3>", "<0xA9>"]  # distinct, not two '\ufffd'
+    assert tr.rows[1].str_tokens[-1] == "<0xC3>"
+    assert "'<0xA9>'" in tr.summary() and "\ufffd" not in tr.summary()
+    assert tr.dla.reconstruction.ok

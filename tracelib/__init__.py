@@ -2,6 +2,7 @@
 
 from tracelib.answers import (
     AnswerStep,
+    ByteFragmentError,
     EmptyInputError,
     MultiTokenAnswerError,
     PromptTooLongError,
@@ -23,7 +24,7 @@ from tracelib.models import (
 )
 from tracelib.notebook import setup_notebook
 from tracelib.positions import Positions
-from tracelib.trace import Trace, default_distractors, trace
+from tracelib.trace import NonFiniteError, Trace, default_distractors, trace
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "BUNDLED_MODELS",
     "AnswerStep",
     "Attribution",
+    "ByteFragmentError",
     "EmptyInputError",
     "HeadSources",
     "Heads",
@@ -40,6 +42,7 @@ __all__ = [
     "ModelLoadError",
     "ModelUnavailableError",
     "MultiTokenAnswerError",
+    "NonFiniteError",
     "Positions",
     "PromptTooLongError",
     "Reconstruction",

@@ -8,6 +8,8 @@ prediction, so `resolve_answer` moves such whitespace into the prompt and traces
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +27,10 @@ class PromptTooLongError(ValueError):
 
 class EmptyInputError(ValueError):
     """The prompt or the answer is empty."""
+
+
+class ByteFragmentError(ValueError):
+    """The answer splits into tokens that are pieces of a UTF-8 character, not characters."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,11 @@ class ResolvedAnswer:
 
 
 def _check_text(value, what: str) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        raise TypeError(
+            f"The {what} is bytes ({value!r}), but tracelib reads text: decode it first, "
+            f"{what}.decode('utf-8'), and pass the string."
+        )
     if not isinstance(value, str):
         raise TypeError(f"The {what} must be a string, got {type(value).__name__}: {value!r}")
     if not value.strip():
@@ -138,10 +149,84 @@ def _ids(model, text: str, prepend_bos: bool) -> list[int]:
 
 
 def _str_tokens(model, ids: list[int]) -> list[str]:
-    return [model.tokenizer.decode([i]) for i in ids]
+    return [token_str(model, i) for i in ids]
 
 
-def resolve_answer(model, prompt: str, answer: str, *, single_token: bool = False) -> ResolvedAnswer:
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte (GPT-2, Qwen2.5 and tiny-arith use it)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def token_bytes(model, token: int) -> bytes | None:
+    """The raw bytes a token stands for, or None when the tokenizer's vocabulary does not say.
+
+    Reads sentencepiece's byte-fallback tokens (`"<0xC3>"`) and byte-level BPE tokens (`"Ã"`).
+    """
+    piece = model.tokenizer.convert_ids_to_tokens(int(token))
+    if not isinstance(piece, str):
+        return None
+    match = _BYTE_FALLBACK.fullmatch(piece)
+    if match:
+        return bytes([int(match.group(1), 16)])
+    alphabet = _byte_level_alphabet()
+    if piece and all(char in alphabet for char in piece):
+        return bytes(alphabet[char] for char in piece)
+    return None
+
+
+def _byte_label(data: bytes) -> str:
+    """Bytes as text where they form characters, and as `<0xC3>` where they do not."""
+    out, i = [], 0
+    while i < len(data):
+        for n in range(1, 5):  # a UTF-8 character is 1 to 4 bytes
+            try:
+                out.append(data[i : i + n].decode("utf-8"))
+            except UnicodeDecodeError:
+                continue
+            i += n
+            break
+        else:
+            out.append(f"<0x{data[i]:02X}>")
+            i += 1
+    return "".join(out)
+
+
+def is_byte_fragment(model, token: int) -> bool:
+    """Whether a token is part of a UTF-8 character rather than whole characters."""
+    if "\ufffd" not in model.tokenizer.decode([int(token)]):
+        return False
+    data = token_bytes(model, token)
+    if data is None:
+        return True  # the tokenizer decodes it to the replacement character: no character of its own
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def token_str(model, token: int) -> str:
+    """A token as text, for labels: its decoded string, or `'<0xC3>'`-style bytes for a fragment.
+
+    Byte-level tokenizers split a character such as `"é"` into byte tokens that each decode to
+    `"\ufffd"`; labelling them by their bytes keeps them apart.
+    """
+    text = model.tokenizer.decode([int(token)])
+    if "\ufffd" not in text:
+        return text
+    data = token_bytes(model, token)
+    return text if data is None else _byte_label(data)
+
+
+def resolve_answer(
+    model, prompt: str, answer: str, *, single_token: bool = False, allow_byte_fragments: bool = False
+) -> ResolvedAnswer:
     """Resolve a prompt and an answer into the token(s) the model must predict.
 
     The answer's tokens are read off the tokenisation of `prompt + answer`, so they are the tokens
@@ -157,9 +242,14 @@ def resolve_answer(model, prompt: str, answer: str, *, single_token: bool = Fals
         prompt: the text the model reads.
         answer: the continuation to explain, usually with its leading space (`" 2"`).
         single_token: raise `MultiTokenAnswerError` unless the answer is one token.
+        allow_byte_fragments: trace an answer whose tokens are pieces of a UTF-8 character (a
+            byte-level tokenizer's `"é"` -> `[<0xC3>, <0xA9>]`), one byte per step. Off by default.
 
     Returns:
         A `ResolvedAnswer`; multi-token answers carry teacher-forced `steps`.
+
+    Raises:
+        ByteFragmentError: the answer's tokens are byte fragments and `allow_byte_fragments` is off.
     """
     typed_prompt, typed_answer = _check_text(prompt, "prompt"), _check_text(answer, "answer")
     notes = []
@@ -192,6 +282,18 @@ def resolve_answer(model, prompt: str, answer: str, *, single_token: bool = Fals
             f"This tokenizer makes the leading {first!r} its own token, so it was moved into the "
             f"prompt and the model is traced predicting {_str_tokens(model, answer_ids)}."
         )
+    fragments = [i for i in answer_ids if is_byte_fragment(model, i)]
+    if fragments and not allow_byte_fragments:
+        shown = ", ".join(f"{i} = {token_bytes(model, i) or '?'!r}" for i in fragments)
+        raise ByteFragmentError(
+            f"The answer {typed_answer!r} splits into tokens {_str_tokens(model, answer_ids)}, and "
+            f"{len(fragments)} of them are byte fragments, not characters (token id = bytes: {shown}). "
+            "Each decodes to '\ufffd' on its own, so the model would be traced predicting part of a "
+            "character. Pass allow_byte_fragments=True to trace them byte by byte anyway, or pick an "
+            "answer this tokenizer writes in whole characters."
+        )
+    if fragments:
+        notes.append(f"The answer's tokens include byte fragments: {_str_tokens(model, fragments)}.")
     n_ctx = model.cfg.n_ctx
     if len(prompt_ids) + len(answer_ids) - 1 > n_ctx:
         raise PromptTooLongError(
@@ -242,6 +344,8 @@ def _single_token(model, token: ResolvedAnswer | int | str) -> int:
                 "token, or resolve the answer with tl.resolve_answer(model, prompt, answer) first."
             )
         return ids[0]
+    if isinstance(token, (bytes, bytearray)):
+        raise TypeError(f"The token {token!r} is bytes; decode it first, token.decode('utf-8'), and pass the string.")
     if isinstance(token, int) and not isinstance(token, bool):
         if not 0 <= token < model.cfg.d_vocab:
             raise ValueError(f"Token id {token} is outside the vocabulary (0..{model.cfg.d_vocab - 1}).")

@@ -22,6 +22,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tracelib.margin import check_k
+
 LENS_NAMES = {"standard": "standard logit lens (re-normalised)", "dla": "cached-scale DLA lens"}
 
 
@@ -110,6 +112,7 @@ class LogitLens:
 
     def top(self, k: int = 5, row: int = 0, lens: str = "standard") -> pd.DataFrame:
         """The k sublayers that moved the answer's logit difference most, by absolute size, signs kept."""
+        k = check_k(k)
         curve = getattr(self, lens)
         steps = curve.logit_diff[1:, row] - curve.logit_diff[:-1, row]
         order = steps.abs().argsort(descending=True)[:k]

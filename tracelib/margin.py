@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+
+def check_k(k) -> int:
+    """`k` as an int, or a clear error: a `top(k)` with `k < 1` would quietly return nothing or everything.
+
+    Raises:
+        TypeError: `k` is not an integer (a bool or a float, say).
+        ValueError: `k` is an integer below 1.
+    """
+    # operator.index takes Python and NumPy integers but refuses 2.5 and "3"; a bool is an int to it.
+    if isinstance(k, bool) or not hasattr(type(k), "__index__"):
+        raise TypeError(f"k must be a positive integer, got {k!r}")
+    value = operator.index(k)
+    if value < 1:
+        raise ValueError(f"k must be a positive integer, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -92,7 +109,7 @@ class Margin:
 
     def top(self, k: int = 5, row: int = 0) -> pd.DataFrame:
         """The k most likely tokens of one row, with their logit difference to the answer."""
-        k = min(k, self.top_logits.shape[1])
+        k = min(check_k(k), self.top_logits.shape[1])
         return pd.DataFrame(
             {
                 "token": self.top_strs[row][:k],
@@ -129,6 +146,7 @@ def compute_margin(
     k: int = 5,
 ) -> Margin:
     """Build a `Margin` from each row's final logits."""
+    k = check_k(k)
     logits = logits.float().cpu()
     probs = logits.softmax(-1)
     idx = torch.arange(len(targets))

@@ -9,15 +9,21 @@ position axis of length 1, so TransformerLens's own primitives (`accumulated_res
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tracelib.answers import ResolvedAnswer, resolve_answer
+from tracelib.answers import ResolvedAnswer, resolve_answer, token_str
+from tracelib.margin import check_k
 
 _DIGITS = "0123456789"
+
+
+class NonFiniteError(FloatingPointError):
+    """The forward pass produced inf or NaN (usually fp16 overflow), so there is nothing to explain."""
 
 
 @dataclass(frozen=True)
@@ -40,8 +46,9 @@ class Row:
         return f"{self.prompt!r} -> {self.target_str!r}{step}"
 
 
-def _token_str(model, token: int) -> str:
-    return model.tokenizer.decode([token])
+def _is_one(value) -> bool:
+    """Whether a prompt or answer argument is a single item rather than an iterable of them."""
+    return isinstance(value, (str, bytes, bytearray, ResolvedAnswer)) or not isinstance(value, Iterable)
 
 
 def default_distractors(model, target: int) -> list[int]:
@@ -51,7 +58,7 @@ def default_distractors(model, target: int) -> list[int]:
     answers there is no natural rival, so an empty list is returned and the trace uses the model's
     own strongest competitor.
     """
-    text = _token_str(model, target)
+    text = token_str(model, target)
     digit = text.strip()
     if len(digit) != 1 or digit not in _DIGITS:
         return []
@@ -75,7 +82,7 @@ def _distractor_ids(model, distractors, resolved: ResolvedAnswer) -> list[int] |
 
     if distractors is None:
         return None
-    if isinstance(distractors, (str, int)):
+    if isinstance(distractors, (str, int, bytes, bytearray)):
         distractors = [distractors]
     out = []
     for d in distractors:
@@ -89,35 +96,42 @@ def _distractor_ids(model, distractors, resolved: ResolvedAnswer) -> list[int] |
     return out
 
 
-def build_rows(model, prompts, answer, distractors=None) -> list[Row]:
-    """Resolve every prompt's answer and unroll multi-token answers into teacher-forced rows."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
+def build_rows(model, prompts, answer, distractors=None, *, allow_byte_fragments: bool = False) -> list[Row]:
+    """Resolve every prompt's answer and unroll multi-token answers into teacher-forced rows.
+
+    `prompts` and `answer` may each be one string or any iterable of them (read once, so a
+    generator works).
+    """
+    prompts = [prompts] if _is_one(prompts) else list(prompts)
     if not prompts:
         raise ValueError("trace() needs at least one prompt.")
-    answers = answer if isinstance(answer, (list, tuple)) else [answer] * len(prompts)
+    answers = [answer] * len(prompts) if _is_one(answer) else list(answer)
     if len(answers) != len(prompts):
         raise ValueError(f"Got {len(prompts)} prompts but {len(answers)} answers; pass one answer, or one per prompt.")
     rows = []
     for prompt, ans in zip(prompts, answers):
-        resolved = ans if isinstance(ans, ResolvedAnswer) else resolve_answer(model, prompt, ans)
+        resolved = (
+            ans
+            if isinstance(ans, ResolvedAnswer)
+            else resolve_answer(model, prompt, ans, allow_byte_fragments=allow_byte_fragments)
+        )
         chosen = _distractor_ids(model, distractors, resolved)
         for step in resolved.steps:
             rivals = chosen if chosen is not None else default_distractors(model, step.target)
             if step.target in rivals:
                 raise ValueError(
-                    f"The distractor {_token_str(model, step.target)!r} is the answer itself; "
+                    f"The distractor {token_str(model, step.target)!r} is the answer itself; "
                     "pass tokens the answer should beat."
                 )
             rows.append(
                 Row(
                     prompt=resolved.prompt,
                     tokens=step.tokens,
-                    str_tokens=[_token_str(model, t) for t in step.tokens.tolist()],
+                    str_tokens=[token_str(model, t) for t in step.tokens.tolist()],
                     target=step.target,
                     target_str=step.target_str,
                     distractors=list(rivals),
-                    distractor_strs=[_token_str(model, t) for t in rivals],
+                    distractor_strs=[token_str(model, t) for t in rivals],
                     step=step.index,
                     n_steps=len(resolved.answer_tokens),
                 )
@@ -228,6 +242,99 @@ def run_forward(model, rows: list[Row]) -> Forward:
     )
 
 
+# Where each cached hook sits, for saying where a non-finite value first appears.
+_HOOK_PLACES = {
+    "hook_embed": "the token embedding",
+    "hook_pos_embed": "the position embedding",
+    "hook_resid_pre": "the residual stream entering layer {layer}",
+    "attn.hook_v": "layer {layer}'s attention values",
+    "attn.hook_pattern": "layer {layer}'s attention pattern",
+    "attn.hook_z": "layer {layer}'s head outputs",
+    "hook_attn_out": "layer {layer}'s attention output",
+    "hook_resid_mid": "the residual stream after layer {layer}'s attention",
+    "mlp.hook_post": "layer {layer}'s MLP neurons",
+    "hook_mlp_out": "layer {layer}'s MLP output",
+    "hook_resid_post": "the residual stream after layer {layer}",
+    "ln_final.hook_scale": "the final norm's scale",
+}
+_LAYER_HOOKS = tuple(key for key in _HOOK_PLACES if "{layer}" in _HOOK_PLACES[key])
+
+
+def forward_order(model) -> list[str]:
+    """The hooks a trace caches, in the order the forward pass computes them."""
+    names = ["hook_embed"] + (["hook_pos_embed"] if model.cfg.positional_embedding_type == "standard" else [])
+    for layer in range(model.cfg.n_layers):
+        names += [f"blocks.{layer}.{hook}" for hook in _LAYER_HOOKS]
+    return names + ["ln_final.hook_scale"]
+
+
+def _describe_hook(name: str) -> str:
+    if name.startswith("blocks."):
+        _, layer, hook = name.split(".", 2)
+        return _HOOK_PLACES[hook].format(layer=layer)
+    return _HOOK_PLACES[name]
+
+
+def first_nonfinite(model, fwd: Forward) -> tuple[str, int, int] | None:
+    """Where inf or NaN first appears in the forward pass: (hook, row, position), or None.
+
+    Hooks are scanned in forward order, and only at each row's real positions: padding positions
+    are computed too, but nothing traced reads them.
+    """
+    real = torch.arange(fwd.tokens.shape[1])[None] < fwd.lengths[:, None]  # [row, pos]
+    for name in forward_order(model):
+        if name in fwd.full.cache_dict:
+            act = fwd.full[name]
+            if name.endswith("hook_pattern"):
+                act = act.transpose(1, 2)  # [row, dst, head, src]: a position is a destination
+            bad = ~act.isfinite().reshape(*act.shape[:2], -1).all(-1).cpu() & real  # [row, pos]
+        else:  # kept at the final position only: [row, 1, ...]
+            act = fwd.final[name]
+            bad = ~act.isfinite().reshape(act.shape[0], -1).all(-1).cpu()  # [row]
+            bad = torch.zeros_like(real).scatter(1, (fwd.lengths - 1)[:, None], bad[:, None])
+        if bad.any():
+            row = int(bad.any(1).nonzero()[0])
+            return name, row, int(bad[row].nonzero()[0])
+    return None
+
+
+def _nonfinite_error(model, fwd: Forward, rows: list[Row], what: str) -> NonFiniteError:
+    """The error for inf or NaN in `what`, naming the hook where it first appears and the way out."""
+    dtype = next(model.parameters()).dtype
+    name = str(dtype).removeprefix("torch.")
+    where = first_nonfinite(model, fwd)
+    overflowed = f"The model's activations overflowed in {name}"
+    if where is not None:
+        hook, r, pos = where
+        place = (
+            f"the first inf or NaN appears at {hook} ({_describe_hook(hook)}) of row {r}, {rows[r].label}, "
+            f"at position {pos} ({rows[r].str_tokens[pos]!r})"
+        )
+    elif not fwd.final_logits.isfinite().all():
+        place = "every cached activation is finite, but the unembedding's output (the logits) is not"
+    else:
+        overflowed = f"The attributions overflowed (the model runs in {name})"
+        place = "every activation and the logits are finite, but the attributions computed from them are not"
+    if dtype == torch.float16:
+        advice = (
+            "load the model with dtype=torch.float32 (on the CPU), or torch.bfloat16 on a GPU that supports "
+            "it, whose range is float32's: tl.load_model(NAME, dtype=torch.float32)"
+        )
+    elif dtype == torch.bfloat16:
+        advice = (
+            "load the model with dtype=torch.float32 (bfloat16 already has float32's range, so check the "
+            "weights for inf and NaN too)"
+        )
+    else:
+        advice = (
+            "check the weights for inf and NaN (any(not p.isfinite().all() for p in model.parameters())); if "
+            "they are finite, load the model with dtype=torch.float64"
+        )
+    return NonFiniteError(
+        f"{overflowed}: {what} hold inf or NaN, so there is nothing to explain. Where: {place}. What to do: {advice}."
+    )
+
+
 def _fill_distractors(rows: list[Row], logits: Tensor) -> list[list[int]]:
     """Each row's rivals; rows without any get the model's strongest non-answer token."""
     out = []
@@ -264,7 +371,8 @@ class Trace:
     model_name: str
 
     def to_dict(self, k: int = 5) -> dict:
-        """A JSON-able summary, one entry per row."""
+        """A JSON-able summary, one entry per row, with the top `k` heads and neurons."""
+        check_k(k)
         out = []
         for r, row in enumerate(self.rows):
             out.append(
@@ -317,6 +425,7 @@ class Trace:
     def summary(self, k: int = 5) -> str:
         """A readable report: tokens, prediction and margin, where the answer becomes readable,
         top components, heads and neurons, and the reconstruction residual."""
+        check_k(k)
         m, dla = self.margin, self.dla
         out = [f"model: {self.model_name}"]
         for r, row in enumerate(self.rows):
@@ -366,24 +475,39 @@ class Trace:
         return "\n".join(lines)
 
 
-def trace(model, prompts, answer, distractors=None, *, metric: str = "logit", k: int = 5) -> Trace:
+def trace(
+    model,
+    prompts,
+    answer,
+    distractors=None,
+    *,
+    metric: str = "logit",
+    k: int = 5,
+    allow_byte_fragments: bool = False,
+) -> Trace:
     """Trace why the model predicts `answer` after each prompt, from exactly one forward pass.
 
     Args:
         model: a loaded model (`tl.load_model`).
-        prompts: one prompt, or a list run as one right-padded batch (padding never changes a
-            prompt's numbers).
+        prompts: one prompt, or several (a list, tuple or any iterable) run as one right-padded
+            batch (padding never changes a prompt's numbers).
         answer: the answer (`" 2"`), or one per prompt. Multi-token answers are traced per token,
             teacher-forced, each step a row.
         distractors: tokens the answer should beat. Default: a digit's neighbouring digits,
             otherwise the model's strongest competitor.
         metric: what DLA explains: `"logit"` (sums to logit - b_U) or `"logit_diff"`.
-        k: how many top tokens the margin keeps.
+        k: how many top tokens the margin keeps (a positive integer).
+        allow_byte_fragments: trace answers whose tokens are pieces of a UTF-8 character (see
+            `resolve_answer`). Off by default.
 
     Returns:
         A `Trace` with `.margin`, `.lens`, `.dla`, and `.to_dict()`.
+
+    Raises:
+        NonFiniteError: the logits, the final residual stream or the attributions hold inf or NaN
+            (fp16 overflow, usually); the message names the hook where it first appears.
     """
-    from tracelib.attribution import compute_attribution, compute_dtype, scaled_directions
+    from tracelib.attribution import compute_attribution, compute_dtype, scaled_directions, warn_if_off
     from tracelib.heads import compute_heads
     from tracelib.lens import compute_lens
     from tracelib.margin import compute_margin
@@ -392,18 +516,34 @@ def trace(model, prompts, answer, distractors=None, *, metric: str = "logit", k:
 
     if metric not in ("logit", "logit_diff"):
         raise ValueError(f"metric must be 'logit' or 'logit_diff', got {metric!r}")
-    rows = build_rows(model, prompts, answer, distractors)
+    k = check_k(k)
+    rows = build_rows(model, prompts, answer, distractors, allow_byte_fragments=allow_byte_fragments)
     with torch.no_grad():
         fwd = run_forward(model, rows)
         cache, logits = fwd.final, fwd.final_logits
+        # An overflowed logit ranks as 0 and sums "exactly" (inf - inf is never checked): stop here
+        # rather than explain noise. The final residual is checked at every real position, since
+        # the position analyses read them all.
+        last = fwd.full[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+        real = (torch.arange(fwd.tokens.shape[1])[None] < fwd.lengths[:, None]).to(last.device)
+        if not logits.isfinite().all():
+            raise _nonfinite_error(model, fwd, rows, "the logits")
+        if not last.isfinite().all(-1)[real].all():
+            raise _nonfinite_error(model, fwd, rows, "the final residual stream's activations")
         targets = [row.target for row in rows]
         rivals = _fill_distractors(rows, logits)
         labels = [row.label for row in rows]
-        margin = compute_margin(logits, targets, rivals, labels, model.tokenizer.decode, k)
+        margin = compute_margin(
+            logits, targets, rivals, labels, lambda ids: "".join(token_str(model, t) for t in ids), k
+        )
         lens = compute_lens(model, cache, torch.tensor(targets), rivals, labels)
         scale = cache["ln_final.hook_scale"][:, 0]
         u = scaled_directions(model, scale.to(compute_dtype(logits)), targets, rivals, metric)  # [row, d_model]
-        dla = compute_attribution(model, cache, logits, targets, rivals, labels, metric, u=u)
+        dla = compute_attribution(model, cache, logits, targets, rivals, labels, metric, u=u, warn=False)
+        parts = (dla.components, dla.heads, dla.head_bias, dla.neurons, dla.neuron_bias)
+        if not (dla.reconstruction.finite and all(bool(t.isfinite().all()) for t in parts)):
+            raise _nonfinite_error(model, fwd, rows, "the attributions")
+        warn_if_off(dla.reconstruction, metric, next(model.parameters()).dtype, stacklevel=3)
         heads = compute_heads(model, fwd, u, rows)
         positions = compute_positions(model, fwd, rows, rivals, heads, metric)
     return Trace(rows, rivals, margin, lens, dla, heads, positions, model_name(model))
