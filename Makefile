@@ -43,7 +43,7 @@ format: install
 	$(VENV)/bin/ruff check --fix tracelib tests scripts
 
 bench: install
-	$(PY) scripts/bench.py --loader low_memory
+	$(PY) scripts/bench.py
 
 # Retrain the bundled tiny-arith and tiny-arith-chat models (seeded; about 6 minutes on 2 cores).
 model: install

@@ -15,12 +15,16 @@ trace() does. Usage:
     .venv/bin/python scripts/bench.py --models tiny,gpt2 --repeat 3
     .venv/bin/python scripts/bench.py --models qwen --layers 4 --out /tmp/qwen4.json
     .venv/bin/python scripts/bench.py --workdir /tmp/bench_models   # keep/reuse built models
-    .venv/bin/python scripts/bench.py --models qwen --loader low_memory   # full Qwen in ~10 GiB
+    .venv/bin/python scripts/bench.py --models qwen --steps load,load_fp16,load_bf16,colab
 
-Each step loads the model. tl.load_model peaks at about 3.5x the processed fp32 model (about
-22 GiB for the full Qwen shape), so a step whose load is predicted not to fit in the memory
-available is skipped and listed under the table; `--loader low_memory` loads through the
-proposed low-memory path instead (same weights, bit for bit; peak about 1.5x).
+Each step loads the model with `tl.load_model`, whose lean weight processing peaks at about one
+copy of the weights. `load_tl` measures TransformerLens's own processing (`lean=False`, about
+3.5x the fp32 weights: 22 GiB for the full Qwen shape) for comparison; a step whose load is
+predicted not to fit in the memory available is skipped and listed under the table.
+
+`colab` simulates Colab's free tier: the Qwen2.5-1.5B shape loaded as `load_model` would on a T4
+(the dtype it picks there), on the CPU, in a process whose memory is capped at 12 GiB by a cgroup
+(the host-side worst case: the whole model in host memory), then one trace.
 """
 
 from __future__ import annotations
@@ -45,8 +49,11 @@ ANSWER = " 2"
 MODELS = ("tiny", "gpt2", "qwen")
 # Each step runs in its own process: (name, what it times).
 STEPS = (
-    ("load", "tl.load_model(folder): boot_transformers + enable_compatibility_mode"),
-    ("load_low_memory", "the same, with enable_compatibility_mode inside low_memory_compat (proposed)"),
+    ("load", "tl.load_model(folder), fp32: boot_transformers + lean enable_compatibility_mode"),
+    ("load_fp16", "the same in fp16"),
+    ("load_bf16", "the same in bf16"),
+    ("load_tl", "tl.load_model(folder, lean=False), fp32: TransformerLens's own weight processing"),
+    ("colab", "Colab free tier: load as on a T4, under a 12 GiB cgroup cap, then one trace"),
     ("forward", "model(tokens)"),
     ("run_with_cache", "model.run_with_cache(tokens)"),
     ("trace", "tl.trace(model, prompt, answer)"),
@@ -137,6 +144,7 @@ def model_spec(name: str, layers: int | None) -> dict:
                 rope_theta=1000000.0,
                 rms_norm_eps=1e-6,
             ),
+            "save_dtype": "bfloat16",  # as the real checkpoint is stored
             "layers": layers or 28,
         }
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
@@ -159,6 +167,8 @@ def build(spec: dict, folder: Path) -> None:
         tokenizer = conftest.qwen_tokenizer()
         model = Qwen2ForCausalLM(Qwen2Config(**spec["config"])).eval()
     conftest._randomise_norms_and_biases(model)
+    if spec.get("save_dtype"):
+        model = model.to(getattr(torch, spec["save_dtype"]))
     # Small shards: serialising a shard holds a second copy of it in memory.
     model.save_pretrained(folder, max_shard_size="1GB")
     tokenizer.save_pretrained(folder)
@@ -183,167 +193,6 @@ def ensure_built(spec: dict, workdir: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The low-memory load path this benchmark compares tl.load_model against (a proposal for
-# tracelib/models.py; measured by the `load_low_memory` step and used by `--loader low_memory`).
-#
-# TransformerBridge.process_weights (TransformerLens 4.3) holds, at its peak, the live weights,
-# a clone of the tied unembedding, and two full copies of the state dict: fold_layer_norm,
-# center_unembed and fold_value_biases each start with `{k: v.clone() ...}` of the whole dict
-# while the caller still holds the previous one. None of them writes into its input (each builds
-# new tensors and stores them in the dict), so those copies can be aliases without changing a
-# single number. `low_memory_compat` makes them aliases, hands each replaced tensor's memory back
-# as soon as processing replaces it, and detaches the live parameters from the original weights
-# (zero-stride placeholders of the same shape) until the processed ones are installed. The peak
-# becomes the processed model plus one vocab x d_model matrix (plus, when the checkpoint is fp32
-# and boot left the weights mapped from the file, the page cache of the replaced originals,
-# which the kernel can drop). Measured: the same weights and logits bit for bit on tiny-arith,
-# GPT-2 and Qwen2 shapes; the test suite passes with every load going through it.
-
-
-def _low_memory_classes():
-    """Tensor and dict helpers, built on first use so that importing this script stays cheap."""
-    import torch
-
-    class Alias(torch.Tensor):
-        """A view whose clone() is a plain alias of the same memory instead of a copy."""
-
-        def clone(self, *args, **kwargs):
-            return self.as_subclass(torch.Tensor)
-
-    class Handoff(dict):
-        """The dict a copying function receives: its one pass over items() (the copy) empties it,
-        so the argument the caller's frame still holds keeps no tensor alive."""
-
-        def items(self):
-            for key in list(self.keys()):
-                yield key, self.pop(key)
-
-    return Alias, Handoff
-
-
-_COPYING = ("fold_layer_norm", "center_unembed", "fold_value_biases", "refactor_factored_attn_matrices")
-
-
-def _sync(target: dict, source: dict) -> None:
-    """Make `target` hold exactly `source`'s entries, in place (every holder of it sees them)."""
-    for key in [k for k in target if k not in source]:
-        del target[key]
-    for key, value in source.items():
-        if target.get(key) is not value:
-            target[key] = value
-
-
-def _view_key(t) -> tuple:
-    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
-
-
-def _file_backed(tensors) -> set:
-    """view keys of the tensors whose memory maps a file (weights boot left on the checkpoint)."""
-    spans = []
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 6 and parts[5].startswith("/"):
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                spans.append((lo, hi))
-    return {
-        _view_key(t) for t in tensors if t.device.type == "cpu" and any(lo <= t.data_ptr() < hi for lo, hi in spans)
-    }
-
-
-@contextlib.contextmanager
-def low_memory_compat(bridge):
-    """Run `bridge.enable_compatibility_mode()` inside this for the same weights at a lower peak."""
-    import torch
-    from transformer_lens.weight_processing import ProcessWeights
-
-    Alias, Handoff = _low_memory_classes()
-    saved = {name: ProcessWeights.__dict__[name] for name in (*_COPYING, "_fold_layer")}
-    holder: dict = {}
-    placeholders: list = []  # kept alive until the final check, so their addresses stay unique
-
-    def consuming(fn):
-        def wrapper(state_dict, *args, **kwargs):
-            outer, holder["dict"] = holder.get("dict"), state_dict
-            try:
-                handoff = Handoff(
-                    {k: v.as_subclass(Alias) if type(v) is torch.Tensor else v for k, v in state_dict.items()}
-                )
-                result = fn(handoff, *args, **kwargs)
-            finally:
-                holder["dict"] = outer
-            _sync(state_dict, result)  # the caller's dict now holds the new tensors only
-            return state_dict
-
-        return staticmethod(wrapper)
-
-    def fold_layer(state_dict, *args, **kwargs):
-        result = saved["_fold_layer"].__func__(state_dict, *args, **kwargs)
-        if holder.get("dict") is not None:
-            _sync(holder["dict"], result)  # frees what this layer replaced
-        return result
-
-    def detaching_state_dict(*args, **kwargs):
-        state = type(bridge).state_dict(bridge, *args, **kwargs)
-        if args or kwargs:
-            return state
-        embed, unembed = state.get("embed.weight"), state.get("unembed.weight")
-        if embed is not None and unembed is not None and embed.data_ptr() == unembed.data_ptr():
-            # process_weights clones a tied unembedding to untie it; an alias unties it as well.
-            state["unembed.weight"] = unembed.as_subclass(Alias)
-        held = {_view_key(v) for v in state.values() if isinstance(v, torch.Tensor)}
-        for module in bridge.original_model.modules():
-            for param in module._parameters.values():
-                if param is not None and _view_key(param) in held:
-                    placeholders.append(torch.zeros((), dtype=param.dtype, device=param.device))
-                    param.data = placeholders[-1].expand(param.shape)
-        return state
-
-    params = [p for _, p in bridge.original_model.named_parameters(remove_duplicate=False)]
-    on_file = _file_backed(params)
-    bridge.state_dict = detaching_state_dict
-    try:
-        for name in _COPYING:
-            setattr(ProcessWeights, name, consuming(saved[name].__func__))
-        ProcessWeights._fold_layer = staticmethod(fold_layer)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(ProcessWeights, name, fn)
-        del bridge.state_dict
-    params = list(bridge.original_model.named_parameters(remove_duplicate=False))
-    unset = {t.data_ptr() for t in placeholders}
-    left = [n for n, p in params if p.data_ptr() in unset or type(p.data) is not torch.Tensor]
-    placeholders.clear()
-    if left:
-        raise RuntimeError(f"low-memory processing left {len(left)} weights unset, e.g. {left[:3]}")
-    # Weights processing did not change still map the checkpoint file, as boot left them; give
-    # them memory of their own, one at a time, as the copying path does.
-    for _, p in params:
-        if _view_key(p) in on_file:
-            p.data = p.data.clone()
-
-
-def load_low_memory(source: str):
-    """tl.load_model(source), with enable_compatibility_mode run inside low_memory_compat."""
-    from transformer_lens.model_bridge import TransformerBridge
-
-    import tracelib as tl
-
-    original = TransformerBridge.enable_compatibility_mode
-
-    def patched(self, *args, **kwargs):
-        with low_memory_compat(self):
-            return original(self, *args, **kwargs)
-
-    TransformerBridge.enable_compatibility_mode = patched
-    try:
-        return tl.load_model(source)
-    finally:
-        TransformerBridge.enable_compatibility_mode = original
-
-
-# ---------------------------------------------------------------------------------------------
 # The measurements (one step per worker process).
 
 
@@ -360,11 +209,13 @@ def pick_prompt(model, answer: str = ANSWER):
     raise RuntimeError(f"no {PROMPT_TOKENS}-token prompt found for this tokenizer")
 
 
-def weight_bytes(source: str) -> int:
-    """fp32 bytes of the checkpoint's parameters (tied embeddings counted once)."""
+def weight_bytes(source: str, dtype: str = "float32") -> int:
+    """Bytes of the checkpoint's parameters in `dtype` (tied embeddings counted once)."""
+    import torch
+
     from tracelib.models import _resolve_source, estimate_parameters
 
-    return 4 * estimate_parameters(_resolve_source(source)[0])
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size() * estimate_parameters(_resolve_source(source)[0])
 
 
 def measure_estimate(source: str) -> dict:
@@ -383,15 +234,20 @@ def measure_estimate(source: str) -> dict:
     return {"weights_bytes": weights, "processed_bytes": weights + (4 * out.weight.numel() if tied else 0)}
 
 
-# Peak RSS of a load: 0.5 GiB of imports plus this many times the processed fp32 model (which
-# holds embed and unembed separately). Measured: tl.load_model 3.4-3.5x (Qwen2.5-1.5B shape at 2
-# and 4 layers, GPT-2 small), the low-memory path 1.4-1.5x (Qwen shape at 4 and 28 layers).
-# A step whose load is predicted not to fit in MemAvailable is skipped (--force runs it).
-PEAK_FACTOR = {"load_model": 3.6, "low_memory": 1.5}
+# Peak RSS of a load: 0.5 GiB of imports plus this many times the processed model in the load's
+# dtype (processing unties embed and unembed). Measured: TransformerLens's own processing
+# 3.4-3.5x the fp32 model whatever the dtype (it upcasts everything to fp32 first); the lean path
+# about 1.2x. A step whose load is predicted not to fit in MemAvailable is skipped (--force runs it).
+PEAK_FACTOR = {"lean": 1.5, "transformerlens": 3.6}
+LOAD_DTYPE = {"load": "float32", "load_fp16": "float16", "load_bf16": "bfloat16", "load_tl": "float32"}
+LOAD_TARGET = 1.5  # peak over imports / weights in the load's dtype (issue 7)
+COLAB_CAP = 12 * 2**30  # Colab's free tier has about 12.7 GB of RAM
+T4_MEMORY = 15_835_660_288  # bytes a T4 reports (torch.cuda.get_device_properties().total_memory)
 
 
-def predicted_peak(estimate: dict, loader: str) -> float:
-    return 0.5 * 2**30 + PEAK_FACTOR[loader] * estimate["processed_bytes"]
+def predicted_peak(estimate: dict, loader: str, dtype: str = "float32") -> float:
+    size = {"float32": 1.0, "float16": 0.5, "bfloat16": 0.5}[dtype] if loader == "lean" else 1.0
+    return 0.5 * 2**30 + PEAK_FACTOR[loader] * estimate["processed_bytes"] * size
 
 
 def mem_available() -> int:
@@ -417,48 +273,62 @@ def resident_param_bytes(model) -> int:
     return total
 
 
-def _loader(name: str):
+def _loader(name: str, dtype: str = "float32"):
+    import torch
+
     import tracelib as tl
 
-    return {"load_model": tl.load_model, "low_memory": load_low_memory}[name]
+    lean = {"lean": True, "transformerlens": False}[name]
+    return lambda source: tl.load_model(source, dtype=getattr(torch, dtype), lean=lean)
 
 
-def measure_load(source: str, loader: str) -> dict:
-    """One load, split at enable_compatibility_mode's entry into boot and processing.
+def measure_load(source: str, loader: str, dtype: str = "float32") -> dict:
+    """One load, split at boot_transformers' return into boot and processing.
 
-    `boot_*` covers everything before processing (resolving the source, counting parameters,
-    boot_transformers); `compat_*` everything from there to the model being returned, which for
-    the low-memory loader includes its after-processing step.
+    `boot_*` covers everything up to the booted bridge (resolving the source, counting
+    parameters, boot_transformers); `compat_*` everything from there to the model being returned.
+    boot_transformers is wrapped rather than enable_compatibility_mode because the lean loader
+    fingerprints the latter's source, and would (rightly) refuse a wrapped one.
     """
+    import warnings
+
     from transformer_lens.model_bridge import TransformerBridge
 
-    phases = {}
-    original = TransformerBridge.enable_compatibility_mode
+    from tracelib.lean_processing import LeanLoadWarning
 
-    def instrumented(self, *args, **kwargs):
+    phases = {}
+    original = TransformerBridge.__dict__["boot_transformers"]
+    boot = TransformerBridge.boot_transformers
+
+    def instrumented(*args, **kwargs):
+        bridge = boot(*args, **kwargs)
         phases["boot_s"] = time.perf_counter() - phases["t0"]
         status = proc_status()
         phases["boot_hwm"], phases["boot_rss"] = status["VmHWM"], status["VmRSS"]
         reset_peak()
-        return original(self, *args, **kwargs)
+        return bridge
 
     release_free_memory()
     base = proc_status()
-    TransformerBridge.enable_compatibility_mode = instrumented
+    TransformerBridge.boot_transformers = staticmethod(instrumented)
     reset_peak()
     phases["t0"] = time.perf_counter()
     try:
-        model = _loader(loader)(source)
+        with warnings.catch_warnings():
+            # A lean step that silently fell back would report TransformerLens's peak as ours.
+            warnings.simplefilter("error", LeanLoadWarning)
+            model = _loader(loader, dtype)(source)
     finally:
-        TransformerBridge.enable_compatibility_mode = original
+        TransformerBridge.boot_transformers = original
     total = time.perf_counter() - phases.pop("t0")
     after = proc_status()  # VmHWM: the peak since processing began
     release_free_memory()
     settled = proc_status()
-    weights = weight_bytes(source)
+    weights = weight_bytes(source, dtype)
     peak = max(phases["boot_hwm"], after["VmHWM"])
     return {
         "loader": loader,
+        "dtype": dtype,
         "time_s": total,
         "boot_s": phases["boot_s"],
         "compat_s": total - phases["boot_s"],
@@ -474,6 +344,51 @@ def measure_load(source: str, loader: str) -> dict:
         "weights_bytes": weights,
         "resident_param_bytes": resident_param_bytes(model),
         "peak_over_weights": (peak - base["VmRSS"]) / weights,
+    }
+
+
+def t4_default_dtype(n_params: int) -> str:
+    """The dtype `tl.load_model` picks for this many parameters on a T4 (no bf16, 15.8 GB)."""
+    from unittest import mock
+
+    import torch
+
+    from tracelib.models import default_dtype
+
+    props = mock.Mock(total_memory=T4_MEMORY)
+    with (
+        mock.patch.object(torch.cuda, "get_device_properties", lambda device: props),
+        mock.patch.object(torch.cuda, "is_bf16_supported", lambda: False),
+    ):
+        return str(default_dtype(torch.device("cuda"), n_params)).removeprefix("torch.")
+
+
+def measure_colab(source: str) -> dict:
+    """Load as on a T4 (its default dtype), on the CPU, then trace once; runs inside the 12 GiB cap."""
+    import torch
+
+    import tracelib as tl
+    from tracelib.models import _resolve_source, estimate_parameters
+
+    dtype = t4_default_dtype(estimate_parameters(_resolve_source(source)[0]))
+    base = proc_status()
+    t0 = time.perf_counter()
+    model = tl.load_model(source, device="cpu", dtype=getattr(torch, dtype))
+    load_s = time.perf_counter() - t0
+    load_peak = proc_status()["VmHWM"]
+    resolved = pick_prompt(model)
+    t0 = time.perf_counter()
+    result = tl.trace(model, resolved.prompt, resolved.answer)
+    trace_s = time.perf_counter() - t0
+    return {
+        "dtype": dtype,
+        "load_s": load_s,
+        "trace_s": trace_s,
+        "base_rss": base["VmRSS"],
+        "load_peak_rss": load_peak,
+        "peak_rss": proc_status()["VmHWM"],
+        "weights_bytes": weight_bytes(source, dtype),
+        "reconstruction_ok": result.dla.reconstruction.ok,
     }
 
 
@@ -604,27 +519,70 @@ def worker_main(spec: dict) -> dict:
     warnings.simplefilter("ignore")
     if spec["step"] == "estimate":
         return measure_estimate(spec["source"])
-    if spec["step"] == "load":
-        return measure_load(spec["source"], "load_model")
-    if spec["step"] == "load_low_memory":
-        return measure_load(spec["source"], "low_memory")
+    if spec["step"] in LOAD_DTYPE:
+        loader = "transformerlens" if spec["step"] == "load_tl" else "lean"
+        return measure_load(spec["source"], loader, LOAD_DTYPE[spec["step"]])
+    if spec["step"] == "colab":
+        return measure_colab(spec["source"])
     return measure_step(spec["step"], spec["source"], spec["repeat"], spec["loader"])
 
 
-def run_worker(spec: dict) -> dict:
-    """Run one step in a fresh interpreter; it prints one JSON line tagged BENCH_RESULT last."""
+def _memory_cgroup(limit: int) -> Path | None:
+    """A fresh cgroup-v1 memory group capped at `limit` bytes (swap included), or None if none can be made."""
+    root = Path("/sys/fs/cgroup/memory")
+    group = root / f"tracelib-bench-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        with contextlib.suppress(OSError):  # only where swap accounting is on
+            (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
+    except OSError:
+        with contextlib.suppress(OSError):
+            group.rmdir()
+        return None
+    return group
+
+
+def run_worker(spec: dict, cgroup: Path | None = None) -> dict:
+    """Run one step in a fresh interpreter; it prints one JSON line tagged BENCH_RESULT last.
+
+    With `cgroup`, the interpreter runs inside that memory group from its first instruction.
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def join_cgroup():
+        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)],
         capture_output=True,
         text=True,
         env=env,
         cwd=REPO,
+        preexec_fn=join_cgroup if cgroup else None,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"worker {spec.get('step')} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix("BENCH_RESULT "))
+
+
+def run_colab(spec: dict) -> dict:
+    """The colab step inside a 12 GiB memory cgroup: whether it fit, and its peaks."""
+    group = _memory_cgroup(COLAB_CAP)
+    out = {"cap_bytes": COLAB_CAP, "cap_enforced": group is not None}
+    try:
+        out.update(run_worker(spec, cgroup=group))
+        out["fit"] = True
+    except RuntimeError as exc:
+        out.update(fit=False, error=str(exc)[-500:])
+    finally:
+        if group is not None:
+            out["cgroup_peak_bytes"] = int((group / "memory.max_usage_in_bytes").read_text())
+            out["cgroup_failcnt"] = int((group / "memory.failcnt").read_text())
+            with contextlib.suppress(OSError):
+                group.rmdir()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,7 +618,7 @@ def render(results: dict) -> str:
     sections = []
     names = list(results)
     step_rows = []
-    for step, _ in STEPS[2:]:
+    for step, _ in STEPS[5:]:
         if all(step in results[n]["steps"] for n in names):
             cells = []
             for n in names:
@@ -671,13 +629,13 @@ def render(results: dict) -> str:
         cols = " | ".join(f"{n} ({results[n]['layers']}L) ms | {n} peak RSS (+ over model)" for n in names)
         sections.append("\n".join([f"| step | {cols} |", "|---|" + "---:|---:|" * len(names), *step_rows]))
 
-    loads = [(n, s) for n in names for s in ("load", "load_low_memory") if s in results[n]["steps"]]
+    loads = [(n, s) for n in names for s in LOAD_DTYPE if s in results[n]["steps"]]
     if loads:
-        label = {"load": "tl.load_model", "load_low_memory": "low-memory"}
+        label = {"load": "fp32", "load_fp16": "fp16", "load_bf16": "bf16", "load_tl": "fp32, TL's path"}
         cols = " | ".join(f"{n} ({results[n]['layers']}L) {label[s]}" for n, s in loads)
         lines = [f"| load | {cols} |", "|---|" + "---:|" * len(loads)]
         rows = [
-            ("fp32 weights", lambda m: _gib(m["weights_bytes"])),
+            ("weights in the load's dtype", lambda m: _gib(m["weights_bytes"])),
             (
                 "wall s (boot + compat)",
                 lambda m: f"{m['time_s']:.1f} ({m['boot_s']:.1f} + {m['compat_s']:.1f})",
@@ -685,11 +643,33 @@ def render(results: dict) -> str:
             ("peak RSS (+ over imports)", lambda m: f"{_gib(m['peak_rss'])} (+{_gib(m['peak_over_base'])})"),
             ("boot peak / compat peak", lambda m: f"{_gib(m['boot_peak'])} / {_gib(m['compat_peak'])}"),
             ("RSS after load", lambda m: _gib(m["rss_after_trim"])),
-            ("peak over imports / weights", lambda m: f"{m['peak_over_weights']:.2f}x"),
+            (
+                f"peak over imports / weights (target <= {LOAD_TARGET})",
+                lambda m: f"{m['peak_over_weights']:.2f}x {'✓' if m['peak_over_weights'] <= LOAD_TARGET else '✗'}",
+            ),
             ("peak / RSS after load", lambda m: f"{m['peak_rss'] / m['rss_after_trim']:.2f}x"),
         ]
         for title, fmt in rows:
             lines.append(f"| {title} | " + " | ".join(fmt(results[n]["steps"][s]) for n, s in loads) + " |")
+        sections.append("\n".join(lines))
+
+    colab = [n for n in names if "colab" in results[n]["steps"]]
+    if colab:
+        lines = [
+            "| Colab free tier (simulated: CPU, 12 GiB cgroup cap) | " + " | ".join(colab) + " |",
+            "|---|" + "---:|" * len(colab),
+        ]
+        for title, fmt in (
+            ("dtype load_model picks on a T4", lambda m: m.get("dtype", "?")),
+            ("weights", lambda m: _gib(m["weights_bytes"]) if "weights_bytes" in m else "?"),
+            ("cap enforced by a cgroup", lambda m: "yes" if m["cap_enforced"] else "no (could not make one)"),
+            ("fits under 12 GiB (load + trace)", lambda m: "✓" if m["fit"] else "✗ " + m.get("error", "")[-80:]),
+            ("load peak RSS", lambda m: _gib(m["load_peak_rss"]) if m["fit"] else "-"),
+            ("peak RSS after trace", lambda m: _gib(m["peak_rss"]) if m["fit"] else "-"),
+            ("cgroup peak (page cache included)", lambda m: _gib(m.get("cgroup_peak_bytes", 0))),
+            ("load s / trace s", lambda m: f"{m['load_s']:.1f} / {m['trace_s']:.2f}" if m["fit"] else "-"),
+        ):
+            lines.append(f"| {title} | " + " | ".join(fmt(results[n]["steps"]["colab"]) for n in colab) + " |")
         sections.append("\n".join(lines))
 
     names = [n for n in names if "ratios" in results[n]]
@@ -738,9 +718,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", default=",".join(s for s, _ in STEPS), help="comma-separated subset of: %(default)s")
     parser.add_argument(
         "--loader",
-        choices=("load_model", "low_memory"),
-        default="load_model",
-        help="how the measurement steps load the model (the two load steps always use their own)",
+        choices=("lean", "transformerlens"),
+        default="lean",
+        help="how the measurement steps load the model (the load steps always use their own)",
     )
     parser.add_argument("--force", action="store_true", help="run steps even if predicted not to fit in memory")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -773,23 +753,24 @@ def main(argv=None) -> None:
             estimate = run_worker({"step": "estimate", "source": source})
             entry = {"layers": spec["layers"], "spec": spec, "estimate": estimate, "steps": {}, "skipped": {}}
             for step in steps:
-                loader = {"load": "load_model", "load_low_memory": "low_memory"}.get(step, args.loader)
-                need, free = predicted_peak(estimate, loader), mem_available()
+                loader = "transformerlens" if step == "load_tl" else "lean" if step in LOAD_DTYPE else args.loader
+                need, free = predicted_peak(estimate, loader, LOAD_DTYPE.get(step, "float32")), mem_available()
+                if step == "colab":
+                    need = 0  # capped by its own cgroup; running out of memory is what it measures
                 if need > free and not args.force:
                     reason = f"its load ({loader}) is predicted to peak at {_gib(need)}, {_gib(free)} available"
                     print(f"{name}: {step} skipped: {reason}", file=sys.stderr, flush=True)
                     entry["skipped"][step] = reason
                     continue
                 print(f"{name}: {step} ...", file=sys.stderr, flush=True)
-                entry["steps"][step] = run_worker(
-                    {
-                        "step": step,
-                        "source": source,
-                        "repeat": args.repeat,
-                        "threads": args.threads,
-                        "loader": args.loader,
-                    }
-                )
+                worker = {
+                    "step": step,
+                    "source": source,
+                    "repeat": args.repeat,
+                    "threads": args.threads,
+                    "loader": args.loader,
+                }
+                entry["steps"][step] = run_colab(worker) if step == "colab" else run_worker(worker)
             if all(s in entry["steps"] for s in ("forward", "run_with_cache", "trace", "neuron_dla_all_pos")):
                 entry["ratios"] = ratios(entry["steps"])
             results[name] = entry
@@ -800,7 +781,7 @@ def main(argv=None) -> None:
     table = render(results)
     skipped = [f"- {n}: {step} skipped: {why}" for n, r in results.items() for step, why in r["skipped"].items()]
     if skipped:
-        hint = "(try --loader low_memory, --layers N, or --force)"
+        hint = "(try --layers N, or --force)"
         table += "\n\n" + "\n".join(skipped) + "\n" + hint
     print(table)
     import torch

@@ -135,6 +135,9 @@ def test_k_below_one_is_refused_everywhere(tiny, k):
         lambda: tr.dla.top_neurons(k),
         lambda: tr.margin.top(k),
         lambda: tr.lens.top(k),
+        lambda: tr.heads.top(k),
+        lambda: tr.heads.source(0, 0).top(k),
+        lambda: tr.positions.top(k),
     ):
         with pytest.raises(ValueError, match=message):
             call()

@@ -24,6 +24,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tracelib.margin import check_k
+
 VERDICTS = ("final position", "operand", "elsewhere")
 
 
@@ -90,6 +92,7 @@ class HeadSources:
         )
 
     def top(self, k: int = 5) -> pd.DataFrame:
+        k = check_k(k)
         frame = self.to_frame()
         return frame.reindex(frame["contribution"].abs().sort_values(ascending=False).index[:k])
 
@@ -136,7 +139,7 @@ class Heads:
     def top(self, k: int = 5, row: int = 0) -> pd.DataFrame:
         """The k heads with the largest DLA by absolute value, signs kept, with where they read from."""
         flat = self.values[:, :, row].flatten()
-        order = flat.abs().argsort(descending=True)[:k].tolist()
+        order = flat.abs().argsort(descending=True)[: check_k(k)].tolist()
         n_heads = self.values.shape[1]
         records = []
         for i in order:

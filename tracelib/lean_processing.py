@@ -102,7 +102,8 @@ class _Alias(torch.Tensor):
     """A tensor whose clone() is the same memory: the pipeline's defensive whole-dict copies."""
 
     def clone(self, *args, **kwargs):
-        return self.as_subclass(torch.Tensor)
+        # A view that stays an _Alias, so the next step's copy is an alias too.
+        return self.view_as(self)
 
 
 def _plain(value):

@@ -16,6 +16,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tracelib.margin import check_k
+
 VERDICTS = ("written at the final position", "copied from an operand", "assembled gradually")
 
 
@@ -134,6 +136,7 @@ class Positions:
 
     def top(self, k: int = 5, row: int = 0) -> pd.DataFrame:
         """The k largest (position, component) writes by absolute value, signs kept."""
+        k = check_k(k)
         frame = self.to_frame()
         frame = frame[frame["row"] == row]
         return frame.reindex(frame["value"].abs().sort_values(ascending=False).index[:k]).reset_index(drop=True)
