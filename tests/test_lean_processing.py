@@ -38,6 +38,23 @@ def test_lean_load_is_bit_identical_to_transformerlens(request, family, dtype):
         assert torch.equal(lean(tokens), full(tokens))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_unembedding_in_column_slices_is_bit_identical(monkeypatch, dtype):
+    """The bundled model's unembedding (d_model 128) processed 64 columns at a time is TL's, bit for bit."""
+    monkeypatch.setattr(lean_processing, "SLICE_BYTES", 1)  # the narrowest slices: one group of 64
+    calls = []
+    piece = lean_processing._process_piece
+    monkeypatch.setattr(lean_processing, "_process_piece", lambda *a: calls.append(1) or piece(*a))
+    lean = tl.load_model("tiny-arith", dtype=dtype)
+    full = tl.load_model("tiny-arith", dtype=dtype, lean=False)
+    assert len(calls) == lean.cfg.n_layers + 1 + 2  # the blocks, the embedding, two slices
+    for key, value in full.state_dict().items():
+        assert torch.equal(lean.state_dict()[key], value), key
+    tokens = lean.to_tokens("what is 1 + 1")
+    with torch.no_grad():
+        assert torch.equal(lean(tokens), full(tokens))
+
+
 def test_lean_weights_own_their_memory(gpt2_dir):
     """No processed weight shares memory with another (the tied unembedding is untied, as in TL)."""
     model = tl.load_model(gpt2_dir)

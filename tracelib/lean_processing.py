@@ -9,7 +9,8 @@ peaks above 20 GB of host memory: more than Colab's free tier has.
 This module runs TransformerLens's own pipeline unchanged, one piece of the model at a time:
 
 - each block alone (its keys renamed to block 0, with `n_layers=1`), then the embedding, then the
-  final norm with the unembedding, each upcast, processed and cast back before the next starts;
+  final norm with the unembedding (for RMSNorm models in slices of its columns), each upcast,
+  processed and cast back before the next starts;
 - inside a piece, the whole-dict clones are aliases (no step writes into its input; each builds
   new tensors and stores them in the dict);
 - the live parameters let go of the original weights while processing runs (zero-stride
@@ -45,6 +46,9 @@ _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # The global (non-block) weights and the piece of the pipeline each belongs to.
 _EMBED_KEYS = ("embed.", "pos_embed.")
 _FINAL_KEYS = ("ln_final.", "unembed.")
+# The unembedding of an RMSNorm model is processed in column slices of about this many fp32 bytes.
+SLICE_BYTES = 64 * 2**20
+_COLUMN_GROUP = 64
 
 
 class LeanLoadWarning(UserWarning):
@@ -154,6 +158,49 @@ def _process_piece(pipeline, piece: dict, cfg, n_layers: int, kwargs: dict) -> d
     return {k: _plain(v) for k, v in result.items() if k not in stand_ins}
 
 
+def _process_final_piece(pipeline, piece: dict, cfg, kwargs: dict) -> dict:
+    """The final norm and unembedding; for RMSNorm, in slices of the unembedding's columns.
+
+    With RMSNorm every step here acts on each d_model column of the unembedding alone (the norm's
+    weight scales a column, centring subtracts each column's mean over the vocabulary), so slices
+    of columns give the same numbers while the fp32 working copies stay small: the whole fp32
+    unembedding of Qwen2.5-1.5B is 0.9 GB, and centring holds two of them.
+    """
+    weight = piece.get("unembed.weight")
+    sliceable = (
+        getattr(cfg, "normalization_type", None) in ("RMS", "RMSPre")
+        and "ln_final.weight" in piece
+        and "ln_final.bias" not in piece
+        and set(piece) <= {"ln_final.weight", "unembed.weight", "unembed.bias"}
+        and weight is not None
+        and weight.ndim == 2
+        and weight.shape[1] == cfg.d_model != weight.shape[0]
+    )
+    # Whole multiples of 64 columns: torch's CPU mean over the vocabulary works on groups of
+    # columns at a time, and a slice that cuts across a group rounds its tail columns differently
+    # from the whole matrix (seen here with AVX2 at widths 8 and 16, never at multiples of 32;
+    # 64 leaves room for wider vectors).
+    width = max(_COLUMN_GROUP, SLICE_BYTES // (4 * weight.shape[0]) // _COLUMN_GROUP * _COLUMN_GROUP)
+    if not sliceable or width >= cfg.d_model or cfg.d_model % _COLUMN_GROUP:
+        return _process_piece(pipeline, piece, cfg, 0, kwargs)
+    norm, bias = piece.pop("ln_final.weight"), piece.pop("unembed.bias", None)
+    piece.clear()
+    out: dict = {}
+    for start in range(0, cfg.d_model, width):
+        cols = slice(start, start + width)
+        part = {"ln_final.weight": norm[cols], "unembed.weight": weight[:, cols]}
+        if bias is not None and start == 0:
+            part["unembed.bias"] = bias  # the bias is centred once, with the first slice
+        done = _process_piece(pipeline, part, cfg, 0, kwargs)
+        if not out:
+            out = {k: v for k, v in done.items() if k not in ("ln_final.weight", "unembed.weight")}
+            out["ln_final.weight"] = done["ln_final.weight"].new_empty(norm.shape)
+            out["unembed.weight"] = done["unembed.weight"].new_empty(weight.shape)
+        out["ln_final.weight"][cols] = done["ln_final.weight"]
+        out["unembed.weight"][:, cols] = done["unembed.weight"]
+    return out
+
+
 def _chunked_pipeline(original):
     """`ProcessWeights.process_weights`, run one block, then the embedding, then the unembedding."""
 
@@ -167,9 +214,10 @@ def _chunked_pipeline(original):
             piece = {f"blocks.0.{_BLOCK_KEY.match(k).group(2)}": state_dict.pop(k) for k in blocks[layer]}
             for key, value in _process_piece(original, piece, cfg, 1, kwargs).items():
                 out[re.sub(r"^blocks\.0\.", f"blocks.{layer}.", key)] = value
-        for keys in (embed, final):
-            piece = {k: state_dict.pop(k) for k in keys}
-            out.update(_process_piece(original, piece, cfg, 0, kwargs))
+        piece = {k: state_dict.pop(k) for k in embed}
+        out.update(_process_piece(original, piece, cfg, 0, kwargs))
+        piece = {k: state_dict.pop(k) for k in final}
+        out.update(_process_final_piece(original, piece, cfg, kwargs))
         state_dict.update(out)  # the caller's dict now holds the processed weights only
         return state_dict
 
