@@ -55,6 +55,27 @@ def test_unembedding_in_column_slices_is_bit_identical(monkeypatch, dtype):
         assert torch.equal(lean(tokens), full(tokens))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_bf16_checkpoint_booted_then_cast_is_bit_identical(tmp_path, dtype):
+    """A bf16 checkpoint (as Qwen2.5 is stored) booted in bf16 and cast per tensor equals boot in `dtype`."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(tl.models.WEIGHTS_DIR / "tiny-arith", folder)
+    AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(folder)
+    assert lean_processing.checkpoint_dtype(folder) == torch.bfloat16
+    lean = tl.load_model(folder, dtype=dtype)
+    full = tl.load_model(folder, dtype=dtype, lean=False)
+    assert lean.cfg.dtype == full.cfg.dtype == dtype
+    for key, value in full.state_dict().items():
+        assert lean.state_dict()[key].dtype == value.dtype and torch.equal(lean.state_dict()[key], value), key
+    tokens = lean.to_tokens("what is 1 + 1")
+    with torch.no_grad():
+        assert torch.equal(lean(tokens), full(tokens))
+
+
 def test_lean_weights_own_their_memory(gpt2_dir):
     """No processed weight shares memory with another (the tied unembedding is untied, as in TL)."""
     model = tl.load_model(gpt2_dir)

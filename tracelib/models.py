@@ -334,7 +334,10 @@ def load_model(
     with warnings.catch_warnings(), contextlib.redirect_stderr(err):
         warnings.simplefilter("ignore")
         try:
-            model = TransformerBridge.boot_transformers(source, dtype=dtype, **where)
+            if lean:
+                model = lean_processing.boot_and_cast(source, dtype, device)
+            else:
+                model = TransformerBridge.boot_transformers(source, dtype=dtype, **where)
             with lean_processing.lean_processing(model) if lean else contextlib.nullcontext():
                 model.enable_compatibility_mode(disable_warnings=True)
         except Exception as exc:
