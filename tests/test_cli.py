@@ -179,7 +179,7 @@ def test_hub_model_without_network_is_one_line(capfd):
 @pytest.mark.parametrize(
     "error, expected",
     [
-        (RuntimeError("could not load 'm'\nWhat it printed:\nline one\nline two"), "could not load 'm'"),
+        (RuntimeError("could not load 'm'\nline one\nline two"), "could not load 'm' line one line two"),
         (OSError("first\n  second"), "first second"),
         (KeyError("rows"), "KeyError: 'rows'"),  # a bare key means nothing without its class
     ],

@@ -41,13 +41,33 @@ def test_lean_load_is_bit_identical_to_transformerlens(request, family, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_unembedding_in_column_slices_is_bit_identical(monkeypatch, dtype):
     """The bundled model's unembedding (d_model 128) processed 64 columns at a time is TL's, bit for bit."""
-    monkeypatch.setattr(lean_processing, "SLICE_BYTES", 1)  # the narrowest slices: one group of 64
+    # 64 unembedding columns (2 slices) and 151 embedding rows (3 slices) at a time.
+    monkeypatch.setattr(lean_processing, "SLICE_BYTES", 4 * 303 * 64)
     calls = []
     piece = lean_processing._process_piece
     monkeypatch.setattr(lean_processing, "_process_piece", lambda *a: calls.append(1) or piece(*a))
     lean = tl.load_model("tiny-arith", dtype=dtype)
     full = tl.load_model("tiny-arith", dtype=dtype, lean=False)
-    assert len(calls) == lean.cfg.n_layers + 1 + 2  # the blocks, the embedding, two slices
+    assert len(calls) == lean.cfg.n_layers + 3 + 2  # the blocks, the embedding's and unembedding's slices
+    for key, value in full.state_dict().items():
+        assert torch.equal(lean.state_dict()[key], value), key
+    tokens = lean.to_tokens("what is 1 + 1")
+    with torch.no_grad():
+        assert torch.equal(lean(tokens), full(tokens))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen"])
+def test_embedding_in_row_slices_is_bit_identical(request, monkeypatch, family):
+    """The embedding processed 1000 tokens at a time (GPT-2's is centred per row) is TL's, bit for bit."""
+    source = _source(request, family)
+    lean_model = tl.load_model(source, dtype=torch.float16)
+    monkeypatch.setattr(lean_processing, "SLICE_BYTES", 4 * 1000 * lean_model.cfg.d_model)
+    calls = []
+    piece = lean_processing._process_piece
+    monkeypatch.setattr(lean_processing, "_process_piece", lambda *a: calls.append(set(a[1])) or piece(*a))
+    lean = tl.load_model(source, dtype=torch.float16)
+    full = tl.load_model(source, dtype=torch.float16, lean=False)
+    assert sum("embed.weight" in p for p in calls) == -(-lean.cfg.d_vocab // 1000)
     for key, value in full.state_dict().items():
         assert torch.equal(lean.state_dict()[key], value), key
     tokens = lean.to_tokens("what is 1 + 1")

@@ -103,16 +103,8 @@ def _strict_json(data: dict) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    """The exception's message on one line.
-
-    A log after a "What it printed:" line (load_model's boot errors have carried one) is left to --debug.
-    """
-    lines = []
-    for line in str(exc).splitlines():
-        if line.strip() == "What it printed:":
-            break
-        if line.strip():
-            lines.append(line.strip())
+    """The exception's message on one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     message = " ".join(lines)
     readable = isinstance(exc, _READABLE_ERRORS) or type(exc).__module__.startswith("tracelib")
     if not message or not readable:

@@ -8,9 +8,9 @@ peaks above 20 GB of host memory: more than Colab's free tier has.
 
 This module runs TransformerLens's own pipeline unchanged, one piece of the model at a time:
 
-- each block alone (its keys renamed to block 0, with `n_layers=1`), then the embedding, then the
-  final norm with the unembedding (for RMSNorm models in slices of its columns), each upcast,
-  processed and cast back before the next starts;
+- each block alone (its keys renamed to block 0, with `n_layers=1`), then the embedding (in
+  slices of its rows), then the final norm with the unembedding (for RMSNorm models in slices of
+  its columns), each upcast, processed and cast back before the next starts;
 - inside a piece, the whole-dict clones are aliases (no step writes into its input; each builds
   new tensors and stores them in the dict);
 - the live parameters let go of the original weights while processing runs (zero-stride
@@ -165,6 +165,30 @@ def _process_piece(pipeline, piece: dict, cfg, n_layers: int, kwargs: dict) -> d
     return {k: _plain(v) for k, v in result.items() if k not in stand_ins}
 
 
+def _process_embed_piece(pipeline, piece: dict, cfg, kwargs: dict) -> dict:
+    """The embedding, in slices of its rows (tokens) when its fp32 copy would be large.
+
+    Every step acts on each token's row alone (centring subtracts a row's own mean), so row slices
+    give the same numbers; learned positions go with the first slice.
+    """
+    weight = piece.get("embed.weight")
+    rows = max(1, SLICE_BYTES // (4 * cfg.d_model))
+    if weight is None or weight.ndim != 2 or weight.shape[1] != cfg.d_model or rows >= weight.shape[0]:
+        return _process_piece(pipeline, piece, cfg, 0, kwargs)
+    weight = piece.pop("embed.weight")
+    rest = dict(piece)
+    piece.clear()
+    out: dict = {}
+    for start in range(0, weight.shape[0], rows):
+        part = {"embed.weight": weight[start : start + rows], **(rest if start == 0 else {})}
+        done = _process_piece(pipeline, part, cfg, 0, kwargs)
+        if not out:
+            out = {k: v for k, v in done.items() if k != "embed.weight"}
+            out["embed.weight"] = done["embed.weight"].new_empty(weight.shape)
+        out["embed.weight"][start : start + rows] = done["embed.weight"]
+    return out
+
+
 def _process_final_piece(pipeline, piece: dict, cfg, kwargs: dict) -> dict:
     """The final norm and unembedding; for RMSNorm, in slices of the unembedding's columns.
 
@@ -222,7 +246,7 @@ def _chunked_pipeline(original):
             for key, value in _process_piece(original, piece, cfg, 1, kwargs).items():
                 out[re.sub(r"^blocks\.0\.", f"blocks.{layer}.", key)] = value
         piece = {k: state_dict.pop(k) for k in embed}
-        out.update(_process_piece(original, piece, cfg, 0, kwargs))
+        out.update(_process_embed_piece(original, piece, cfg, kwargs))
         piece = {k: state_dict.pop(k) for k in final}
         out.update(_process_final_piece(original, piece, cfg, kwargs))
         state_dict.update(out)  # the caller's dict now holds the processed weights only
