@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import tracelib as tl
-from tracelib.positions import VERDICTS
+from tracelib.positions import NOT_PREDICTED, VERDICTS
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,9 @@ def test_readable_only_where_the_answer_is_the_prediction(positions):
 def test_verdict_evidence_is_consistent(positions):
     for r in range(len(positions.row_labels)):
         verdict, ev = positions.verdict(r)
-        assert verdict in VERDICTS
+        rank = int(positions.final_rank[r][-1])
+        assert verdict in VERDICTS if rank == 0 else verdict == NOT_PREDICTED.format(rank=rank)
+        assert ev["first readable position"] is None or type(ev["first readable position"]) is int
         assert ev["final MLP share"] + ev["attention share"] <= 1 + 1e-6
         assert 0 <= ev["attention-from-operands share"] <= ev["attention share"] + 1e-9
         if verdict == VERDICTS[0]:
@@ -74,3 +78,43 @@ def test_changing_an_operand_moves_the_heads_reading(tiny):
         if w == "operand"
     )
     assert int(changed[top_layer, top_head].argmax()) == operand
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen"])
+def test_verdict_refuses_to_explain_what_the_model_does_not_predict(request, name):
+    """A random-init model ranks the answer far down: no written/copied/assembled story is told."""
+    tr = tl.trace(request.getfixturevalue(name), "what is 1 + 1", " 2")
+    rank = int(tr.margin.rank[0])
+    assert rank > 0 and int(tr.positions.final_rank[0][-1]) == rank
+    verdict, evidence = tr.positions.verdict()
+    assert verdict == f"not predicted (rank {rank})"
+    assert set(evidence) == {
+        "final MLP share",
+        "attention share",
+        "attention-from-operands share",
+        "computed-in-place share",
+        "first readable position",
+    }
+    assert evidence["first readable position"] is None or type(evidence["first readable position"]) is int
+    # The summary, the JSON and the report say the same thing.
+    assert f"positions   {verdict}" in tr.summary()
+    data = json.loads(json.dumps(tr.to_dict(), allow_nan=False))
+    assert data["rows"][0]["positions"]["verdict"] == verdict
+    assert data["rows"][0]["positions"]["evidence"]["first readable position"] == evidence["first readable position"]
+
+
+def test_tiny_gets_a_real_verdict_with_an_integer_first_position(tiny):
+    tr = tl.trace(tiny, "what is 1 + 1", " 2")
+    assert int(tr.margin.rank[0]) == 0
+    verdict, evidence = tr.positions.verdict()
+    assert verdict in VERDICTS
+    first = evidence["first readable position"]
+    assert type(first) is int and 0 <= first < len(tr.rows[0].str_tokens)
+    assert (
+        json.loads(tr.to_json(allow_nan=False))["rows"][0]["positions"]["evidence"]["first readable position"] == first
+    )
+
+
+def test_positions_table_quotes_tokens(tiny):
+    frame = tl.trace(tiny, "what is 1 + 1", " 2").positions.to_frame()
+    assert "' +'@4" in set(frame["token"])

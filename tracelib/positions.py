@@ -19,6 +19,9 @@ from torch import Tensor
 from tracelib.margin import check_k
 
 VERDICTS = ("written at the final position", "copied from an operand", "assembled gradually")
+# Where the answer is not the model's own top prediction, the verdicts above would explain a
+# prediction the model does not make.
+NOT_PREDICTED = "not predicted (rank {rank})"
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,15 @@ class Positions:
         readable = self.readable_at(row)
         return next((p for p, entry in enumerate(readable) if entry is not None), None)
 
-    def verdict(self, row: int = 0) -> tuple[str, dict[str, float]]:
+    def verdict(self, row: int = 0) -> tuple[str, dict[str, float | int | None]]:
         """Written at the final position, copied from an operand, or assembled gradually, with
         the evidence: how much of the final position's DLA heads read from operands, how much the
-        final position's own MLPs wrote, and where the answer first becomes readable."""
+        final position's own MLPs wrote, and where the answer first becomes readable.
+
+        Where the model does not predict the answer (it is not the top-1 at the final position),
+        there is nothing to explain: the verdict is `"not predicted (rank N)"` (`NOT_PREDICTED`),
+        with the same evidence keys. `"first readable position"` is an int, or None if never.
+        """
         grid = self.values[row]
         final = grid[-1]
         mlp = [i for i, label in enumerate(self.component_labels) if label.endswith("mlp_out")]
@@ -103,8 +111,11 @@ class Positions:
             "attention share": attn_share,
             "attention-from-operands share": copied_share,
             "computed-in-place share": local_share,
-            "first readable position": float(first) if first is not None else float("nan"),
+            "first readable position": first,
         }
+        rank = int(self.final_rank[row][-1])
+        if rank != 0:
+            return NOT_PREDICTED.format(rank=rank), evidence
         # Copied: the answer already exists at an operand and heads carry most of it over.
         if copied_share >= 0.5 and early and first in self.operand_positions[row]:
             return VERDICTS[1], evidence

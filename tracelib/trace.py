@@ -452,9 +452,11 @@ class Trace:
                 )
             )
             verdict, evidence = self.positions.verdict(r)
+            first = evidence["first readable position"]
             out.append(
                 f"positions   {verdict} (computed in place {evidence['computed-in-place share']:.0%}, carried from "
-                f"operands {evidence['attention-from-operands share']:.0%} of the final position's DLA)"
+                f"operands {evidence['attention-from-operands share']:.0%} of the final position's DLA; "
+                + (f"first readable at position {first})" if first is not None else "never the top prediction)")
             )
             rec = dla.reconstruction.to_dict(r)
             out.append(
