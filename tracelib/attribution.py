@@ -187,7 +187,7 @@ class Attribution:
         if unit == "neuron":
             return plotting.neuron_strip(self.neurons[:, :, row], **layout)
         labels, values = self._unit(unit, row)
-        return plotting.signed_bars(labels, values, **layout)
+        return plotting.component_bars(labels, values, **layout)
 
     def __repr__(self) -> str:
         top = self.top(3)

@@ -67,7 +67,10 @@ class Margin:
             raise ValueError(f"Margin fields must all have {n} rows")
 
     def to_frame(self) -> pd.DataFrame:
-        """Long form: one line per (row, token) for the answer, the top-k and the distractors."""
+        """Long form: one line per (row, token) for the answer, the top-k and the distractors.
+
+        Tokens are written with `repr`, so `" 1"` (`' 1'`) and `"1"` (`'1'`) differ on screen.
+        """
         records = []
         for i, label in enumerate(self.row_labels):
             records.append(
@@ -75,7 +78,7 @@ class Margin:
                     row=i,
                     label=label,
                     role="answer",
-                    token=self.answers[i],
+                    token=repr(self.answers[i]),
                     logit=self.logit[i].item(),
                     prob=self.prob[i].item(),
                     rank=int(self.rank[i]),
@@ -87,7 +90,7 @@ class Margin:
                         row=i,
                         label=label,
                         role=f"top{j + 1}",
-                        token=tok,
+                        token=repr(tok),
                         logit=self.top_logits[i, j].item(),
                         prob=self.top_probs[i, j].item(),
                         rank=j,
@@ -99,7 +102,7 @@ class Margin:
                         row=i,
                         label=label,
                         role="distractor",
-                        token=tok,
+                        token=repr(tok),
                         logit=self.distractor_logits[i][j].item(),
                         prob=self.distractor_probs[i][j].item(),
                         rank=int(self.distractor_ranks[i][j]),
@@ -108,11 +111,11 @@ class Margin:
         return pd.DataFrame.from_records(records)
 
     def top(self, k: int = 5, row: int = 0) -> pd.DataFrame:
-        """The k most likely tokens of one row, with their logit difference to the answer."""
+        """The k most likely tokens of one row (as `repr`), with their logit difference to the answer."""
         k = min(check_k(k), self.top_logits.shape[1])
         return pd.DataFrame(
             {
-                "token": self.top_strs[row][:k],
+                "token": [repr(t) for t in self.top_strs[row][:k]],
                 "logit": self.top_logits[row, :k].tolist(),
                 "prob": self.top_probs[row, :k].tolist(),
                 "answer - token": (self.logit[row] - self.top_logits[row, :k]).tolist(),
@@ -120,7 +123,7 @@ class Margin:
         )
 
     def plot(self, row: int = 0, **layout):
-        """Bar chart of the top-k logits of one row, the answer highlighted."""
+        """Bar chart of the top-k logits of one row: the answer blue, its rivals red."""
         from tracelib import plotting
 
         return plotting.margin_bars(self, row, **layout)

@@ -7,6 +7,12 @@ import torch
 from torch import Tensor
 
 DIVERGING = "RdBu"
+# RdBu runs red (low) to blue (high): with its midpoint at 0, a positive attribution (toward the
+# answer) is blue and a negative one red. Every figure and every caption uses that one convention.
+SIGN_CAPTION = "Blue pushes toward the answer, red against it."
+BLUE, RED, PALE_RED = "rgb(33,102,172)", "rgb(178,24,43)", "rgb(244,165,130)"  # RdBu's own shades
+# Lines that carry no sign stay off the blue/red pair, so they are not read as "toward" or "against".
+LENS_COLORS = {"standard": "rgb(40,40,40)", "dla": "rgb(120,120,120)"}
 
 
 def token_labels(str_tokens: list[str]) -> list[str]:
@@ -14,38 +20,67 @@ def token_labels(str_tokens: list[str]) -> list[str]:
     return [f"{tok!r}@{i}" for i, tok in enumerate(str_tokens)]
 
 
-def _layout(fig: go.Figure, defaults: dict, layout: dict) -> go.Figure:
+def component_label(label: str) -> str:
+    """A TransformerLens component or lens entry, written for a tick: `3_attn_out` -> `L3 attn`."""
+    layer, _, part = label.partition("_")
+    if not layer.isdigit():
+        return "final" if label == "final_post" else label
+    part = {"attn_out": "attn", "mlp_out": "MLP", "pre": "pre", "mid": "mid"}.get(part, part)
+    return f"L{layer} {part}".rstrip()
+
+
+def _signed_title(title):
+    """The title with the colour sentence under it, so a figure read alone still says what colour means."""
+    if isinstance(title, str) and title and SIGN_CAPTION not in title:
+        return f"{title}<br><sup>{SIGN_CAPTION}</sup>"
+    return title
+
+
+def _layout(fig: go.Figure, defaults: dict, layout: dict, signed: bool = False) -> go.Figure:
     """Apply tracelib's defaults, then whatever the caller passed (which wins, title included)."""
-    fig.update_layout(template="plotly_white", margin=dict(l=60, r=20, t=50, b=60))
-    fig.update_layout(**{**defaults, **layout})
+    fig.update_layout(template="plotly_white", margin=dict(l=70, r=20, t=70, b=70))
+    merged = {**defaults, **layout}
+    if signed and "title" in merged:
+        merged["title"] = _signed_title(merged["title"])
+    fig.update_layout(**merged)
     return fig
 
 
 def signed_bars(labels: list[str], values: Tensor, title: str = "", **layout) -> go.Figure:
-    """Bars coloured by sign on the diverging scale, centred at zero."""
+    """Bars coloured by sign on RdBu centred at zero: blue toward the answer, red against it."""
     vals = values.tolist()
     limit = max((abs(v) for v in vals), default=1.0) or 1.0
     fig = go.Figure(
         go.Bar(
-            x=labels,
+            x=list(labels),
             y=vals,
             marker=dict(color=vals, colorscale=DIVERGING, cmin=-limit, cmax=limit, cmid=0),
             hovertemplate="%{x}: %{y:+.3f}<extra></extra>",
         )
     )
-    return _layout(fig, {"title": title, "yaxis_title": "Direct logit attribution"}, layout)
+    fig.update_xaxes(type="category")
+    defaults = {"title": title, "xaxis_title": "Component", "yaxis_title": "Direct logit attribution"}
+    return _layout(fig, defaults, layout, signed=True)
+
+
+def component_bars(labels: list[str], values: Tensor, title: str = "", **layout) -> go.Figure:
+    """DLA by component (`embed`, `L0 attn`, `L0 MLP`, ...) or by layer (`embed`, `L0`, ...)."""
+    by_layer = all(label == "embed" or label.isdigit() for label in labels)
+    ticks = [f"L{label}" if label.isdigit() else component_label(label) for label in labels]
+    return signed_bars(ticks, values, title, **{"xaxis_title": "Layer" if by_layer else "Component", **layout})
 
 
 def head_heatmap(values: Tensor, title: str = "", **layout) -> go.Figure:
-    """A layer x head grid on RdBu with its midpoint at 0."""
+    """A layer x head grid on RdBu with its midpoint at 0, ticked `L0`... and `H0`..."""
+    n_layers, n_heads = values.shape
     fig = _diverging_heatmap(
-        values, list(range(values.shape[1])), list(range(values.shape[0])), "L%{y}H%{x}: %{z:+.3f}<extra></extra>"
+        values, [f"H{h}" for h in range(n_heads)], [f"L{layer}" for layer in range(n_layers)], "%{y}%{x}"
     )
-    return _layout(fig, {"title": title, "xaxis_title": "Head", "yaxis_title": "Layer"}, layout)
+    return _layout(fig, {"title": title, "xaxis_title": "Head", "yaxis_title": "Layer"}, layout, signed=True)
 
 
-def _diverging_heatmap(values: Tensor, x: list, y: list, hovertemplate: str) -> go.Figure:
-    """A heatmap on RdBu, symmetric about 0, first row at the top."""
+def _diverging_heatmap(values: Tensor, x: list[str], y: list[str], hover: str) -> go.Figure:
+    """A heatmap on RdBu, symmetric about 0, first row at the top, categorical (string) ticks."""
     limit = values.abs().max().item() or 1.0
     fig = go.Figure(
         go.Heatmap(
@@ -56,20 +91,39 @@ def _diverging_heatmap(values: Tensor, x: list, y: list, hovertemplate: str) -> 
             zmid=0,
             zmin=-limit,
             zmax=limit,
-            hovertemplate=hovertemplate,
+            colorbar=dict(title=dict(text="DLA<br>blue: toward<br>red: against", side="top")),
+            hovertemplate=hover + ": %{z:+.3f}<extra></extra>",
         )
     )
-    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category", autorange="reversed")
     return fig
 
 
+MARGIN_CAPTION = "The answer is blue; its rivals are red, dark where they outrank the answer."
+
+
 def margin_bars(margin, row: int = 0, **layout) -> go.Figure:
-    """The top-k logits of one row; the answer's bar is drawn darker."""
+    """The top-k logits of one row: the answer blue, rivals red (dark if they beat the answer).
+
+    If the answer is not among the top k, its own bar is added at the end, labelled with its rank.
+    """
     tokens = [repr(t) for t in margin.top_strs[row]]
-    answer = repr(margin.answers[row])
-    colors = ["#b2182b" if t == answer else "#92c5de" for t in tokens]
-    fig = go.Figure(go.Bar(x=tokens, y=margin.top_logits[row].tolist(), marker_color=colors))
-    title = f"Top predictions: {margin.row_labels[row]} (rank {int(margin.rank[row])}, p={margin.prob[row].item():.3f})"
+    logits = margin.top_logits[row].tolist()
+    answer, answer_logit = repr(margin.answers[row]), margin.logit[row].item()
+    at = tokens.index(answer) if answer in tokens else len(tokens)
+    if at == len(tokens):
+        tokens.append(f"{answer} (rank {int(margin.rank[row])})")
+        logits.append(answer_logit)
+    colors = [BLUE if i == at else RED if lg > answer_logit else PALE_RED for i, lg in enumerate(logits)]
+    fig = go.Figure(
+        go.Bar(x=tokens, y=logits, marker_color=colors, hovertemplate="%{x}: logit %{y:+.3f}<extra></extra>")
+    )
+    fig.update_xaxes(type="category")
+    title = (
+        f"Top predictions: {margin.row_labels[row]} (rank {int(margin.rank[row])}, p={margin.prob[row].item():.3f})"
+        f"<br><sup>{MARGIN_CAPTION}</sup>"
+    )
     return _layout(fig, {"title": title, "xaxis_title": "Token", "yaxis_title": "Logit"}, layout)
 
 
@@ -81,6 +135,14 @@ METRIC_TITLES = {
 }
 
 
+def log_ticks(top: float) -> tuple[list[int], list[str]]:
+    """Powers of ten from 1 up to (and just past) `top`, for a readable log axis: 1, 10, 100, 1,000..."""
+    vals = [1]
+    while vals[-1] < top:
+        vals.append(vals[-1] * 10)
+    return vals, [f"{v:,}" for v in vals]
+
+
 def lens_lines(lens, row: int = 0, metric: str = "logit_diff", **layout) -> go.Figure:
     """Both lenses along depth, labelled apart (they differ on purpose before the last entry)."""
     from tracelib.lens import LENS_NAMES
@@ -88,26 +150,33 @@ def lens_lines(lens, row: int = 0, metric: str = "logit_diff", **layout) -> go.F
     if metric not in METRIC_TITLES:
         raise ValueError(f"metric must be one of {list(METRIC_TITLES)}, got {metric!r}")
     fig = go.Figure()
+    highest = 1.0
     for curve, dash in ((lens.standard, "solid"), (lens.dla, "dot")):
         values = getattr(curve, metric)[:, row]
         if metric == "rank":
             values = values + 1  # a log axis cannot show rank 0; plot 1 = top prediction
+            highest = max(highest, float(values.max()))
         fig.add_trace(
             go.Scatter(
-                x=curve.labels,
+                x=[component_label(label) for label in curve.labels],
                 y=values.tolist(),
                 name=LENS_NAMES[curve.kind],
                 mode="lines+markers",
-                line=dict(dash=dash),
+                line=dict(dash=dash, color=LENS_COLORS[curve.kind]),
             )
         )
+    fig.update_xaxes(type="category")
     if metric == "rank":
-        fig.update_yaxes(type="log", autorange="reversed")
+        vals, text = log_ticks(highest)
+        fig.update_yaxes(type="log", autorange="reversed", tickmode="array", tickvals=vals, ticktext=text)
+    if metric == "logit_diff":
+        # Above zero the answer beats its rivals: the same blue/red reading as every other figure.
+        fig.add_hline(y=0, line=dict(color="rgb(150,150,150)", width=1))
     return _layout(
         fig,
         {
             "title": f"{METRIC_TITLES[metric]} along depth: {lens.row_labels[row]}",
-            "xaxis_title": "Layer (residual entering block L, mid = after its attention)",
+            "xaxis_title": "Layer (L3 pre = entering block 3, L3 mid = after its attention)",
             "yaxis_title": METRIC_TITLES[metric],
             "legend": dict(orientation="h", y=-0.3),
         },
@@ -116,49 +185,26 @@ def lens_lines(lens, row: int = 0, metric: str = "logit_diff", **layout) -> go.F
 
 
 def neuron_strip(values: Tensor, title: str = "", k: int = 10, **layout) -> go.Figure:
-    """The k strongest neurons of each sign across all layers, as signed bars."""
+    """The k strongest neurons of each sign across all layers, as signed bars (`L0N12`: layer 0, neuron 12)."""
     flat = values.flatten()
     d_mlp = values.shape[1]
-    order = torch.cat([flat.topk(k).indices, (-flat).topk(k).indices])
+    k = min(k, flat.numel())
+    order = torch.cat([flat.topk(k).indices, (-flat).topk(k).indices]).unique()
     order = order[flat[order].argsort(descending=True)]
     labels = [f"L{int(i) // d_mlp}N{int(i) % d_mlp}" for i in order]
-    return signed_bars(labels, flat[order], title=title, **{"xaxis_title": "Neuron", **layout})
-
-
-def report_html(trace, row: int = 0) -> str:
-    """A standalone HTML report of one trace: summary text and every figure, plotly.js inlined so
-    it opens offline."""
-    import html
-
-    figures = [
-        trace.margin.plot(row),
-        trace.lens.plot(row, "logit_diff"),
-        trace.lens.plot(row, "rank"),
-        trace.dla.plot("component", row),
-        trace.dla.plot("layer", row),
-        trace.dla.plot("head", row),
-        neuron_strip(trace.dla.neurons[:, :, row], title=f"Strongest neurons: {trace.dla.row_labels[row]}"),
-    ]
-    (top_layer, top_head), _ = trace.heads.strongest(row)
-    figures += [trace.heads.source(top_layer, top_head, row).plot(), trace.positions.plot(row)]
-    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
-    return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>tracelib report</title>"
-        '<meta name="generator" content="tracelib">'
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{background:#f6f6f6;padding:1em;"
-        "white-space:pre-wrap}</style></head><body>"
-        f"<h1>Why does {html.escape(trace.model_name)} predict {html.escape(repr(trace.rows[row].target_str))}?</h1>"
-        f"<pre>{html.escape(trace.summary())}</pre>" + "".join(parts) + "</body></html>"
-    )
+    return signed_bars(labels, flat[order], title=title, **{"xaxis_title": "Neuron (layer, index)", **layout})
 
 
 def source_bars(sources, **layout) -> go.Figure:
     """One head's contribution by source position, bars ticked with the tokens, attention on hover."""
-    layout = {"title": f"L{sources.layer}H{sources.head} by source position: {sources.row_label}", **layout}
+    layout = {
+        "title": f"L{sources.layer}H{sources.head} by source position: {sources.row_label}",
+        "xaxis_title": "Position",
+        **layout,
+    }
     fig = signed_bars(token_labels(sources.str_tokens), sources.values, **layout)
     fig.data[0].customdata = sources.attention.tolist()
     fig.data[0].hovertemplate = "%{x}: %{y:+.3f} (attention %{customdata:.2f})<extra></extra>"
-    fig.update_xaxes(title="Position")
     return fig
 
 
@@ -167,8 +213,8 @@ def position_heatmap(positions, row: int = 0, **layout) -> go.Figure:
     fig = _diverging_heatmap(
         positions.values[row].T,
         token_labels(positions.str_tokens[row]),
-        positions.component_labels,
-        "%{y} at %{x}: %{z:+.3f}<extra></extra>",
+        [component_label(label) for label in positions.component_labels],
+        "%{y} at %{x}",
     )
     return _layout(
         fig,
@@ -178,4 +224,141 @@ def position_heatmap(positions, row: int = 0, **layout) -> go.Figure:
             "yaxis_title": "Component",
         },
         layout,
+        signed=True,
+    )
+
+
+def _prediction_line(trace, row: int) -> str:
+    m = trace.margin
+    rank = int(m.rank[row])
+    verdict = "the model predicts it" if rank == 0 else f"the model does not predict it (rank {rank})"
+    return (
+        f"top prediction {m.top_strs[row][0]!r} (p={m.top_probs[row, 0].item():.3f}); answer "
+        f"{m.answers[row]!r}: {verdict}, p={m.prob[row].item():.3f}, logit difference "
+        f"{m.logit_diff[row].item():+.3f} against {', '.join(repr(d) for d in m.distractor_strs[row])}"
+    )
+
+
+def report_figures(trace, row: int = 0) -> list[dict]:
+    """The report's workflow steps, in order: id, heading, what it shows, figures, caption."""
+    from tracelib.lens import LENS_NAMES
+
+    dla = trace.dla
+    what = "logit" if dla.metric == "logit" else "logit difference"
+    (top_layer, top_head), _ = trace.heads.strongest(row)
+    verdict, evidence = trace.positions.verdict(row)
+    first = evidence["first readable position"]
+    readable = trace.lens.standard.readable_from(row)
+    rec = dla.reconstruction.to_dict(row)
+    return [
+        dict(
+            id="margin",
+            heading="1. The margin: what the model predicts",
+            text="The model's most likely next tokens at the final position, with their logits, and how far "
+            "the answer is ahead of (or behind) its rivals.",
+            figures=[trace.margin.plot(row)],
+            caption=f"{MARGIN_CAPTION} {_prediction_line(trace, row)}.",
+        ),
+        dict(
+            id="lens",
+            heading="2. Logit lens: when the answer becomes readable",
+            text="The residual stream read as if the model stopped after each sublayer. The solid line, the "
+            f"{LENS_NAMES['standard']}, asks what would be predicted there; the dotted line, the "
+            f"{LENS_NAMES['dla']}, shows how much has been written so far. They meet at the end.",
+            figures=[trace.lens.plot(row, "logit_diff"), trace.lens.plot(row, "rank")],
+            caption="Above the zero line the answer beats its rivals. Rank 1 is the top prediction (log scale). "
+            + (
+                f"By the standard lens the answer is the top prediction from {component_label(readable)} on."
+                if readable
+                else "By the standard lens the answer is never the top prediction."
+            ),
+        ),
+        dict(
+            id="dla",
+            heading="3. Direct logit attribution: which components write the answer",
+            text=f"Each component's direct contribution to the answer's {what} at the final position, by "
+            "component and summed by layer.",
+            figures=[dla.plot("component", row), dla.plot("layer", row)],
+            caption=SIGN_CAPTION,
+            extra=f"Reconstruction: the components sum to {rec['attributed']:+.4f}, plus b_U {rec['bias']:+.4f} "
+            f"= {rec['attributed'] + rec['bias']:+.4f}; the model's own value is {rec['actual']:+.4f} "
+            f"(residual {rec['residual']:+.2e}).",
+        ),
+        dict(
+            id="heads",
+            heading="4. Attention heads: who writes, and where they read from",
+            text=f"Every head's direct contribution (layer by head), then the strongest positive head, "
+            f"L{top_layer}H{top_head}, split by the source position it reads from (hover for its attention).",
+            figures=[dla.plot("head", row), trace.heads.source(top_layer, top_head, row).plot()],
+            caption=SIGN_CAPTION,
+        ),
+        dict(
+            id="neurons",
+            heading="5. MLP neurons: the strongest writers",
+            text="The ten strongest neurons of each sign across all layers (L1N12 is layer 1, neuron 12).",
+            figures=[neuron_strip(dla.neurons[:, :, row], title=f"Strongest neurons: {dla.row_labels[row]}")],
+            caption=SIGN_CAPTION,
+        ),
+        dict(
+            id="positions",
+            heading="6. Positions: where along the prompt the answer is written",
+            text="Every component's contribution toward the answer when read at every position (each with its "
+            "own final-norm scale); the last column is the DLA above.",
+            figures=[trace.positions.plot(row)],
+            caption=f"{SIGN_CAPTION} Verdict: {verdict}"
+            + (
+                f"; first readable at position {first} ({token_labels(trace.rows[row].str_tokens)[first]})."
+                if first is not None
+                else "; the answer is the top prediction at no position."
+            ),
+        ),
+    ]
+
+
+def report_html(trace, row: int = 0) -> str:
+    """A standalone HTML report of one trace, one section per workflow step, that opens offline.
+
+    plotly.js is inlined once (with the first figure); the text summary sits in a collapsed block.
+    """
+    import html
+
+    esc = html.escape
+    steps = report_figures(trace, row)
+    row_ = trace.rows[row]
+    n_figures = 0
+    sections = []
+    for step in steps:
+        figures = []
+        for fig in step["figures"]:
+            fig.update_layout(height=440)
+            figures.append(
+                fig.to_html(full_html=False, include_plotlyjs=(n_figures == 0), config={"displaylogo": False})
+            )
+            n_figures += 1
+        extra = f'<p class="reconstruction">{esc(step["extra"])}</p>' if "extra" in step else ""
+        sections.append(
+            f'<section id="{step["id"]}" class="step"><h2>{esc(step["heading"])}</h2><p>{esc(step["text"])}</p>'
+            f"<figure>{''.join(figures)}<figcaption>{esc(step['caption'])}</figcaption></figure>{extra}</section>"
+        )
+    header = (
+        f"<header><h1>Why does {esc(trace.model_name)} predict {esc(repr(row_.target_str))}?</h1><dl>"
+        f"<dt>Model</dt><dd>{esc(trace.model_name)}</dd>"
+        f"<dt>Prompt</dt><dd><code>{esc(repr(row_.prompt))}</code></dd>"
+        f"<dt>Answer</dt><dd><code>{esc(repr(row_.target_str))}</code>"
+        f"{esc(f' (step {row_.step + 1} of {row_.n_steps})' if row_.n_steps > 1 else '')}</dd>"
+        f"<dt>Prediction</dt><dd>{esc(_prediction_line(trace, row))}</dd></dl>"
+        f'<p class="legend">How to read the colours: {esc(SIGN_CAPTION)}</p></header>'
+    )
+    return (
+        '<!DOCTYPE html><html><head><meta charset="utf-8"><meta name="generator" content="tracelib">'
+        f"<title>tracelib: {esc(row_.label)}</title>"
+        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:auto;padding:0 1em;color:#222}"
+        "dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:bold}dd{margin:0}"
+        "section{border-top:1px solid #ddd;margin-top:2em}figure{margin:0}"
+        "figcaption{color:#444;font-style:italic;margin:.3em 0 1em}.legend{font-weight:bold}"
+        ".legend,.reconstruction{background:#f6f6f6;padding:.5em}"
+        "pre{background:#f6f6f6;padding:1em;white-space:pre-wrap}</style></head><body>"
+        + header
+        + "".join(sections)
+        + f"<details><summary>Text summary</summary><pre>{esc(trace.summary())}</pre></details></body></html>"
     )
