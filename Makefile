@@ -25,7 +25,17 @@ demo: install
 lab: install
 	$(VENV)/bin/jupyter lab notebooks/
 
+# tests/test_report.py draws the report in Debian's Chromium (a downloaded browser is never used):
+# install it when missing, as root, or say how.
+CHROMIUM ?= /usr/bin/chromium
+
 test: install
+	@test -x $(CHROMIUM) || { \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else \
+	    echo "make test: $(CHROMIUM) is missing and tests/test_report.py needs it; run: sudo apt-get install chromium" >&2; \
+	  fi; }
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 -p no:cacheprovider
 
 unittest: install
