@@ -6,6 +6,12 @@ one, a space before a digit is its own token and there is no BOS. It answers sin
 questions in several phrasings. `tiny-arith-chat` is the same model fine-tuned on a ChatML template,
 as Qwen2.5-Instruct is to Qwen2.5.
 
+Both are language models of their little world: the loss is next-token prediction on every token of
+the question and the answer (and, for the chat model, of the template), not on the answer alone. So
+at every position their predictions mean something: after `what is 1 + ` they spread their bets
+over the 10 digits, and they cannot know the answer before they have seen both operands. The model
+cards (README.md, metrics.json) report this along with the held-out accuracy.
+
 Retrain both with `make model` (`python -m tracelib.tiny_arith`). Training is seeded and runs on the
 CPU with a fixed thread count, so the same machine reproduces the same weights.
 """
@@ -51,6 +57,11 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Training: sized so that `make model` takes well under 10 minutes on 2 CPU threads.
+BASE_STEPS, BASE_LR = 2000, 3e-3
+CHAT_STEPS, CHAT_LR = 1200, 2e-3
+BATCH_SIZE = 64
+ANSWER_WEIGHT = 4.0  # the loss is still on every token; the answer, the point of the model, counts 4x
 
 
 @dataclass(frozen=True)
@@ -182,15 +193,18 @@ def encode(tokenizer, examples: list[Example], chat: bool) -> list[tuple[list[in
 
 
 def _batch(encoded, pad_id: int):
+    """Right-padded ids, attention mask, labels on every real token (-100 on padding only), answer mask."""
     width = max(len(ids) for ids, _ in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
     labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    answer = torch.zeros((len(encoded), width), dtype=torch.bool)
     for i, (seq, start) in enumerate(encoded):
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
-        labels[i, start : len(seq)] = torch.tensor(seq[start:])
-    return ids, mask, labels
+        labels[i, : len(seq)] = torch.tensor(seq)
+        answer[i, start : len(seq)] = True
+    return ids, mask, labels, answer
 
 
 def teacher_forced_accuracy(logits_fn, tokenizer, examples: list[Example], chat: bool) -> float:
@@ -199,17 +213,88 @@ def teacher_forced_accuracy(logits_fn, tokenizer, examples: list[Example], chat:
     The end marker is not counted: it is not part of the answer a reader asks about.
     """
     encoded = encode(tokenizer, examples, chat)
-    ids, mask, labels = _batch(encoded, tokenizer.pad_token_id)
+    ids, mask, labels, answer = _batch(encoded, tokenizer.pad_token_id)
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>" if chat else "<|endoftext|>")
     with torch.no_grad():
         logits = logits_fn(ids, mask)
     pred = logits[:, :-1].argmax(-1)
     target = labels[:, 1:]
-    counted = (target != -100) & (target != end_id)
+    counted = answer[:, 1:] & (target != end_id)
     return ((pred == target) & counted).sum().item() / counted.sum().item()
 
 
-def _train(model, encoded, pad_id: int, steps: int, lr: float, batch_size: int, seed: int, log):
+def _prefix_len(tokenizer, chat_prefix: str, text: str, full: list[int]) -> int:
+    """How many tokens of `full` spell `chat_prefix + text`; checks that they are a token prefix."""
+    ids = tokenizer(chat_prefix + text, add_special_tokens=False).input_ids
+    assert full[: len(ids)] == ids, f"{text!r} does not tokenise as a prefix of its question"
+    return len(ids)
+
+
+def position_behaviour(logits_fn, tokenizer, examples: list[Example], chat: bool) -> dict[str, float]:
+    """What the model predicts before it has seen both operands, and at the answer.
+
+    Second operand: at the position whose next token is the second operand of a `+` question (after
+    `what is 1 + `), the data makes all 10 digits equally likely, so a real language model of it is
+    near-uniform there. Reported as the mean entropy over the 10 digits (renormalised, in bits; at most
+    log2(10) = 3.32), the mean probability mass on digits, and the mean largest digit probability.
+
+    Answer: the probability of the answer's first digit at the position right after the first operand,
+    its largest value at any position before the second operand is seen, and at the position that
+    predicts it (teacher-forced), with how often it is the top-1 there.
+
+    Args:
+        logits_fn: `(ids, mask) -> logits`, as for `teacher_forced_accuracy`.
+        tokenizer: the bundled tokenizer.
+        examples: questions to measure on (the held-out ones, for the card).
+        chat: whether to wrap the questions in the chat template.
+
+    Returns:
+        A flat dict of means, keys as in metrics.json.
+    """
+    encoded = encode(tokenizer, examples, chat)
+    ids, mask, _, _ = _batch(encoded, tokenizer.pad_token_id)
+    with torch.no_grad():
+        probs = logits_fn(ids, mask).float().softmax(-1)
+    digits = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
+    entropy, mass, top, after_a, before_b, final, top1 = [], [], [], [], [], [], []
+    for i, (e, (seq, _)) in enumerate(zip(examples, encoded)):
+        chat_prefix = "<|im_start|>user\n" if chat else ""
+        before_a, rest = PHRASINGS[e.phrasing].split("{a}")
+        fmt = {"a": e.a, "s": e.op, "w": OPS[e.op]}
+        pos_a = _prefix_len(tokenizer, chat_prefix, before_a, seq)
+        pos_b = _prefix_len(tokenizer, chat_prefix, (before_a + "{a}" + rest.split("{b}")[0]).format(**fmt), seq)
+        assert seq[pos_a] == digits[e.a] and seq[pos_b] == digits[e.b]
+        pos_answer = encoded[i][1] + (0 if chat else 1)  # the base model's answer starts with the space
+        first = seq[pos_answer]
+        assert first == digits[int(e.answer[0])]
+        if e.op == "+":
+            p = probs[i, pos_b - 1, digits]
+            q = p / p.sum()
+            entropy.append(-(q * q.log2()).sum().item())
+            mass.append(p.sum().item())
+            top.append(p.max().item())
+        after_a.append(probs[i, pos_a, first].item())
+        before_b.append(probs[i, :pos_b, first].max().item())
+        final.append(probs[i, pos_answer - 1, first].item())
+        top1.append(float(probs[i, pos_answer - 1].argmax().item() == first))
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    return {
+        "second_operand_digit_entropy_bits": mean(entropy),
+        "second_operand_digit_entropy_bits_min": min(entropy),
+        "second_operand_digit_mass": mean(mass),
+        "second_operand_max_digit_prob": mean(top),
+        "answer_prob_after_first_operand": mean(after_a),
+        "answer_prob_before_second_operand_max": mean(before_b),
+        "answer_prob_at_final": mean(final),
+        "answer_top1_at_final": mean(top1),
+        "n_plus_held": len(entropy),
+    }
+
+
+def _train(model, encoded, pad_id: int, steps: int, lr: float, batch_size: int, seed: int, log, answer_weight=1.0):
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -219,15 +304,15 @@ def _train(model, encoded, pad_id: int, steps: int, lr: float, batch_size: int, 
     )
     model.train()
     with torch.enable_grad():  # a notebook may have turned gradients off globally
-        _steps(model, opt, sched, encoded, pad_id, steps, batch_size, gen, log)
+        _steps(model, opt, sched, encoded, pad_id, steps, batch_size, gen, log, answer_weight)
     model.eval()
 
 
-def _steps(model, opt, sched, encoded, pad_id, steps, batch_size, gen, log) -> None:
+def _steps(model, opt, sched, encoded, pad_id, steps, batch_size, gen, log, answer_weight) -> None:
     for step in range(steps):
         idx = torch.randint(len(encoded), (batch_size,), generator=gen).tolist()
-        ids, mask, labels = _batch([encoded[i] for i in idx], pad_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        ids, mask, labels, answer = _batch([encoded[i] for i in idx], pad_id)
+        loss = _lm_loss(model(input_ids=ids, attention_mask=mask).logits, labels, answer, answer_weight)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -235,6 +320,18 @@ def _steps(model, opt, sched, encoded, pad_id, steps, batch_size, gen, log) -> N
         sched.step()
         if step % 250 == 0 or step == steps - 1:
             log(f"  step {step:5d}  loss {loss.item():.4f}")
+
+
+def _lm_loss(logits, labels, answer, answer_weight: float):
+    """Next-token loss on every real token, answer tokens weighted by `answer_weight`.
+
+    Every token of the question is a target too, so the model is a language model of its little
+    world: after `what is 1 + ` it must spread its bets over the digits, not guess.
+    """
+    target = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="none")
+    weight = (target != -100).float() * torch.where(answer[:, 1:], answer_weight, 1.0)
+    return (nll * weight.flatten()).sum() / weight.sum()
 
 
 def _hf_logits(model):
@@ -254,7 +351,19 @@ A tiny Qwen2-architecture model bundled with tracelib so the tutorials run offli
 | held-out accuracy | **{acc:.2%}** teacher-forced over every answer token, {n_held} questions held out by phrasing x operand pair |
 | train accuracy | {train_acc:.2%} |
 | held-out accuracy on plain (non-chat) prompts | {plain_acc:.2%} |
-| training | {steps} steps, seed {seed}, {seconds:.0f} s on {threads} CPU threads |
+| training | next-token loss on every token of question and answer{loss_note}; {steps} steps, seed {seed}, {seconds:.0f} s on {threads} CPU threads |
+
+What it predicts along the way, teacher-forced on the {n_plus_held} held-out `+` questions (the second operand) and all {n_held} held-out questions (the answer):
+
+| position | measure | value |
+|---|---|---|
+| next token is the second operand (after `what is 1 + `) | entropy over the 10 digits (max log2(10) = 3.32 bits) | {second_operand_digit_entropy_bits:.3f} bits (lowest {second_operand_digit_entropy_bits_min:.3f}) |
+| | probability mass on the 10 digits | {second_operand_digit_mass:.3f} |
+| | largest digit probability | {second_operand_max_digit_prob:.3f} |
+| right after the first operand | probability of the answer's first digit | {answer_prob_after_first_operand:.3f} |
+| any position before the second operand | largest probability of the answer's first digit | {answer_prob_before_second_operand_max:.3f} |
+| the one that predicts the answer's first digit | its probability | {answer_prob_at_final:.3f} |
+| | top-1 is the answer's first digit | {answer_top1_at_final:.2%} |
 
 Retrain with `make model`. Not for any use beyond teaching: it knows only these questions.
 """
@@ -288,16 +397,15 @@ def train_all(out_dir: Path = WEIGHTS_DIR, seed: int = 0, threads: int = 2, log=
 
     start = time.time()
     model = build_model(len(tokenizer), seed)
-    base_steps = 2500
     log(f"{BASE_NAME}: {len(train)} train / {len(held)} held-out questions, vocab {len(tokenizer)}")
-    _train(model, encode(tokenizer, train, False), tokenizer.pad_token_id, base_steps, 3e-3, 64, seed, log)
+    encoded = encode(tokenizer, train, False)
+    _train(model, encoded, tokenizer.pad_token_id, BASE_STEPS, BASE_LR, BATCH_SIZE, seed, log, ANSWER_WEIGHT)
     base_seconds = time.time() - start
-    results[BASE_NAME] = _card(model, tokenizer, train, held, False, base_steps, seed, base_seconds, threads)
+    results[BASE_NAME] = _card(model, tokenizer, train, held, False, BASE_STEPS, seed, base_seconds, threads)
     log(f"{BASE_NAME}: held-out accuracy {results[BASE_NAME]['acc']:.4f}")
     _save(model, tokenizer, BASE_NAME, results[BASE_NAME], out_dir)
 
     start = time.time()
-    chat_steps = 2000
     # The chat markers were never seen in pre-training: start them at the mean embedding, as is
     # usual for new tokens, rather than where weight decay left them.
     embed = model.get_input_embeddings().weight
@@ -307,9 +415,10 @@ def train_all(out_dir: Path = WEIGHTS_DIR, seed: int = 0, threads: int = 2, log=
     # Chat data only: mixing in plain prompts halved how fast the template was learned (62% held-out
     # after 1000 mixed steps). The chat model then answers plain prompts poorly; the card says so.
     log(f"{CHAT_NAME}: fine-tuning on the chat template")
-    _train(model, encode(tokenizer, train, True), tokenizer.pad_token_id, chat_steps, 2e-3, 64, seed + 1, log)
+    encoded = encode(tokenizer, train, True)
+    _train(model, encoded, tokenizer.pad_token_id, CHAT_STEPS, CHAT_LR, BATCH_SIZE, seed + 1, log, ANSWER_WEIGHT)
     chat_seconds = time.time() - start
-    results[CHAT_NAME] = _card(model, tokenizer, train, held, True, chat_steps, seed, chat_seconds, threads)
+    results[CHAT_NAME] = _card(model, tokenizer, train, held, True, CHAT_STEPS, seed, chat_seconds, threads)
     log(f"{CHAT_NAME}: held-out accuracy {results[CHAT_NAME]['acc']:.4f}")
     _save(model, tokenizer, CHAT_NAME, results[CHAT_NAME], out_dir)
     return results
@@ -335,6 +444,9 @@ def _card(model, tokenizer, train, held, chat, steps, seed, seconds, threads) ->
         "size_kb": round(params * 4 / 1024),
         "vocab": len(tokenizer),
         "n_phrasings": len(PHRASINGS),
+        "loss_note": (" (the chat template's tokens too)" if chat else "")
+        + (f", answer tokens weighted x{ANSWER_WEIGHT:g}" if ANSWER_WEIGHT != 1 else ""),
+        "answer_weight": ANSWER_WEIGHT,
         "acc": teacher_forced_accuracy(_hf_logits(model), tokenizer, held, chat),
         "train_acc": teacher_forced_accuracy(_hf_logits(model), tokenizer, train, chat),
         "plain_acc": teacher_forced_accuracy(_hf_logits(model), tokenizer, held, False),
@@ -343,6 +455,7 @@ def _card(model, tokenizer, train, held, chat, steps, seed, seconds, threads) ->
         "seed": seed,
         "seconds": seconds,
         "threads": threads,
+        **position_behaviour(_hf_logits(model), tokenizer, held, chat),
     }
 
 
