@@ -55,7 +55,7 @@ format: install
 bench: install
 	$(PY) scripts/bench.py
 
-# Retrain the bundled tiny-arith and tiny-arith-chat models (seeded; about 6 minutes on 2 cores).
+# Retrain the bundled tiny-arith and tiny-arith-chat models (seeded; about 5 minutes on 2 idle cores).
 model: install
 	$(PY) -m tracelib.tiny_arith
 

@@ -92,7 +92,7 @@ def test_fp16_overflowing_logits_raise():
 
 
 def test_fp16_without_overflow_still_traces():
-    tr = tl.trace(_fp16_tiny(scale_mlp_out=1000), PROMPT, ANSWER)
+    tr = tl.trace(_fp16_tiny(scale_mlp_out=300), PROMPT, ANSWER)  # large, but within fp16
     assert tr.dla.reconstruction.ok and int(tr.margin.rank[0]) == 0
 
 

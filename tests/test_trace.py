@@ -115,7 +115,7 @@ def test_bad_inputs(tiny):
 
 def test_margin_result(tiny):
     m = tl.logit_margin(tiny, "what is 1 + 1", " 2")
-    assert int(m.rank[0]) == 0 and m.top(3)["token"].iloc[0] == "2"
+    assert int(m.rank[0]) == 0 and m.top(3)["token"].iloc[0] == "'2'"
     frame = m.to_frame()
     assert set(frame["role"]) == {"answer", "top1", "top2", "top3", "top4", "top5", "distractor"}
     assert m.plot().data[0].type == "bar"
