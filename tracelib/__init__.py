@@ -24,6 +24,19 @@ from tracelib.models import (
 )
 from tracelib.notebook import setup_notebook
 from tracelib.positions import Positions
+from tracelib.reference import (
+    ReferenceChecksumError,
+    ReferenceFormatError,
+    ReferenceMissingFileError,
+    ReferenceModelMismatchError,
+    ReferenceOverwriteError,
+    ReferenceShapeError,
+    ReferenceTokenizerMismatchError,
+    ReferenceTruncatedError,
+    ReferenceVersionError,
+    TraceReferenceError,
+    load_reference,
+)
 from tracelib.trace import NonFiniteError, Trace, default_distractors, trace
 
 __version__ = "0.1.0"
@@ -59,5 +72,16 @@ __all__ = [
     "logit_margin",
     "resolve_answer",
     "setup_notebook",
+    "ReferenceChecksumError",
+    "ReferenceFormatError",
+    "ReferenceMissingFileError",
+    "ReferenceModelMismatchError",
+    "ReferenceOverwriteError",
+    "ReferenceShapeError",
+    "ReferenceTokenizerMismatchError",
+    "ReferenceTruncatedError",
+    "ReferenceVersionError",
+    "TraceReferenceError",
+    "load_reference",
     "trace",
 ]
