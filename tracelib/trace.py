@@ -422,6 +422,25 @@ class Trace:
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
 
+    def save(self, path, model):
+        """Save this trace as a clean reference folder (safetensors + JSON), atomically.
+
+        `tl.load_reference(path)` gives the trace back, with no model needed. The model is needed
+        here, not at trace time, so that `trace()` stays as fast as before: saving records its
+        weights fingerprint and tokenizer hash, which `load_reference(path, model)` checks.
+
+        Args:
+            path: the folder to write. An existing reference there is replaced; anything else
+                there is refused (`tl.ReferenceOverwriteError`).
+            model: the model this trace was made with.
+
+        Returns:
+            The folder's `Path`.
+        """
+        from tracelib.reference import save_reference
+
+        return save_reference(self, path, model)
+
     def summary(self, k: int = 5) -> str:
         """A readable report: tokens, prediction and margin, where the answer becomes readable,
         top components, heads and neurons, and the reconstruction residual."""
