@@ -12,6 +12,7 @@ from tracelib.answers import (
     resolve_answer,
 )
 from tracelib.attribution import Attribution, Reconstruction, ReconstructionWarning, direct_logit_attribution
+from tracelib.compare import Comparison, align_tokens, compare
 from tracelib.heads import Heads, HeadSources
 from tracelib.lens import LensCurve, LogitLens, logit_lens
 from tracelib.margin import Margin, logit_margin
@@ -46,6 +47,7 @@ __all__ = [
     "AnswerStep",
     "Attribution",
     "ByteFragmentError",
+    "Comparison",
     "EmptyInputError",
     "HeadSources",
     "Heads",
@@ -63,8 +65,10 @@ __all__ = [
     "ResolvedAnswer",
     "Trace",
     "UnknownModelError",
+    "align_tokens",
     "answer_direction",
     "chat_prompt",
+    "compare",
     "default_distractors",
     "direct_logit_attribution",
     "load_model",
