@@ -242,3 +242,10 @@ def test_bar_figures_pair_a_and_b_and_paint_positive_blue(one_plus_one, one_plus
         assert list(fig.data[0].x)[:3] == ["embed", "L0 attn", "L0 MLP"]
     else:
         assert len(fig.data[0].x) == 6 and all(x.startswith("L") and "N" in x for x in fig.data[0].x)
+
+
+def test_a_loaded_reference_compares_like_the_trace_it_came_from(tiny, one_plus_one, one_plus_two, tmp_path):
+    one_plus_one.save(tmp_path / "ref", tiny)
+    reference = tl.load_reference(tmp_path / "ref")
+    assert tl.compare(reference, one_plus_one).difference("head").abs().max().item() == 0.0
+    assert repr(tl.compare(reference, one_plus_two)) == repr(tl.compare(one_plus_one, one_plus_two))
