@@ -60,6 +60,7 @@ STEPS = (
     ("neuron_dla_all_pos", "post * (W_out @ dir) / scale, every layer and position, given a cache"),
     ("naive_decomp", "cache.get_full_resid_decomposition(expand_neurons=True, pos_slice=-1)"),
     ("naive_decomp_proj", "the same with project_output_onto=dir"),
+    ("save_load", "trace.save(folder, model) then tl.load_reference(folder, model=model): a reference round trip"),
 )
 # Words to pad prompts to exactly PROMPT_TOKENS tokens; every tokenizer here knows them.
 _FILLER = ("Q:", "what", "is", "1", "+", "1", "and", "what", "is", "3", "+", "4", "so")
@@ -485,6 +486,14 @@ def measure_step(step: str, source: str, repeat: int, loader: str) -> dict:
         def fn():
             state.pop("out", None)
             state["out"] = tl.trace(model, resolved.prompt, resolved.answer)
+    elif step == "save_load":
+        traced = tl.trace(model, resolved.prompt, resolved.answer)
+        folder = Path(tempfile.mkdtemp(prefix="tracelib-ref-")) / "ref"
+
+        def fn():
+            state.pop("out", None)
+            traced.save(folder, model)
+            state["out"] = tl.load_reference(folder, model=model)
     else:
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens)
