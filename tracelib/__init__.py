@@ -24,6 +24,7 @@ from tracelib.models import (
     load_model,
 )
 from tracelib.notebook import setup_notebook
+from tracelib.ood import Injection, UndertrainedTokens, find_undertrained_tokens, inject
 from tracelib.positions import Positions
 from tracelib.reference import (
     ReferenceChecksumError,
@@ -51,6 +52,7 @@ __all__ = [
     "EmptyInputError",
     "HeadSources",
     "Heads",
+    "Injection",
     "LensCurve",
     "LogitLens",
     "Margin",
@@ -64,6 +66,7 @@ __all__ = [
     "ReconstructionWarning",
     "ResolvedAnswer",
     "Trace",
+    "UndertrainedTokens",
     "UnknownModelError",
     "align_tokens",
     "answer_direction",
@@ -71,6 +74,8 @@ __all__ = [
     "compare",
     "default_distractors",
     "direct_logit_attribution",
+    "find_undertrained_tokens",
+    "inject",
     "load_model",
     "logit_lens",
     "logit_margin",

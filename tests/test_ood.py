@@ -1,0 +1,187 @@
+"""OOD token injection and under-trained token detection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tracelib as tl
+from tracelib.ood import KINDS, WHERES, find_undertrained_tokens, inject
+from tracelib.tiny_arith import all_examples
+
+# "typo" needs a word at every place; the other kinds work on the tutorial's own question.
+PROMPTS = {kind: "what is 1 + 1" for kind in KINDS} | {"typo": "what is 1 plus 1 equals"}
+ANSWER = " 2"
+
+
+def check_injection(model, inj, prompt, answer) -> None:
+    """Everything an injection promises, checked against the clean prompt's resolution."""
+    clean = tl.resolve_answer(model, prompt, answer)
+    torch.testing.assert_close(inj.clean_tokens, clean.prompt_tokens)
+    # The final position, which predicts the answer, is the clean final token, still last.
+    assert inj.answer_position == len(inj.tokens) - 1
+    assert inj.tokens[-1].item() == clean.prompt_tokens[-1].item()
+    assert inj.alignment[-1] == len(clean.prompt_tokens) - 1
+    # The corrupted text reads back as exactly these tokens, and the answer is unchanged.
+    corrupted = tl.resolve_answer(model, inj.prompt, answer)
+    assert corrupted.prompt_tokens.tolist() == inj.tokens.tolist()
+    assert corrupted.answer_tokens == clean.answer_tokens
+    # Every kept position holds its clean token; injected ones map to None; nothing is dropped
+    # except what a typo replaced, and the order is kept.
+    assert inj.injected and all(inj.alignment[i] is None for i in inj.injected)
+    kept = [(j, a) for j, a in enumerate(inj.alignment) if a is not None]
+    assert [a for _, a in kept] == sorted(a for _, a in kept)
+    for j, a in kept:
+        assert inj.tokens[j].item() == inj.clean_tokens[a].item()
+    dropped = len(inj.clean_tokens) - len(kept)
+    assert dropped == (1 if inj.kind == "typo" else 0)
+    # The exact alignment agrees with the generic one from compare. Where an injected token equals a
+    # clean one (a repeat, a space), which copy counts as injected is a free choice: then the generic
+    # alignment must be an equally good matching (as many kept, each onto an equal token).
+    generic = tl.align_tokens(inj.clean_tokens, inj.tokens)
+    if not {inj.tokens[i].item() for i in inj.injected} & set(inj.clean_tokens.tolist()):
+        assert list(inj.alignment) == generic
+    assert sum(a is None for a in generic) == len(inj.injected)
+    assert all(inj.tokens[j].item() == inj.clean_tokens[a].item() for j, a in enumerate(generic) if a is not None)
+
+
+@pytest.mark.parametrize("where", WHERES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_inject_every_kind_and_place_on_tiny(tiny, kind, where):
+    inj = inject(tiny, PROMPTS[kind], kind, where, n=2, seed=3, answer=ANSWER)
+    check_injection(tiny, inj, PROMPTS[kind], ANSWER)
+    if kind != "typo":
+        assert len(inj.tokens) > len(inj.clean_tokens)
+    if kind == "repeat":
+        assert len({inj.tokens[i].item() for i in inj.injected}) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("where", ["between", "before_final"])
+def test_inject_on_gpt2_and_qwen(gpt2, qwen, kind, where):
+    for model in (gpt2, qwen):
+        if model is gpt2 and kind == "typo" and where == "before_final":
+            # GPT-2's " 2" is one token, so " equals" is the final position itself and " 1" precedes it.
+            with pytest.raises(ValueError, match="No word to make a typo in 'before_final'"):
+                inject(model, PROMPTS[kind], kind, where, answer=ANSWER)
+            continue
+        inj = inject(model, PROMPTS[kind], kind, where, n=1, seed=0, answer=ANSWER)
+        check_injection(model, inj, PROMPTS[kind], ANSWER)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_inject_into_a_chat_prompt(tiny_chat, kind, where):
+    prompt = tl.chat_prompt(tiny_chat, "what is 1 plus 1 equals")
+    inj = inject(tiny_chat, prompt, kind, where, n=2, seed=1, answer=ANSWER)
+    check_injection(tiny_chat, inj, prompt, ANSWER)
+    # The template around the question is untouched.
+    assert inj.prompt.startswith("<|im_start|>user\n") and inj.prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_inject_keeps_operands_and_places(tiny):
+    inj = inject(tiny, "what is 3 + 4", "junk", "between", answer=ANSWER)
+    assert "3" in inj.prompt and "4" in inj.prompt
+    first = inj.injected[0]
+    # Between: right after the first operand, before the operator.
+    assert inj.str_tokens[first - 1] == "3"
+    before = inject(tiny, "what is 3 + 4", "junk", "before", answer=ANSWER)
+    # Before: ahead of the operand's own space token (Qwen-style " 3" is [" ", "3"]).
+    assert before.str_tokens[before.injected[-1] + 1 : before.injected[-1] + 3] == [" ", "3"]
+    final = inject(tiny, "what is 3 + 4", "random", "before_final", n=3, answer=ANSWER)
+    assert final.injected == (len(final.tokens) - 4, len(final.tokens) - 3, len(final.tokens) - 2)
+
+
+def test_inject_without_answer_keeps_final_token(tiny):
+    inj = inject(tiny, "1 plus 1 equals", "random", "before_final", n=2)
+    assert inj.tokens[-1].item() == inj.clean_tokens[-1].item()
+    assert inj.str_tokens[-1] == " equals"
+    assert list(inj.alignment) == tl.align_tokens(inj.clean_tokens, inj.tokens)
+
+
+def test_inject_is_seeded(tiny):
+    a = inject(tiny, "what is 1 + 1", "random", "between", n=3, seed=7, answer=ANSWER)
+    b = inject(tiny, "what is 1 + 1", "random", "between", n=3, seed=7, answer=ANSWER)
+    assert a.tokens.tolist() == b.tokens.tolist() and a.prompt == b.prompt and a.alignment == b.alignment
+    others = {
+        tuple(inject(tiny, "what is 1 + 1", "random", "between", n=3, seed=s, answer=ANSWER).tokens.tolist())
+        for s in range(5)
+    }
+    assert len(others) > 1
+    typo = [inject(tiny, "what is 1 plus 1 equals", "typo", "after", seed=s, answer=ANSWER).prompt for s in (1, 1)]
+    assert typo[0] == typo[1]
+
+
+def test_undertrained_injection_uses_flagged_tokens(tiny):
+    flagged = set(find_undertrained_tokens(tiny).token_ids.tolist())
+    inj = inject(tiny, "what is 1 + 1", "undertrained", "after", n=4, answer=ANSWER)
+    assert all(inj.tokens[i].item() in flagged for i in inj.injected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": "noise", "where": "before"}, "Unknown kind 'noise'; choose one of random, undertrained, junk, typo"),
+        ({"kind": "junk", "where": "inside"}, "Unknown where 'inside'; choose one of before, between, after"),
+        ({"kind": "junk", "where": "before", "n": 0}, "n must be a positive integer"),
+        ({"kind": "junk", "where": "before", "n": 1.5}, "n must be a positive integer"),
+        ({"kind": "junk", "where": "before", "n": True}, "n must be a positive integer"),
+    ],
+)
+def test_inject_refuses_bad_arguments(tiny, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("?", r"\?")):
+        inject(tiny, "what is 1 + 1", **kwargs)
+
+
+def test_inject_refuses_places_the_prompt_lacks(tiny, gpt2):
+    with pytest.raises(ValueError, match="has one operand, so nothing is 'between'"):
+        inject(tiny, "what is 7 then", "junk", "between")
+    with pytest.raises(ValueError, match="has no operands"):
+        inject(tiny, "what is this", "junk", "before")
+    # GPT-2 writes " 1" as one token, so this prompt's final position is its last operand.
+    with pytest.raises(ValueError, match="ends in its last operand"):
+        inject(gpt2, "what is 1 + 1", "junk", "after")
+    with pytest.raises(ValueError, match="No word to make a typo"):
+        inject(tiny, "what is 1 + 1", "typo", "between", answer=ANSWER)
+
+
+def test_injection_repr_and_frame(tiny):
+    inj = inject(tiny, "what is 1 + 1", "junk", "between", answer=ANSWER)
+    assert repr(inj).startswith("Injection('junk' 'between': 'what is 1 + 1 ' -> ")
+    frame = inj.to_frame()
+    assert len(frame) == len(inj.tokens) and frame["injected"].sum() == len(inj.injected)
+
+
+def never_seen_tokens(model, chat: bool) -> set[int]:
+    """The ground truth: the tokens that occur nowhere in the bundled model's training data."""
+    tok = model.tokenizer
+    seen: set[int] = set()
+    for e in all_examples():
+        seen.update(tok(f"{e.prompt} {e.answer}<|endoftext|>", add_special_tokens=False).input_ids)
+        if chat:
+            messages = [{"role": "user", "content": e.prompt}]
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            seen.update(tok(text + e.answer + "<|im_end|>", add_special_tokens=False).input_ids)
+    return set(range(model.cfg.d_vocab)) - seen
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_chat"])
+def test_undertrained_detector_precision_recall(request, name):
+    model = request.getfixturevalue(name)
+    truth = never_seen_tokens(model, chat=name == "tiny_chat")
+    found = find_undertrained_tokens(model)
+    flagged = set(found.token_ids.tolist())
+    precision = len(flagged & truth) / len(flagged)
+    recall = len(flagged & truth) / len(truth)
+    # Measured: precision 1.000 and recall 1.000 on both (275 and 270 never-seen tokens of 303);
+    # the margin allows a retrained model to blur a token or two at the edge of the gap.
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+    assert found.scores.shape == (model.cfg.d_vocab,)
+    assert (found.scores[found.token_ids] < found.threshold).all()
+    assert found.scores[found.token_ids].diff().ge(0).all()  # lowest score first
+    assert repr(found).startswith(f"UndertrainedTokens({len(flagged)} of {model.cfg.d_vocab} tokens below ")
+
+
+def test_undertrained_threshold_can_be_given(tiny):
+    assert len(find_undertrained_tokens(tiny, threshold=0.0).token_ids) == 0
+    assert len(find_undertrained_tokens(tiny, threshold=float("inf")).token_ids) == tiny.cfg.d_vocab

@@ -1,0 +1,403 @@
+"""OOD token injection: corrupt a prompt away from its answer, and find the tokens a model never trained on.
+
+`inject(model, prompt, kind, where)` inserts out-of-distribution tokens (random, under-trained, junk,
+repeated) or makes a typo near the operands, working on token ids so that the final position, the
+one that predicts the answer, stays the final position. It returns the corrupted tokens together
+with the alignment back to the clean ones, ready for `compare` or for patching.
+
+`find_undertrained_tokens(model)` flags under-trained tokens from the weights alone, in the manner
+of "Fishing for Magikarp" (Land & Bartolo, 2024).
+"""
+
+from __future__ import annotations
+
+import random
+import weakref
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tracelib.answers import _check_text, _prepends_bos, resolve_answer, token_str
+
+KINDS = ("random", "undertrained", "junk", "typo", "repeat")
+WHERES = ("before", "between", "after", "before_final")
+# Strings no arithmetic question contains; tokenised with the model's own tokenizer.
+JUNK_STRINGS = ("@@#~", "%$^&", "~~|", "#!@", "^^*", "&&%", "|~#", "$#@!")
+# Rejection sampling gives up after this many draws: a tokenizer that merges every candidate
+# with its neighbours cannot be corrupted at that place without changing the clean tokens.
+MAX_TRIES = 500
+
+
+@dataclass(frozen=True)
+class Injection:
+    """A prompt with out-of-distribution tokens injected, aligned with the clean prompt.
+
+    Attributes:
+        prompt: the corrupted prompt as text; tokenising it gives back `tokens` exactly.
+        tokens: the corrupted prompt's token ids (BOS included when the model prepends one).
+        str_tokens: the same as strings.
+        clean_prompt: the clean prompt as text (with whitespace moved in from the answer, if any).
+        clean_tokens: the clean prompt's token ids.
+        clean_str_tokens: the same as strings.
+        alignment: for each corrupted position, the clean position it holds, or None if injected.
+        injected: the corrupted positions that hold injected (or typo) tokens.
+        answer_position: the corrupted position that predicts the answer: the final one.
+        kind, where, n, seed: the arguments that made it.
+    """
+
+    prompt: str
+    tokens: Int[Tensor, " pos"]
+    str_tokens: list[str]
+    clean_prompt: str
+    clean_tokens: Int[Tensor, " clean_pos"]
+    clean_str_tokens: list[str]
+    alignment: tuple[int | None, ...]
+    injected: tuple[int, ...]
+    answer_position: int
+    kind: str
+    where: str
+    n: int
+    seed: int
+    notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.tokens.ndim != 1 or len(self.tokens) != len(self.str_tokens) or len(self.tokens) != len(self.alignment):
+            raise ValueError(
+                f"tokens {tuple(self.tokens.shape)}, str_tokens ({len(self.str_tokens)}) and alignment "
+                f"({len(self.alignment)}) must be one aligned 1-d sequence"
+            )
+        if self.clean_tokens.ndim != 1 or len(self.clean_tokens) != len(self.clean_str_tokens):
+            raise ValueError("clean_tokens and clean_str_tokens must be one aligned 1-d sequence")
+        if self.answer_position != len(self.tokens) - 1 or self.alignment[-1] != len(self.clean_tokens) - 1:
+            raise ValueError("the answer position must be the final position of both prompts")
+        if sorted(self.injected) != [i for i, a in enumerate(self.alignment) if a is None]:
+            raise ValueError("injected must list exactly the positions the alignment maps to None")
+
+    @property
+    def clean_answer_position(self) -> int:
+        """The clean position that predicts the answer: the final one."""
+        return len(self.clean_tokens) - 1
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per corrupted position: its token, the clean position it maps to, whether injected."""
+        return pd.DataFrame(
+            {
+                "position": range(len(self.tokens)),
+                "token": self.str_tokens,
+                "clean_position": [pd.NA if a is None else a for a in self.alignment],
+                "injected": [a is None for a in self.alignment],
+            }
+        )
+
+    def __repr__(self) -> str:
+        shown = [self.str_tokens[i] for i in self.injected]
+        return f"Injection({self.kind!r} {self.where!r}: {self.clean_prompt!r} -> {self.prompt!r}; injected {shown})"
+
+
+@dataclass(frozen=True)
+class UndertrainedTokens:
+    """Tokens whose unembedding looks untrained, with the score of every token.
+
+    Attributes:
+        token_ids: the flagged tokens, lowest score first.
+        str_tokens: the same as strings.
+        scores: every token's score (the norm of its unembedding row with the mean and the first
+            principal component removed); low means under-trained.
+        threshold: tokens scoring below it are flagged.
+    """
+
+    token_ids: Int[Tensor, " flagged"]
+    str_tokens: list[str]
+    scores: Float[Tensor, " vocab"]
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if self.token_ids.ndim != 1 or len(self.token_ids) != len(self.str_tokens) or self.scores.ndim != 1:
+            raise ValueError(
+                f"token_ids {tuple(self.token_ids.shape)} and str_tokens ({len(self.str_tokens)}) must be "
+                f"aligned, and scores {tuple(self.scores.shape)} 1-d"
+            )
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per flagged token: id, string and score."""
+        return pd.DataFrame(
+            {
+                "token_id": self.token_ids.tolist(),
+                "token": self.str_tokens,
+                "score": self.scores[self.token_ids].tolist(),
+            }
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"UndertrainedTokens({len(self.token_ids)} of {len(self.scores)} tokens below {self.threshold:+.3f}; "
+            f"first {self.str_tokens[:5]})"
+        )
+
+
+def find_undertrained_tokens(model, threshold: float | None = None) -> UndertrainedTokens:
+    """Flag tokens the model (almost) never trained on, from its unembedding alone.
+
+    Follows "Fishing for Magikarp" (Land & Bartolo, 2024): remove the direction every token shares,
+    then look for rows that stayed where they started. A token that never occurs in the data only
+    gets gradient through the softmax pushing its logit down, and that push is the same for every
+    such token, so with the mean and the first principal component of the unembedding removed their
+    rows keep only their small initial noise, while trained tokens have moved far. The paper scores
+    tokens by cosine similarity to known-unused tokens; we have no such set, so the score is the
+    norm of what is left.
+
+    Args:
+        model: a loaded model (`tl.load_model`).
+        threshold: flag tokens scoring below this. Default: the middle (geometric) of the widest gap
+            between consecutive sorted log-scores among the lowest 95% of tokens, which splits the
+            two clusters where they are clearly apart (small models, tied embeddings). On a large
+            model with a few under-trained tokens, read the ranking in `scores` or pass a threshold.
+
+    Returns:
+        An `UndertrainedTokens`.
+    """
+    with torch.no_grad():
+        rows = model.W_U.detach().T.float().cpu()  # [vocab, d_model]
+        rows = rows - rows.mean(0)
+        first_pc = torch.linalg.svd(rows, full_matrices=False).Vh[0]
+        rows = rows - (rows @ first_pc)[:, None] * first_pc
+        scores = rows.norm(dim=1)
+    if threshold is None:
+        logs = scores.clamp_min(1e-12).log().sort().values
+        # Ignore the top 5%: a handful of outlying high-norm tokens would otherwise set the gap.
+        top = max(2, int(len(logs) * 0.95))
+        gap = int(logs[:top].diff().argmax())
+        threshold = float(((logs[gap] + logs[gap + 1]) / 2).exp())
+    flagged = (scores < threshold).nonzero().flatten()
+    flagged = flagged[scores[flagged].argsort()]
+    return UndertrainedTokens(
+        token_ids=flagged,
+        str_tokens=[token_str(model, i) for i in flagged.tolist()],
+        scores=scores,
+        threshold=float(threshold),
+    )
+
+
+def inject(
+    model, prompt: str, kind: str, where: str, n: int = 1, seed: int = 0, *, answer: str | None = None
+) -> Injection:
+    """Inject out-of-distribution tokens into a prompt, keeping its operands and final position.
+
+    Operands are the runs of tokens holding digits (with a whitespace-only token just before them,
+    as Qwen2.5 writes `" 2"` as `[" ", "2"]`). Nothing is inserted into an operand or after the final
+    position, and no injected token holds a digit, so the question keeps its answer.
+
+    Args:
+        model: a loaded model (`tl.load_model`).
+        prompt: the clean prompt.
+        kind: "random" (random vocabulary tokens), "undertrained" (tokens `find_undertrained_tokens`
+            flags), "junk" (junk strings such as "@@#~"), "typo" (n edits to the word nearest the
+            place), "repeat" (a prompt token repeated n times).
+        where: "before" the first operand, "between" the first and last operands, "after" the last
+            operand (before the final position), or "before_final" (just before the final position).
+        n: how many tokens, junk strings or typo edits to inject.
+        seed: seeds every random choice; the same arguments give the same injection.
+        answer: if given, the prompt is resolved with `resolve_answer` first, so whitespace moved in
+            from the answer (Qwen's `" "` before a digit) stays the final position.
+
+    Returns:
+        An `Injection`.
+
+    Raises:
+        ValueError: an unknown kind or where, n below 1, or a prompt with no place of that kind
+            (no two operands for "between", a final token that is the last operand for "after").
+    """
+    if kind not in KINDS:
+        raise ValueError(f"Unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if where not in WHERES:
+        raise ValueError(f"Unknown where {where!r}; choose one of {', '.join(WHERES)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer (how many to inject), got {n!r}")
+    if answer is not None:
+        resolved = resolve_answer(model, prompt, answer)
+        prompt, clean = resolved.prompt, resolved.prompt_tokens.tolist()
+    else:
+        _check_text(prompt, "prompt")
+        clean = _encode(model, prompt)
+    bos = 1 if _prepends_bos(model) else 0
+    if len(clean) - bos < 2:
+        raise ValueError(f"The prompt {prompt!r} is too short to inject into: it needs two tokens besides any BOS")
+    rng = random.Random(seed)
+    operands = _operands(model, clean, bos)
+    index = _place(model, clean, bos, operands, where, prompt)
+    if kind == "typo":
+        return _typo(model, prompt, clean, bos, operands, where, n, seed, rng)
+    for _ in range(MAX_TRIES):
+        new = _draw(model, clean, bos, index, kind, n, rng)
+        tokens = clean[:index] + new + clean[index:]
+        if _round_trips(model, tokens, bos):
+            alignment = list(range(index)) + [None] * len(new) + list(range(index, len(clean)))
+            return _result(model, prompt, clean, tokens, alignment, kind, where, n, seed)
+    raise ValueError(
+        f"Could not inject {kind!r} tokens {where!r} in {prompt!r} without them merging with their neighbours "
+        f"when the text is tokenised again ({MAX_TRIES} draws); try another seed or place"
+    )
+
+
+def _encode(model, text: str) -> list[int]:
+    return model.to_tokens(text, prepend_bos=_prepends_bos(model), truncate=False)[0].tolist()
+
+
+def _decode(model, tokens: list[int], bos: int) -> str:
+    return model.tokenizer.decode(tokens[bos:])
+
+
+def _round_trips(model, tokens: list[int], bos: int) -> bool:
+    # Injected ids are only useful if the text written from them reads back as the same ids:
+    # otherwise `resolve_answer` or `trace` on the corrupted prompt would see other tokens.
+    return _encode(model, _decode(model, tokens, bos)) == tokens
+
+
+def _has_digit(model, token: int) -> bool:
+    return any(c.isdigit() for c in model.tokenizer.decode([token]))
+
+
+def _operands(model, tokens: list[int], bos: int) -> list[tuple[int, int]]:
+    """(start, end) of each run of digit tokens, with a whitespace-only token before it included."""
+    runs: list[tuple[int, int]] = []
+    i = bos
+    while i < len(tokens):
+        if _has_digit(model, tokens[i]):
+            j = i
+            while j < len(tokens) and _has_digit(model, tokens[j]):
+                j += 1
+            start = i - 1 if i - 1 >= bos and model.tokenizer.decode([tokens[i - 1]]).isspace() else i
+            if runs and runs[-1][1] == start:  # only whitespace between two digit runs: one number
+                start = runs.pop()[0]
+            runs.append((start, j))
+            i = j
+        else:
+            i += 1
+    return runs
+
+
+def _place(model, tokens: list[int], bos: int, operands: list[tuple[int, int]], where: str, prompt: str) -> int:
+    """The index to insert at; every index lies in [bos, final], so the final token stays final."""
+    final = len(tokens) - 1
+    if where == "before_final":
+        return final
+    if not operands:
+        raise ValueError(f"The prompt {prompt!r} has no operands (digits) to inject {where!r}; use 'before_final'")
+    if where == "before":
+        return operands[0][0]
+    if where == "between":
+        if len(operands) < 2:
+            raise ValueError(f"The prompt {prompt!r} has one operand, so nothing is 'between' its operands")
+        return operands[0][1]
+    if operands[-1][1] > final:
+        raise ValueError(
+            f"The prompt {prompt!r} ends in its last operand, which is the final position, so nothing fits "
+            "'after' it; end the prompt with a word or '=', pass answer=..., or use 'before_final'"
+        )
+    return operands[-1][1]
+
+
+def _draw(model, tokens: list[int], bos: int, index: int, kind: str, n: int, rng: random.Random) -> list[int]:
+    special = set(model.tokenizer.all_special_ids)
+    if kind == "random":
+        out = []
+        while len(out) < n:
+            t = rng.randrange(model.cfg.d_vocab)
+            if t < len(model.tokenizer) and t not in special and not _has_digit(model, t):
+                out.append(t)
+        return out
+    if kind == "undertrained":
+        pool = [t for t in _undertrained_pool(model) if t not in special and not _has_digit(model, t)]
+        if not pool:
+            raise ValueError("find_undertrained_tokens flags no token this model can inject; use kind='random'")
+        return [rng.choice(pool) for _ in range(n)]
+    if kind == "junk":
+        text = "".join(rng.choice(JUNK_STRINGS) for _ in range(n))
+        return model.tokenizer(rng.choice(["", " "]) + text, add_special_tokens=False).input_ids
+    # "repeat": a token near the place, never a digit (that would change an operand), a special token
+    # (that would change the prompt's structure) or bare whitespace (hardly a token to notice).
+    order = sorted(range(bos, len(tokens)), key=lambda i: (abs(i - index + 0.5), i))
+    pool = [tokens[i] for i in order if tokens[i] not in special and _repeatable(model, tokens[i])]
+    if not pool:
+        raise ValueError("The prompt has no token to repeat (every token is a digit or a special token)")
+    # Mostly the nearest token; farther ones only once the nearer ones fail to round-trip.
+    pick = pool[min(int(rng.expovariate(1.0)), len(pool) - 1)]
+    return [pick] * n
+
+
+# The detector costs an SVD of the unembedding: remember its answer per model for later draws.
+_UNDERTRAINED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _repeatable(model, token: int) -> bool:
+    text = model.tokenizer.decode([token])
+    return bool(text.strip()) and not any(c.isdigit() for c in text)
+
+
+def _undertrained_pool(model) -> list[int]:
+    if model not in _UNDERTRAINED:
+        _UNDERTRAINED[model] = find_undertrained_tokens(model).token_ids.tolist()
+    return _UNDERTRAINED[model]
+
+
+def _typo(model, prompt, clean, bos, operands, where, n, seed, rng) -> Injection:
+    """Edit the word nearest the place, keeping every other token (and so the operands) as it was."""
+    final = len(clean) - 1
+    first, last = (operands[0], operands[-1]) if operands else (None, None)
+    if where == "before_final":
+        candidates = [final - 1] if final - 1 >= bos else []
+    elif where == "before":
+        candidates = list(range(first[0] - 1, bos - 1, -1))
+    elif where == "between":
+        candidates = list(range(last[0] - 1, first[1] - 1, -1))
+    else:
+        candidates = list(range(last[1], final))
+    words = [i for i in candidates if any(c.isalpha() for c in model.tokenizer.decode([clean[i]]))]
+    if not words:
+        raise ValueError(f"No word to make a typo in {where!r} the operands of {prompt!r}: the place holds no letters")
+    i = words[0]
+    word = model.tokenizer.decode([clean[i]])
+    for _ in range(MAX_TRIES):
+        typo = word
+        for _ in range(n):
+            typo = _edit(typo, rng)
+        new = model.tokenizer(typo, add_special_tokens=False).input_ids
+        tokens = clean[:i] + new + clean[i + 1 :]
+        if typo != word and _round_trips(model, tokens, bos):
+            alignment = list(range(i)) + [None] * len(new) + list(range(i + 1, len(clean)))
+            return _result(model, prompt, clean, tokens, alignment, "typo", where, n, seed)
+    raise ValueError(f"Could not make a typo in {word!r} that reads back as tokens ({MAX_TRIES} draws)")
+
+
+def _edit(word: str, rng: random.Random) -> str:
+    letters = [j for j, c in enumerate(word) if c.isalpha()]
+    j = rng.choice(letters)
+    op = rng.choice(("duplicate", "replace", "delete") if len(letters) > 1 else ("duplicate", "replace"))
+    if op == "duplicate":
+        return word[: j + 1] + word[j] + word[j + 1 :]
+    if op == "delete":
+        return word[:j] + word[j + 1 :]
+    other = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != word[j].lower()])
+    return word[:j] + other + word[j + 1 :]
+
+
+def _result(model, prompt, clean, tokens, alignment, kind, where, n, seed) -> Injection:
+    bos = 1 if _prepends_bos(model) else 0
+    return Injection(
+        prompt=_decode(model, tokens, bos),
+        tokens=torch.tensor(tokens, dtype=torch.long),
+        str_tokens=[token_str(model, t) for t in tokens],
+        clean_prompt=prompt,
+        clean_tokens=torch.tensor(clean, dtype=torch.long),
+        clean_str_tokens=[token_str(model, t) for t in clean],
+        alignment=tuple(alignment),
+        injected=tuple(j for j, a in enumerate(alignment) if a is None),
+        answer_position=len(tokens) - 1,
+        kind=kind,
+        where=where,
+        n=n,
+        seed=seed,
+    )
