@@ -113,6 +113,16 @@ class ReferenceTokenizerMismatchError(TraceReferenceError):
 # Fingerprints
 
 
+def sample_indices(n: int) -> Tensor:
+    """The elements of an n-element weight that the fingerprint reads: both ends and a fixed stride.
+
+    Integer arithmetic on purpose: a float32 `linspace` rounds n - 1 up past the last index once n
+    passes 2**24 (Qwen2.5's embedding has 233 million elements).
+    """
+    strided = torch.arange(_STRIDED, dtype=torch.int64) * (n - 1) // max(_STRIDED - 1, 1)
+    return torch.cat([torch.arange(min(_EDGE, n)), torch.arange(max(n - _EDGE, 0), n), strided])
+
+
 def weights_fingerprint(model) -> str:
     """sha256 over the model's config and a fixed sample of every weight (see the module docstring)."""
     h = hashlib.sha256()
@@ -125,14 +135,7 @@ def weights_fingerprint(model) -> str:
             h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
             if n == 0:
                 continue
-            idx = torch.cat(
-                [
-                    torch.arange(min(_EDGE, n)),
-                    torch.arange(max(n - _EDGE, 0), n),
-                    torch.linspace(0, n - 1, _STRIDED).long(),
-                ]
-            ).to(flat.device)
-            sample = flat[idx].cpu().contiguous()
+            sample = flat[sample_indices(n).to(flat.device)].cpu().contiguous()
             # Raw bytes, so bfloat16 (which numpy cannot hold) is hashed the same way as the rest.
             h.update(sample.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
