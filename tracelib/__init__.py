@@ -25,6 +25,7 @@ from tracelib.models import (
 )
 from tracelib.notebook import setup_notebook
 from tracelib.ood import Injection, UndertrainedTokens, find_undertrained_tokens, inject
+from tracelib.patching import PatchingResult, SameMetricError, patch
 from tracelib.positions import Positions
 from tracelib.reference import (
     ReferenceChecksumError,
@@ -60,11 +61,13 @@ __all__ = [
     "ModelUnavailableError",
     "MultiTokenAnswerError",
     "NonFiniteError",
+    "PatchingResult",
     "Positions",
     "PromptTooLongError",
     "Reconstruction",
     "ReconstructionWarning",
     "ResolvedAnswer",
+    "SameMetricError",
     "Trace",
     "UndertrainedTokens",
     "UnknownModelError",
@@ -79,6 +82,7 @@ __all__ = [
     "load_model",
     "logit_lens",
     "logit_margin",
+    "patch",
     "resolve_answer",
     "setup_notebook",
     "ReferenceChecksumError",

@@ -443,3 +443,51 @@ def comparison_bars(labels: list[str], a: Tensor, b: Tensor, unit: str = "compon
     fig.update_yaxes(title_text="DLA (a solid, b hatched)", row=1, col=1)
     fig.update_yaxes(title_text="b - a", row=2, col=1)
     return _layout(fig, {"title": title, "barmode": "group"}, layout, signed=True)
+
+
+PATCHING_CAPTION = (
+    "Blue recovers the clean answer's logit difference (1 = clean), red pushes against it (0 = corrupted)."
+)
+
+
+def patching_figure(result, **layout) -> go.Figure:
+    """A patching result on RdBu centred at 0: a layer x position (or head) heatmap, or bars per layer.
+
+    Cells with no counterpart in the other run are NaN, left blank, and named in the title.
+    """
+    values, dims, labels = result.values, result.dims, result.labels
+    if values.ndim == 3:  # [layer, head, position]: one row per head
+        values = values.reshape(-1, values.shape[-1])
+        y = [f"{layer}{head}" for layer in labels[0] for head in labels[1]]
+        x, x_title, y_title = labels[2], "Position", "Head"
+    elif values.ndim == 2:
+        y, x = labels[0], labels[1]
+        x_title, y_title = dims[1].capitalize(), "Layer"
+    else:
+        x_title, y_title = "Layer", None
+    title = f"Activation patching ({result.what}, {result.direction}): recovery of {result.answer_str!r}"
+    if result.no_counterpart:
+        gap = ", ".join(f"{result.str_tokens[i]!r}@{i}" for i in result.no_counterpart)
+        title += f"<br><sup>Blank: no counterpart in the other prompt ({gap}), not patched.</sup>"
+    title += f"<br><sup>{PATCHING_CAPTION}</sup>"
+    if values.ndim == 1:
+        fig = signed_bars(labels[0], values.nan_to_num(0.0), title, xaxis_title="Layer", yaxis_title="Recovery")
+        return _layout(fig, {}, layout)
+    finite = values[~values.isnan()]
+    limit = finite.abs().max().item() if len(finite) else 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=[[None if v != v else v for v in row] for row in values.tolist()],
+            x=list(x),
+            y=list(y),
+            colorscale=DIVERGING,
+            zmid=0,
+            zmin=-(limit or 1.0),
+            zmax=limit or 1.0,
+            colorbar=dict(title=dict(text="recovery<br>blue: toward clean<br>red: against", side="top")),
+            hovertemplate="%{y} at %{x}: %{z:+.3f}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category", autorange="reversed")
+    return _layout(fig, {"title": title, "xaxis_title": x_title, "yaxis_title": y_title}, layout)

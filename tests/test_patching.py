@@ -1,0 +1,184 @@
+"""Activation patching: the recovery metric's anchors, batching, alignment and agreement with TransformerLens."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+import torch
+
+import tracelib as tl
+from tracelib.patching import Cell, SameMetricError, logit_diff, patch, prepare, run_patched
+
+CLEAN, CORRUPTED, ANSWER = "what is 1 + 1", "what is 3 + 1", " 2"
+
+
+def _close(actual, expected, atol=1e-5):
+    torch.testing.assert_close(
+        actual, torch.full_like(actual, expected) if isinstance(expected, float) else expected, atol=atol, rtol=0
+    )
+
+
+@pytest.fixture(params=["tiny", "gpt2", "qwen"], scope="module")
+def any_model(request, tmp_path_factory):
+    """The three model families; the random-init ones in float64.
+
+    Their clean - corrupted logit-difference gap is about 1e-3, so float32's batch rounding (about
+    1e-7 in a logit) would read as 1e-4 on the normalised scale; in float64 the 1e-5 checks test the
+    patching, not the rounding. The bundled model (gap about 11) runs in its own float32.
+    """
+    if request.param == "tiny":
+        return request.getfixturevalue("tiny")
+    return tl.load_model(request.getfixturevalue(f"{request.param}_dir"), dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def resid_pre(any_model):
+    return any_model, patch(any_model, CLEAN, CORRUPTED, ANSWER, what="resid_pre")
+
+
+def test_every_position_of_resid_pre_recovers_one(any_model):
+    # Patching the whole residual stream entering a layer replaces everything the corrupted run knew.
+    result = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="resid_pre_all_pos")
+    assert result.dims == ("layer",)
+    _close(result.values, 1.0)
+
+
+def test_patching_nothing_gives_zero(any_model):
+    hooks = ["blocks.0.hook_resid_pre"]
+    _, _, clean_metric, corr_metric, setup = prepare(any_model, CLEAN, CORRUPTED, ANSWER, "denoise", None, None, hooks)
+    # A cell with no positions registers no hook: the batch row is the plain corrupted run.
+    patched = run_patched(any_model, setup, [Cell("blocks.0.hook_resid_pre", (), ())] * 3)
+    _close((patched - corr_metric) / (clean_metric - corr_metric), 0.0)
+
+
+def test_unchanged_tokens_at_layer_0_give_zero(resid_pre):
+    # resid_pre at layer 0 is the embedding: where both prompts hold the same token it is identical.
+    model, result = resid_pre
+    clean = tl.resolve_answer(model, CLEAN, ANSWER).prompt_str_tokens
+    same = torch.tensor([a == b for a, b in zip(clean, result.str_tokens)])
+    assert same.any() and not same.all()
+    _close(result.values[0, same], 0.0)
+
+
+def test_clean_into_clean_is_refused_and_changes_nothing(any_model):
+    with pytest.raises(SameMetricError, match="same logit difference"):
+        patch(any_model, CLEAN, CLEAN, ANSWER)
+    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(any_model.cfg.n_layers)]
+    _, _, clean_metric, _, setup = prepare(any_model, CLEAN, CLEAN, ANSWER, "denoise", None, None, hooks)
+    n = setup.base_tokens.shape[1]
+    cells = [Cell(h, (i,), (i,)) for h in hooks for i in range(n)] + [
+        Cell(h, tuple(range(n)), tuple(range(n))) for h in hooks
+    ]
+    _close(run_patched(any_model, setup, cells), clean_metric)
+
+
+def test_last_resid_post_at_final_position_recovers_one(any_model):
+    result = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="resid_post")
+    assert abs(result.values[-1, -1].item() - 1.0) < 1e-5
+    # Earlier positions of the last layer's output cannot reach the final logits any more.
+    _close(result.values[-1, :-1], 0.0)
+
+
+@pytest.mark.parametrize("what", ["resid_pre", "head"])
+def test_batched_equals_one_at_a_time(any_model, what):
+    one = patch(any_model, CLEAN, CORRUPTED, ANSWER, what=what, batch_size=1)
+    many = patch(any_model, CLEAN, CORRUPTED, ANSWER, what=what, batch_size=64)
+    torch.testing.assert_close(one.values, many.values, atol=1e-5, rtol=0)
+
+
+def test_noising_keeps_one_for_clean(any_model):
+    # Noising runs the clean prompt: the whole corrupted residual stream brings it to 0 (corrupted).
+    result = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="resid_pre_all_pos", direction="noise")
+    _close(result.values, 0.0)
+    by_pos = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="resid_pre", direction="noise")
+    assert by_pos.str_tokens == tl.resolve_answer(any_model, CLEAN, ANSWER).prompt_str_tokens
+    corrupted = tl.resolve_answer(any_model, CORRUPTED, ANSWER).prompt_str_tokens
+    same = torch.tensor([a == b for a, b in zip(corrupted, by_pos.str_tokens)])
+    _close(by_pos.values[0, same], 1.0)
+    _close(by_pos.values[0, ~same], 0.0)
+
+
+def _insertion(model):
+    """A corrupted prompt with exactly 2 tokens inserted after "what", and where they land.
+
+    The insertion sits away from the substituted operand: a swapped token right next to inserted
+    ones cannot be told apart from them, so `fill_substitutions` leaves it unmatched too.
+    """
+    base = tl.resolve_answer(model, CORRUPTED, ANSWER).prompt_str_tokens
+    for extra in (" so", " is"):
+        prompt = CORRUPTED.replace("what", "what" + extra * 2, 1)
+        tokens = tl.resolve_answer(model, prompt, ANSWER).prompt_str_tokens
+        for k in range(1, len(base)):
+            if len(tokens) == len(base) + 2 and tokens[:k] + tokens[k + 2 :] == base and tokens[k] != base[k]:
+                return prompt, [k, k + 1]
+    raise AssertionError("no insertion of exactly two tokens found for this tokenizer")
+
+
+def test_inserted_tokens_are_nan(any_model):
+    prompt, inserted = _insertion(any_model)
+    result = patch(any_model, CLEAN, prompt, ANSWER, what="resid_pre")
+    nan_positions = sorted(set(result.values.isnan().nonzero()[:, 1].tolist()))
+    assert nan_positions == inserted
+    assert result.values.isnan().sum() == len(inserted) * any_model.cfg.n_layers
+    assert result.no_counterpart == inserted
+    assert "no counterpart" in repr(result)
+    assert "no counterpart" in result.plot().layout.title.text
+    # Every other position is patched, the substituted operand included (and it matters).
+    operand = result.str_tokens.index("3") if "3" in result.str_tokens else result.str_tokens.index(" 3")
+    assert result.values[0, operand].abs() > 1e-3
+
+
+def test_passed_alignment_is_used(tiny):
+    n = len(tl.resolve_answer(tiny, CORRUPTED, ANSWER).prompt_str_tokens)
+    alignment = [None] + list(range(1, n))
+    result = patch(tiny, CLEAN, CORRUPTED, ANSWER, alignment=alignment)
+    assert result.values[:, 0].isnan().all() and not result.values[:, 1:].isnan().any()
+    with pytest.raises(ValueError, match="entries"):
+        patch(tiny, CLEAN, CORRUPTED, ANSWER, alignment=[0, 1])
+
+
+def test_resid_pre_equals_transformer_lens(tiny):
+    from transformer_lens import patching as tl_patching
+
+    result = patch(tiny, CLEAN, CORRUPTED, ANSWER, what="resid_pre")
+    _, _, clean_metric, corr_metric, setup = prepare(tiny, CLEAN, CORRUPTED, ANSWER, "denoise", None, None, [])
+    clean_tokens = tl.resolve_answer(tiny, CLEAN, ANSWER).prompt_tokens[None]
+    _, cache = tiny.run_with_cache(clean_tokens)
+
+    def metric(logits):
+        return (logit_diff(logits[:, -1], setup.target, setup.distractors)[0] - corr_metric) / (
+            clean_metric - corr_metric
+        )
+
+    theirs = tl_patching.get_act_patch_resid_pre(tiny, setup.base_tokens, cache, metric)
+    torch.testing.assert_close(result.values, theirs.float().cpu(), atol=1e-5, rtol=0)
+
+
+def test_float32_random_model_within_rounding(gpt2):
+    # In float32 the random model's tiny gap leaves batch rounding visible, but only at rounding's size.
+    result = patch(gpt2, CLEAN, CORRUPTED, ANSWER, what="resid_pre_all_pos")
+    gap = abs(result.clean_metric - result.corrupted_metric)
+    _close(result.values, 1.0, atol=max(1e-5, 1e-6 / gap))
+
+
+def test_result_object(tiny):
+    result = patch(tiny, CLEAN, CORRUPTED, ANSWER, what="head")
+    assert result.values.shape == (tiny.cfg.n_layers, tiny.cfg.n_heads)
+    frame = result.to_frame()
+    assert isinstance(frame, pd.DataFrame) and list(frame.columns) == ["layer", "head", "value"]
+    assert len(frame) == tiny.cfg.n_layers * tiny.cfg.n_heads
+    top = result.top(3)
+    assert len(top) == 3 and top["value"].abs().is_monotonic_decreasing
+    text = repr(result)
+    assert text.startswith("PatchingResult(head, denoise") and "0x" not in text
+    fig = result.plot()
+    assert isinstance(fig, go.Figure) and fig.data[0].zmid == 0 and fig.data[0].colorscale[0][1] != ""
+    assert list(fig.data[0].y)[0] == "L0" and list(fig.data[0].x)[0] == "H0"
+    by_pos = patch(tiny, CLEAN, CORRUPTED, ANSWER, what="attn_out")
+    assert list(by_pos.plot().data[0].x)[3] == "'1'@3" or "@3" in list(by_pos.plot().data[0].x)[3]
+    with pytest.raises(ValueError, match="what must be"):
+        patch(tiny, CLEAN, CORRUPTED, ANSWER, what="nope")
+    assert math.isfinite(result.clean_metric) and result.clean_metric != result.corrupted_metric

@@ -1,0 +1,480 @@
+"""Activation patching, clean <-> corrupted, scored by normalised logit-difference recovery.
+
+`patch(model, clean, corrupted, answer)` runs one prompt, copies activations in from the other
+prompt's run one cell at a time (a layer and position, a layer, a head), and reports how much of
+the clean logit difference each cell brings back:
+
+    value = (patched - corrupted) / (clean - corrupted)
+
+where each term is the answer's logit minus the mean distractor logit at the final position. So
+0 means "as the corrupted run" and 1 means "as the clean run", in both directions:
+
+- `direction="denoise"` runs the corrupted prompt and patches in clean activations. A cell near 1
+  is sufficient to restore the answer.
+- `direction="noise"` runs the clean prompt and patches in corrupted activations. The same
+  normalisation is kept, so an unpatched run scores 1 and a cell near 0 is necessary for it.
+
+TransformerLens's `transformer_lens.patching.get_act_patch_resid_pre` and friends run on the
+bridge in compatibility mode, and for equal-length prompts they agree with this module (the tests
+check it on the bundled model). tracelib keeps its own path because TransformerLens's functions
+(1) assume both prompts have the same length and patch position i into position i, whereas prompts
+with injected tokens need an alignment (`align_tokens`) and an honest gap where a position has no
+counterpart; and (2) run one forward pass per cell, whereas here many cells share one batched pass:
+the base tokens are stacked B times and one hook per hook point writes each batch row's own cell.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tracelib.margin import check_k
+
+# Which TransformerLens hook each `what` patches, and whether it is split by position and by head.
+# "_all_pos" patches every (aligned) position of the layer at once.
+WHATS = {
+    "resid_pre": ("hook_resid_pre", True, False),
+    "resid_post": ("hook_resid_post", True, False),
+    "attn_out": ("hook_attn_out", True, False),
+    "mlp_out": ("hook_mlp_out", True, False),
+    "resid_pre_all_pos": ("hook_resid_pre", False, False),
+    "attn_out_all_pos": ("hook_attn_out", False, False),
+    "mlp_out_all_pos": ("hook_mlp_out", False, False),
+    "head": ("attn.hook_z", False, True),
+    "head_by_pos": ("attn.hook_z", True, True),
+}
+DIRECTIONS = ("denoise", "noise")
+
+
+class SameMetricError(ValueError):
+    """The clean and corrupted runs have the same logit difference, so recovery cannot be normalised."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One patch: copy `hook` (a TL alias) at `positions` of the base run from `sources` of the other run."""
+
+    hook: str
+    positions: tuple[int, ...]
+    sources: tuple[int, ...]
+    head: int | None = None
+
+
+@dataclass(frozen=True)
+class PatchSetup:
+    """Both runs, resolved: base tokens (the run that is patched) and the other run's activations.
+
+    Attributes:
+        base_tokens: `[1, pos]`, the prompt that is run and patched.
+        source_cache: TL alias -> `[pos, ...]` activation of the run patched in from.
+        mapping: for each base position, the source position that stands for it, or None.
+        target: the answer token; distractors: the tokens it should beat.
+    """
+
+    base_tokens: Tensor
+    source_cache: dict
+    mapping: list
+    target: int
+    distractors: list
+
+
+def logit_diff(logits: Float[Tensor, "batch vocab"], target: int, distractors: list[int]) -> Float[Tensor, " batch"]:
+    """The answer's logit minus the mean distractor logit (at the position the caller picked)."""
+    return logits[:, target] - logits[:, distractors].mean(-1)
+
+
+def _is_quiet() -> bool:
+    """Progress bars stay off under pytest and nbval, whose stderr comparisons they would break.
+
+    The rule: off when `PYTEST_CURRENT_TEST` is set (pytest sets it during every test), when pytest
+    or nbval is imported in this process, or when `TRACELIB_PROGRESS=0`. Notebook cells that show a
+    bar should start with `# NBVAL_IGNORE_OUTPUT` as well, since nbval's kernel runs in its own process.
+    """
+    return (
+        "PYTEST_CURRENT_TEST" in os.environ
+        or "_pytest" in sys.modules
+        or "nbval" in sys.modules
+        or os.environ.get("TRACELIB_PROGRESS") == "0"
+    )
+
+
+def auto_batch_size(model, seq_len: int, n_cells: int, cap: int = 256) -> int:
+    """A batch size that fits in a quarter of free memory, by a rough per-row estimate.
+
+    Per batch row the forward keeps about 16 d_model-wide activations per layer per position
+    (residuals, attention, the MLP's wider hidden layer) plus the full logits.
+    """
+    cfg = model.cfg
+    itemsize = next(model.parameters()).element_size()
+    per_row = seq_len * (16 * cfg.d_model * cfg.n_layers + 2 * cfg.d_vocab) * itemsize
+    device = torch.device(cfg.device) if cfg.device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            free = 2**31
+    return max(1, min(cap, n_cells, int(free // 4 // max(per_row, 1))))
+
+
+def _real_points(model, aliases) -> dict[str, list[str]]:
+    """The bridge files TL names as aliases of its own hook points: real point name -> aliases."""
+    out: dict[str, list[str]] = {}
+    for alias in aliases:
+        point = model.hook_dict.get(alias)
+        if point is None:
+            raise RuntimeError(f"This model has no hook {alias!r}, so tracelib cannot patch it.")
+        out.setdefault(point.name, []).append(alias)
+    return out
+
+
+def run_cached(model, tokens: Tensor, aliases) -> tuple[Tensor, dict[str, Tensor]]:
+    """One forward pass of `tokens` (`[1, pos]`): logits `[1, pos, vocab]` and each alias's activation `[pos, ...]`."""
+    points = _real_points(model, aliases)
+    store: dict[str, Tensor] = {}
+
+    def keep(act: Tensor, hook) -> None:
+        for alias in points[hook.name]:
+            store[alias] = act[0].detach().clone()
+        # None leaves the activation untouched (a returned tensor would replace it).
+
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(name, keep) for name in points], return_type="logits")
+    return logits, store
+
+
+def run_patched(
+    model, setup: PatchSetup, cells: list[Cell], batch_size: int | None = None, progress: bool | None = None
+) -> Float[Tensor, " cell"]:
+    """The logit difference of the base run with each cell patched in, batched B cells per forward pass.
+
+    Each batch stacks the base tokens B times; one hook per hook point writes only its rows' cells,
+    so batch row b is exactly the base run with cell b patched. An empty `cells` gives an empty tensor.
+    """
+    from tqdm.auto import tqdm
+
+    if not cells:
+        return torch.zeros(0)
+    device = model.cfg.device
+    tokens = setup.base_tokens.to(device)
+    final = tokens.shape[1] - 1
+    size = batch_size or auto_batch_size(model, tokens.shape[1], len(cells))
+    if size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    points = _real_points(model, {cell.hook for cell in cells})
+    alias_of = {name: aliases[0] for name, aliases in points.items()}
+    batches = [cells[i : i + size] for i in range(0, len(cells), size)]
+    show = progress if progress is not None else (len(batches) > 4 and not _is_quiet())
+    out = []
+    for batch in tqdm(batches, disable=not show, desc="patching", leave=False):
+        # Flat index tensors per hook point: batch row, base position, source position, head.
+        index: dict[str, tuple[Tensor, Tensor, Tensor, Tensor | None]] = {}
+        for name, alias in alias_of.items():
+            rows, pos, src, heads = [], [], [], []
+            for b, cell in enumerate(batch):
+                if cell.hook != alias:
+                    continue
+                rows += [b] * len(cell.positions)
+                pos += cell.positions
+                src += cell.sources
+                heads += [cell.head] * len(cell.positions)
+            if rows:
+                has_head = heads[0] is not None
+                index[name] = (
+                    torch.tensor(rows, device=device),
+                    torch.tensor(pos, device=device),
+                    torch.tensor(src, device=device),
+                    torch.tensor(heads, device=device) if has_head else None,
+                )
+
+        def write(act: Tensor, hook, index=index) -> Tensor:
+            rows, pos, src, heads = index[hook.name]
+            source = setup.source_cache[alias_of[hook.name]].to(act.device, act.dtype)
+            # A returned tensor replaces the activation; the clone keeps the bridge's own tensor intact.
+            act = act.clone()
+            if heads is None:
+                act[rows, pos] = source[src]
+            else:
+                act[rows, pos, heads] = source[src, heads]
+            return act
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(
+                tokens.expand(len(batch), -1),
+                fwd_hooks=[(name, write) for name in index],
+                return_type="logits",
+            )
+        out.append(logit_diff(logits[:, final].double(), setup.target, setup.distractors).cpu())
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class PatchingResult:
+    """How much of the clean logit difference each patched cell recovers (1 = clean, 0 = corrupted).
+
+    Attributes:
+        values: the recovery per cell, shaped by `dims`: `[layer, position]`, `[layer]`,
+            `[layer, head]` or `[layer, head, position]`. NaN where the cell's position has no
+            counterpart in the run patched from.
+        dims: the axis names of `values` ("layer", "head", "position").
+        labels: per axis, its tick labels (`L0`, `H3`, `'1'@5`).
+        what: what was patched (a key of `tracelib.patching.WHATS`).
+        direction: "denoise" (corrupted run, clean patched in) or "noise" (the reverse).
+        clean_metric: the clean run's logit difference (answer - mean distractor).
+        corrupted_metric: the corrupted run's.
+        answer_str: the answer token; distractor_strs: its rivals.
+        str_tokens: the tokens of the run that was patched (positions refer to them).
+        alignment: for each of those positions, the position in the other run patched from, or None.
+    """
+
+    values: Float[Tensor, "*shape"]
+    dims: tuple[str, ...]
+    labels: tuple[list[str], ...]
+    what: str
+    direction: str
+    clean_metric: float
+    corrupted_metric: float
+    answer_str: str
+    distractor_strs: list[str]
+    str_tokens: list[str]
+    alignment: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if tuple(self.values.shape) != tuple(len(lab) for lab in self.labels) or len(self.dims) != self.values.ndim:
+            raise ValueError(
+                f"values have shape {tuple(self.values.shape)}, but dims {self.dims} have "
+                f"{[len(lab) for lab in self.labels]} labels"
+            )
+
+    @property
+    def no_counterpart(self) -> list[int]:
+        """Positions of the patched run with no counterpart in the other run (NaN by position)."""
+        return [i for i, j in enumerate(self.alignment) if j is None]
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long form: one row per cell, a column per axis plus `value`."""
+        grids = torch.meshgrid(*[torch.arange(len(lab)) for lab in self.labels], indexing="ij")
+        data = {dim: [self.labels[d][i] for i in grids[d].flatten().tolist()] for d, dim in enumerate(self.dims)}
+        data["value"] = self.values.flatten().tolist()
+        return pd.DataFrame(data)
+
+    def top(self, k: int = 5) -> pd.DataFrame:
+        """The k cells with the largest |value|, signs kept (NaN cells left out)."""
+        k = check_k(k)
+        frame = self.to_frame().dropna(subset=["value"])
+        return frame.reindex(frame["value"].abs().sort_values(ascending=False).index).head(k).reset_index(drop=True)
+
+    def plot(self, **layout):
+        """A heatmap (bars for one axis) on RdBu centred at 0: blue recovers the clean answer."""
+        from tracelib.plotting import patching_figure
+
+        return patching_figure(self, **layout)
+
+    def __repr__(self) -> str:
+        vals = self.values[~self.values.isnan()]
+        best = self.top(1).iloc[0] if len(vals) else None
+        where = "" if best is None else " at " + " ".join(str(best[d]) for d in self.dims)
+        lines = [
+            f"PatchingResult({self.what}, {self.direction}, {tuple(self.values.shape)}; {self.answer_str!r} vs "
+            f"{self.distractor_strs}: clean {self.clean_metric:+.3f}, corrupted {self.corrupted_metric:+.3f})",
+            f"  recovery 1 = clean, 0 = corrupted; max |value| {best['value']:+.3f}{where}"
+            if best is not None
+            else "  no cell could be patched",
+        ]
+        if self.no_counterpart:
+            gap = ", ".join(f"{self.str_tokens[i]!r}@{i}" for i in self.no_counterpart)
+            lines.append(f"  no counterpart (NaN by position, not patched): {gap}")
+        return "\n".join(lines)
+
+
+def _resolve(model, prompt: str, answer, distractors):
+    from tracelib.trace import build_rows
+
+    rows = build_rows(model, prompt, answer, distractors)
+    if len(rows) != 1:
+        raise ValueError(f"patch() needs a single-token answer; {rows[0].label} has {len(rows)} tokens.")
+    return rows[0]
+
+
+def check_alignment(alignment, n_base: int, n_source: int) -> list[int | None]:
+    """An alignment as a list, checked: one entry per base position, each a source position or None."""
+    alignment = list(alignment)
+    if len(alignment) != n_base:
+        raise ValueError(f"The alignment has {len(alignment)} entries but the patched prompt has {n_base} tokens.")
+    for j in alignment:
+        if j is not None and not (0 <= int(j) < n_source):
+            raise ValueError(f"Alignment entry {j} is not a position of the other prompt (0..{n_source - 1}).")
+    return [None if j is None else int(j) for j in alignment]
+
+
+def fill_substitutions(alignment: list[int | None], n_source: int) -> list[int | None]:
+    """Map substituted tokens one-to-one: a gap of unmatched positions as long as the other side's gap.
+
+    `align_tokens` leaves every differing token unmatched, but a corrupted prompt's swapped operand
+    (`1` -> `3`) is exactly what patching needs to patch. Between two matched anchors, a run of
+    unmatched positions as long as the other prompt's unmatched run is a substitution and maps
+    position by position; a run of any other length (inserted tokens) stays None.
+    """
+    out = list(alignment)
+    anchors = [(-1, -1)] + [(j, i) for j, i in enumerate(out) if i is not None] + [(len(out), n_source)]
+    for (j0, i0), (j1, i1) in zip(anchors, anchors[1:]):
+        if j1 - j0 > 1 and j1 - j0 == i1 - i0:
+            for t in range(1, j1 - j0):
+                out[j0 + t] = i0 + t
+    return out
+
+
+def make_cells(model, what: str, mapping: list[int | None]) -> tuple[list[Cell], list[int], tuple, tuple]:
+    """Every cell `what` sweeps, the flat index of each in the result grid, and the grid's dims and size."""
+    hook, by_pos, by_head = WHATS[what]
+    cfg = model.cfg
+    aligned = [(i, j) for i, j in enumerate(mapping) if j is not None]
+    dims: tuple[str, ...] = ("layer",) + (("head",) if by_head else ()) + (("position",) if by_pos else ())
+    shape = (cfg.n_layers,) + ((cfg.n_heads,) if by_head else ()) + ((len(mapping),) if by_pos else ())
+    cells, flat = [], []
+    heads = range(cfg.n_heads) if by_head else [None]
+    for layer in range(cfg.n_layers):
+        alias = f"blocks.{layer}.{hook}"
+        for h_i, head in enumerate(heads):
+            base = (layer * len(heads) + h_i) * (len(mapping) if by_pos else 1)
+            if by_pos:
+                for i, j in aligned:
+                    cells.append(Cell(alias, (i,), (j,), head))
+                    flat.append(base + i)
+            elif aligned:
+                cells.append(Cell(alias, tuple(i for i, _ in aligned), tuple(j for _, j in aligned), head))
+                flat.append(base)
+    return cells, flat, dims, shape
+
+
+def prepare(model, clean_prompt: str, corrupted_prompt: str, answer, direction: str, distractors, alignment, hooks):
+    """Both runs, the metric's two anchors and the patching setup for `direction`."""
+    from tracelib.compare import align_tokens
+
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    clean, corrupted = (
+        _resolve(model, clean_prompt, answer, distractors),
+        _resolve(model, corrupted_prompt, answer, distractors),
+    )
+    if clean.target != corrupted.target:
+        raise ValueError(
+            f"The answer resolves to {clean.target_str!r} after the clean prompt but {corrupted.target_str!r} after "
+            "the corrupted one; patch() compares one answer token."
+        )
+    device = model.cfg.device
+    clean_logits, clean_cache = run_cached(model, clean.tokens[None].to(device), hooks)
+    corr_logits, corr_cache = run_cached(model, corrupted.tokens[None].to(device), hooks)
+    rivals = clean.distractors
+    if not rivals:  # as trace() does: the clean run's strongest non-answer token
+        ranked = clean_logits[0, -1].topk(2).indices.tolist()
+        rivals = [ranked[1] if ranked[0] == clean.target else ranked[0]]
+    clean_metric = logit_diff(clean_logits[:, -1].double(), clean.target, rivals).item()
+    corr_metric = logit_diff(corr_logits[:, -1].double(), clean.target, rivals).item()
+    if alignment is None:
+        alignment = fill_substitutions(align_tokens(clean.str_tokens, corrupted.str_tokens), len(clean.tokens))
+    # alignment: for each corrupted position, its clean position or None.
+    alignment = check_alignment(alignment, len(corrupted.tokens), len(clean.tokens))
+    if direction == "denoise":
+        base, cache, mapping = corrupted, clean_cache, alignment
+    else:
+        inverse: list[int | None] = [None] * len(clean.tokens)
+        for j, i in enumerate(alignment):
+            if i is not None:
+                inverse[i] = j
+        base, cache, mapping = clean, corr_cache, inverse
+    setup = PatchSetup(base.tokens[None], cache, mapping, clean.target, rivals)
+    return clean, corrupted, clean_metric, corr_metric, setup
+
+
+def patch(
+    model,
+    clean_prompt: str,
+    corrupted_prompt: str,
+    answer,
+    what: str = "resid_pre",
+    direction: str = "denoise",
+    distractors=None,
+    alignment=None,
+    batch_size: int | None = None,
+    *,
+    progress: bool | None = None,
+) -> PatchingResult:
+    """Patch activations between a clean and a corrupted prompt and score each cell's recovery.
+
+    Args:
+        model: a loaded model (`tl.load_model`).
+        clean_prompt: the prompt the model answers correctly.
+        corrupted_prompt: a minimally changed prompt (another operand, injected tokens).
+        answer: the single-token answer (`" 2"`), resolved as `trace()` resolves it.
+        what: one of `WHATS`: `"resid_pre"`, `"resid_post"`, `"attn_out"`, `"mlp_out"` per layer x
+            position; `"resid_pre_all_pos"`, `"attn_out_all_pos"`, `"mlp_out_all_pos"` per layer;
+            `"head"` per layer x head (`hook_z`, every position); `"head_by_pos"` per layer x head x position.
+        direction: `"denoise"` (run corrupted, patch clean in) or `"noise"` (run clean, patch
+            corrupted in). Both report (patched - corrupted) / (clean - corrupted): 1 = clean.
+        distractors: tokens the answer should beat; default as in `trace()` (neighbouring digits,
+            else the clean run's strongest competitor).
+        alignment: for each corrupted position, the clean position it corresponds to, or None.
+            Default: `align_tokens(clean tokens, corrupted tokens)`, with substituted tokens mapped
+            one-to-one (`fill_substitutions`), so equal-length prompts align position by position.
+            Positions without a counterpart are never patched: by position they are NaN; "all
+            positions" cells skip them.
+        batch_size: patched runs per forward pass; default from free memory (`auto_batch_size`).
+        progress: show a tqdm bar; default only with more than 4 batches and never under pytest or
+            nbval (see `_is_quiet`).
+
+    Returns:
+        A `PatchingResult`.
+
+    Raises:
+        SameMetricError: the clean and corrupted logit differences are equal, so no recovery can be normalised.
+    """
+    if what not in WHATS:
+        raise ValueError(f"what must be one of {sorted(WHATS)}, got {what!r}")
+    hook = WHATS[what][0]
+    hooks = [f"blocks.{layer}.{hook}" for layer in range(model.cfg.n_layers)]
+    from tracelib.answers import token_str
+
+    clean, corrupted, clean_metric, corr_metric, setup = prepare(
+        model, clean_prompt, corrupted_prompt, answer, direction, distractors, alignment, hooks
+    )
+    span = clean_metric - corr_metric
+    if not math.isfinite(span) or abs(span) <= 1e-6 * max(1.0, abs(clean_metric), abs(corr_metric)):
+        raise SameMetricError(
+            f"The clean and corrupted prompts give the same logit difference ({clean_metric:+.6f} vs "
+            f"{corr_metric:+.6f}), so recovery (patched - corrupted) / (clean - corrupted) is undefined. "
+            "Pick a corrupted prompt that changes the answer's margin."
+        )
+    cells, flat, dims, shape = make_cells(model, what, setup.mapping)
+    patched = run_patched(model, setup, cells, batch_size, progress)
+    values = torch.full((math.prod(shape),), math.nan)
+    values[torch.tensor(flat, dtype=torch.long)] = ((patched - corr_metric) / span).float()
+    base = corrupted if direction == "denoise" else clean
+    from tracelib.plotting import token_labels
+
+    axis = {
+        "layer": [f"L{i}" for i in range(model.cfg.n_layers)],
+        "head": [f"H{i}" for i in range(model.cfg.n_heads)],
+        "position": token_labels(base.str_tokens),
+    }
+    return PatchingResult(
+        values=values.reshape(shape),
+        dims=dims,
+        labels=tuple(axis[d] for d in dims),
+        what=what,
+        direction=direction,
+        clean_metric=clean_metric,
+        corrupted_metric=corr_metric,
+        answer_str=clean.target_str,
+        distractor_strs=[token_str(model, t) for t in setup.distractors],
+        str_tokens=list(base.str_tokens),
+        alignment=list(setup.mapping),
+    )
