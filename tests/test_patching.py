@@ -182,3 +182,36 @@ def test_result_object(tiny):
     with pytest.raises(ValueError, match="what must be"):
         patch(tiny, CLEAN, CORRUPTED, ANSWER, what="nope")
     assert math.isfinite(result.clean_metric) and result.clean_metric != result.corrupted_metric
+
+
+def test_heads_by_position(any_model):
+    result = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="head_by_pos")
+    cfg = any_model.cfg
+    assert result.dims == ("layer", "head", "position")
+    assert result.values.shape == (cfg.n_layers, cfg.n_heads, len(result.str_tokens))
+    # Before the first swapped token both prompts agree, and attention is causal: nothing to recover.
+    clean = tl.resolve_answer(any_model, CLEAN, ANSWER).prompt_str_tokens
+    first = next(i for i, (a, b) in enumerate(zip(clean, result.str_tokens)) if a != b)
+    _close(result.values[:, :, :first], torch.zeros(cfg.n_layers, cfg.n_heads, first))
+    assert result.plot().data[0].y[0] == "L0H0"
+    # In the last layer no earlier position reaches the final logits any more, so a head patched at
+    # every position (the "head" sweep) acts exactly as that head patched at the final position.
+    heads = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="head")
+    last = cfg.n_layers - 1
+    torch.testing.assert_close(heads.values[last], result.values[last, :, -1], atol=1e-5, rtol=0)
+
+
+def test_progress_is_quiet_under_pytest():
+    from tracelib.patching import _is_quiet
+
+    assert _is_quiet()
+    assert tl.patch is patch and tl.PatchingResult.__name__ == "PatchingResult"
+
+
+def test_noising_with_insertion_patches_every_clean_position(any_model):
+    # Noising runs the clean prompt; every clean token has a counterpart, the inserted ones are just unused.
+    prompt, _ = _insertion(any_model)
+    result = patch(any_model, CLEAN, prompt, ANSWER, what="resid_pre_all_pos", direction="noise")
+    assert result.no_counterpart == [] and not result.values.isnan().any()
+    assert len(result.str_tokens) == len(tl.resolve_answer(any_model, CLEAN, ANSWER).prompt_str_tokens)
+    assert len(result.plot().data) == 1

@@ -471,8 +471,9 @@ def patching_figure(result, **layout) -> go.Figure:
         title += f"<br><sup>Blank: no counterpart in the other prompt ({gap}), not patched.</sup>"
     title += f"<br><sup>{PATCHING_CAPTION}</sup>"
     if values.ndim == 1:
-        fig = signed_bars(labels[0], values.nan_to_num(0.0), title, xaxis_title="Layer", yaxis_title="Recovery")
-        return _layout(fig, {}, layout)
+        # signed_bars would add the DLA caption; this figure carries its own.
+        fig = signed_bars(labels[0], values.nan_to_num(0.0), "", xaxis_title="Layer", yaxis_title="Recovery")
+        return _layout(fig, {"title": title}, layout)
     finite = values[~values.isnan()]
     limit = finite.abs().max().item() if len(finite) else 1.0
     fig = go.Figure(
