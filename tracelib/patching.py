@@ -126,14 +126,9 @@ def auto_batch_size(model, seq_len: int, n_cells: int, cap: int = 256) -> int:
 
 
 def _real_points(model, aliases) -> dict[str, list[str]]:
-    """The bridge files TL names as aliases of its own hook points: real point name -> aliases."""
-    out: dict[str, list[str]] = {}
-    for alias in aliases:
-        point = model.hook_dict.get(alias)
-        if point is None:
-            raise RuntimeError(f"This model has no hook {alias!r}, so tracelib cannot patch it.")
-        out.setdefault(point.name, []).append(alias)
-    return out
+    from tracelib.trace import real_hook_points
+
+    return real_hook_points(model, aliases, "patch")
 
 
 def run_cached(model, tokens: Tensor, aliases) -> tuple[Tensor, dict[str, Tensor]]:

@@ -79,18 +79,19 @@ def head_heatmap(values: Tensor, title: str = "", **layout) -> go.Figure:
     return _layout(fig, {"title": title, "xaxis_title": "Head", "yaxis_title": "Layer"}, layout, signed=True)
 
 
+def _rdbu_heatmap(values: Tensor, x: list[str], y: list[str], limit: float | None = None, **kw) -> go.Heatmap:
+    """One heatmap trace on RdBu, symmetric about 0 (blue positive): every signed heatmap uses it."""
+    limit = limit if limit is not None else (values.abs().max().item() or 1.0)
+    return go.Heatmap(z=values.tolist(), x=x, y=y, colorscale=DIVERGING, zmid=0, zmin=-limit, zmax=limit, **kw)
+
+
 def _diverging_heatmap(values: Tensor, x: list[str], y: list[str], hover: str) -> go.Figure:
     """A heatmap on RdBu, symmetric about 0, first row at the top, categorical (string) ticks."""
-    limit = values.abs().max().item() or 1.0
     fig = go.Figure(
-        go.Heatmap(
-            z=values.tolist(),
-            x=x,
-            y=y,
-            colorscale=DIVERGING,
-            zmid=0,
-            zmin=-limit,
-            zmax=limit,
+        _rdbu_heatmap(
+            values,
+            x,
+            y,
             colorbar=dict(title=dict(text="DLA<br>blue: toward<br>red: against", side="top")),
             hovertemplate=hover + ": %{z:+.3f}<extra></extra>",
         )
@@ -381,14 +382,11 @@ def comparison_heatmaps(a: Tensor, b: Tensor, title: str = "", **layout) -> go.F
     diff = b - a
     for col, (values, limit) in enumerate(((a, shared), (b, shared), (diff, diff.abs().max().item() or 1.0)), 1):
         fig.add_trace(
-            go.Heatmap(
-                z=values.tolist(),
-                x=x,
-                y=y,
-                colorscale=DIVERGING,
-                zmid=0,
-                zmin=-limit,
-                zmax=limit,
+            _rdbu_heatmap(
+                values,
+                x,
+                y,
+                limit,
                 showscale=col in (2, 3),
                 colorbar=dict(
                     x=bar_x.get(col, 1.0),

@@ -162,6 +162,21 @@ def hook_names(model) -> dict[str, str]:
     return names
 
 
+def real_hook_points(model, names, purpose: str = "trace") -> dict[str, list[str]]:
+    """Map TransformerLens hook names to the bridge's real hook points: real name -> aliases.
+
+    The bridge exposes TL's names as aliases (blocks.0.hook_resid_pre is the point blocks.0.hook_in);
+    hooks go on the real points, and each activation is filed under its alias.
+    """
+    out: dict[str, list[str]] = {}
+    for name in names:
+        point = model.hook_dict.get(name)
+        if point is None:
+            raise RuntimeError(f"This model has no hook {name!r}, so tracelib cannot {purpose} it.")
+        out.setdefault(point.name, []).append(name)
+    return out
+
+
 @dataclass
 class Forward:
     """What the one forward pass leaves behind.
@@ -206,12 +221,7 @@ def run_forward(model, rows: list[Row]) -> Forward:
     # The bridge exposes TransformerLens's names as aliases (blocks.0.hook_resid_pre is the hook
     # point blocks.0.hook_in); hook the real points and file each activation under its alias.
     wanted = hook_names(model)
-    aliases: dict[str, list[str]] = {}
-    for name in wanted:
-        point = model.hook_dict.get(name)
-        if point is None:
-            raise RuntimeError(f"This model has no hook {name!r}, so tracelib cannot trace it.")
-        aliases.setdefault(point.name, []).append(name)
+    aliases = real_hook_points(model, wanted, "trace")
 
     def keep(act: Tensor, hook) -> None:
         # Returning None leaves the activation untouched; returning any other tensor object makes
