@@ -25,7 +25,16 @@ from tracelib.models import (
 )
 from tracelib.notebook import setup_notebook
 from tracelib.ood import Injection, UndertrainedTokens, find_undertrained_tokens, inject
-from tracelib.patching import PatchingResult, SameMetricError, patch
+from tracelib.patching import (
+    PatchingAgreement,
+    PatchingResult,
+    ReadableVsCausal,
+    SameMetricError,
+    attribution_patch,
+    compare_patching,
+    patch,
+    readable_vs_causal,
+)
 from tracelib.positions import Positions
 from tracelib.reference import (
     ReferenceChecksumError,
@@ -61,9 +70,11 @@ __all__ = [
     "ModelUnavailableError",
     "MultiTokenAnswerError",
     "NonFiniteError",
+    "PatchingAgreement",
     "PatchingResult",
     "Positions",
     "PromptTooLongError",
+    "ReadableVsCausal",
     "Reconstruction",
     "ReconstructionWarning",
     "ResolvedAnswer",
@@ -73,8 +84,10 @@ __all__ = [
     "UnknownModelError",
     "align_tokens",
     "answer_direction",
+    "attribution_patch",
     "chat_prompt",
     "compare",
+    "compare_patching",
     "default_distractors",
     "direct_logit_attribution",
     "find_undertrained_tokens",
@@ -83,6 +96,7 @@ __all__ = [
     "logit_lens",
     "logit_margin",
     "patch",
+    "readable_vs_causal",
     "resolve_answer",
     "setup_notebook",
     "ReferenceChecksumError",

@@ -51,6 +51,7 @@ WHATS = {
     "head_by_pos": ("attn.hook_z", True, True),
 }
 DIRECTIONS = ("denoise", "noise")
+METHODS = ("exact", "attribution")
 
 
 class SameMetricError(ValueError):
@@ -228,6 +229,8 @@ class PatchingResult:
         answer_str: the answer token; distractor_strs: its rivals.
         str_tokens: the tokens of the run that was patched (positions refer to them).
         alignment: for each of those positions, the position in the other run patched from, or None.
+        method: "exact" (`patch()`: every cell a real patched run) or "attribution" (`attribution_patch()`:
+            the first-order estimate of every cell from one backward pass).
     """
 
     values: Float[Tensor, "*shape"]
@@ -241,8 +244,11 @@ class PatchingResult:
     distractor_strs: list[str]
     str_tokens: list[str]
     alignment: list = field(default_factory=list)
+    method: str = "exact"
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if tuple(self.values.shape) != tuple(len(lab) for lab in self.labels) or len(self.dims) != self.values.ndim:
             raise ValueError(
                 f"values have shape {tuple(self.values.shape)}, but dims {self.dims} have "
@@ -277,9 +283,11 @@ class PatchingResult:
         vals = self.values[~self.values.isnan()]
         best = self.top(1).iloc[0] if len(vals) else None
         where = "" if best is None else " at " + " ".join(str(best[d]) for d in self.dims)
+        estimate = "" if self.method == "exact" else ", attribution estimate"
         lines = [
-            f"PatchingResult({self.what}, {self.direction}, {tuple(self.values.shape)}; {self.answer_str!r} vs "
-            f"{self.distractor_strs}: clean {self.clean_metric:+.3f}, corrupted {self.corrupted_metric:+.3f})",
+            f"PatchingResult({self.what}, {self.direction}{estimate}, {tuple(self.values.shape)}; "
+            f"{self.answer_str!r} vs {self.distractor_strs}: clean {self.clean_metric:+.3f}, "
+            f"corrupted {self.corrupted_metric:+.3f})",
             f"  recovery 1 = clean, 0 = corrupted; max |value| {best['value']:+.3f}{where}"
             if best is not None
             else "  no cell could be patched",
@@ -472,4 +480,420 @@ def patch(
         distractor_strs=[token_str(model, t) for t in setup.distractors],
         str_tokens=list(base.str_tokens),
         alignment=list(setup.mapping),
+    )
+
+
+# Attribution patching: the first-order estimate of every cell from one backward pass.
+# Which hook each `what` reads its activation and gradient at (TL aliases, `{layer}` filled in).
+ATTRIBUTION_HOOKS = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "resid_pre_all_pos": "blocks.{layer}.hook_resid_pre",
+    "attn_out_all_pos": "blocks.{layer}.hook_attn_out",
+    "mlp_out_all_pos": "blocks.{layer}.hook_mlp_out",
+    "head": "blocks.{layer}.attn.hook_z",
+    "head_by_pos": "blocks.{layer}.attn.hook_z",
+}
+
+
+def resolve_pair(model, clean_prompt: str, corrupted_prompt: str, answer, distractors, alignment):
+    """Both prompts resolved to rows with one answer token, and the checked corrupted -> clean alignment."""
+    from tracelib.compare import align_tokens
+
+    clean = _resolve(model, clean_prompt, answer, distractors)
+    corrupted = _resolve(model, corrupted_prompt, answer, distractors)
+    if clean.target != corrupted.target:
+        raise ValueError(
+            f"The answer resolves to {clean.target_str!r} after the clean prompt but {corrupted.target_str!r} after "
+            "the corrupted one; patching compares one answer token."
+        )
+    if alignment is None:
+        alignment = fill_substitutions(align_tokens(clean.str_tokens, corrupted.str_tokens), len(clean.tokens))
+    return clean, corrupted, check_alignment(alignment, len(corrupted.tokens), len(clean.tokens))
+
+
+def _check_span(clean_metric: float, corr_metric: float) -> float:
+    span = clean_metric - corr_metric
+    if not math.isfinite(span) or abs(span) <= 1e-6 * max(1.0, abs(clean_metric), abs(corr_metric)):
+        raise SameMetricError(
+            f"The clean and corrupted prompts give the same logit difference ({clean_metric:+.6f} vs "
+            f"{corr_metric:+.6f}), so recovery (patched - corrupted) / (clean - corrupted) is undefined. "
+            "Pick a corrupted prompt that changes the answer's margin."
+        )
+    return span
+
+
+def attribution_patch(
+    model,
+    clean_prompt: str,
+    corrupted_prompt: str,
+    answer,
+    what: str = "resid_pre",
+    direction: str = "denoise",
+    distractors=None,
+    alignment=None,
+) -> PatchingResult:
+    """Estimate every cell of `patch()` at once from one backward pass (attribution patching).
+
+    Attribution patching (Nanda 2023; Syed et al. 2023) replaces each patched run by its first-order
+    Taylor estimate around the run being patched: the metric changes by about
+    `(a_other - a_base) . d metric / d a_base`. So one forward of the other prompt and one forward
+    plus one backward of the base prompt give the whole layer x position map, the head map, or any
+    other `what` that `patch()` sweeps, on the same normalised scale (1 = clean, 0 = corrupted).
+
+    The passes are TransformerLens's own: `transformer_lens.tools.analysis.attribution_patching.
+    cache_activation_and_gradient` caches the activations and, through backward hooks, their
+    gradients. TransformerLens's `attribution_patch` scores heads (per position, from `hook_z`)
+    and MLP outputs, and for equal-length prompts these scores equal its `node_scores` (a test
+    checks it). tracelib adds what it lacks: the residual stream (`resid_pre`, `resid_post`),
+    `attn_out`, the per-layer "all positions" cells, the noising direction, the alignment of prompts
+    of different lengths (TransformerLens refuses them), and the normalisation.
+
+    GQA (Qwen2.5): head cells are read at `hook_z`, one vector per query head, so grouped K/V heads
+    need no special case. TransformerLens refuses GQA only for its edge granularity (edges into
+    the shared K/V inputs), which tracelib does not use.
+
+    The estimate is linear: it is good where a patch moves the run a little, and can be far off
+    where a patch flips an attention pattern or a saturated nonlinearity (often at layer 0's
+    operand positions). Compare it with `patch()` before trusting it (`compare_patching`).
+
+    Args:
+        model, clean_prompt, corrupted_prompt, answer, what, direction, distractors, alignment: as
+            in `patch()`.
+
+    Returns:
+        A `PatchingResult` with `method="attribution"`. Cells with no counterpart are NaN.
+
+    Raises:
+        SameMetricError: the clean and corrupted logit differences are equal.
+    """
+    from transformer_lens.tools.analysis.attribution_patching import cache_activation_and_gradient
+
+    from tracelib.answers import token_str
+    from tracelib.plotting import token_labels
+
+    if what not in WHATS:
+        raise ValueError(f"what must be one of {sorted(WHATS)}, got {what!r}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if model.training:
+        raise ValueError("attribution_patch() needs the model in eval() mode (tl.load_model leaves it so).")
+    clean, corrupted, alignment = resolve_pair(model, clean_prompt, corrupted_prompt, answer, distractors, alignment)
+    n_layers = model.cfg.n_layers
+    names = [ATTRIBUTION_HOOKS[what].format(layer=layer) for layer in range(n_layers)]
+    # TransformerLens's backward hook never fires at the most upstream cached point, and its
+    # fallback cannot reach a reshaped view such as `hook_z`; caching `hook_embed` as well keeps
+    # every point of interest downstream of one.
+    cached = ["hook_embed", *names]
+    rivals: list[int] = list(clean.distractors)
+
+    def metric(logits: Tensor) -> Tensor:
+        if not rivals:  # as patch() does: the clean run's strongest non-answer token (the clean run goes first)
+            ranked = logits[0, -1].detach().topk(2).indices.tolist()
+            rivals.append(ranked[1] if ranked[0] == clean.target else ranked[0])
+        return logit_diff(logits[:, -1].double(), clean.target, rivals)[0]
+
+    device = model.cfg.device
+    base_is_clean = direction == "noise"
+    with torch.enable_grad():
+        clean_run = cache_activation_and_gradient(
+            model, clean.tokens[None].to(device), metric, names_filter=cached, compute_gradient=base_is_clean
+        )
+        corr_run = cache_activation_and_gradient(
+            model, corrupted.tokens[None].to(device), metric, names_filter=cached, compute_gradient=not base_is_clean
+        )
+    clean_metric, corr_metric = clean_run.metric.item(), corr_run.metric.item()
+    span = _check_span(clean_metric, corr_metric)
+    if base_is_clean:
+        base, base_run, source_run = clean, clean_run, corr_run
+        mapping: list[int | None] = [None] * len(clean.tokens)
+        for j, i in enumerate(alignment):
+            if i is not None:
+                mapping[i] = j
+    else:
+        base, base_run, source_run, mapping = corrupted, corr_run, clean_run, alignment
+
+    _, by_pos, by_head = WHATS[what]
+    aligned = torch.tensor([i for i, j in enumerate(mapping) if j is not None], dtype=torch.long)
+    sources = torch.tensor([j for j in mapping if j is not None], dtype=torch.long)
+    per_layer = []
+    for name in names:
+        act = base_run.activations[name][0].double().cpu()
+        grad = base_run.gradients[name]
+        if grad is None:
+            raise RuntimeError(f"TransformerLens returned no gradient at {name}; the metric does not depend on it.")
+        grad = grad[0].double().cpu()
+        other = source_run.activations[name][0].double().cpu()
+        # score[pos (, head)]: (a_other - a_base) . g, summed over the last (feature) axis.
+        score = torch.full(act.shape[:-1], math.nan, dtype=torch.float64)
+        score[aligned] = ((other[sources] - act[aligned]) * grad[aligned]).sum(-1)
+        per_layer.append(score)
+    scores = torch.stack(per_layer)  # [layer, pos] or [layer, pos, head]
+    if by_head:
+        scores = scores.transpose(1, 2)  # [layer, head, pos]
+    if not by_pos:
+        # A patch of every aligned position at once: to first order, the sum of the single ones.
+        scores = scores.nansum(-1) if len(aligned) else torch.full(scores.shape[:-1], math.nan, dtype=torch.float64)
+    values = scores / span + (1.0 if base_is_clean else 0.0)
+    dims: tuple[str, ...] = ("layer",) + (("head",) if by_head else ()) + (("position",) if by_pos else ())
+    axis = {
+        "layer": [f"L{i}" for i in range(n_layers)],
+        "head": [f"H{i}" for i in range(model.cfg.n_heads)],
+        "position": token_labels(base.str_tokens),
+    }
+    return PatchingResult(
+        values=values.float(),
+        dims=dims,
+        labels=tuple(axis[d] for d in dims),
+        what=what,
+        direction=direction,
+        clean_metric=clean_metric,
+        corrupted_metric=corr_metric,
+        answer_str=clean.target_str,
+        distractor_strs=[token_str(model, t) for t in rivals],
+        str_tokens=list(base.str_tokens),
+        alignment=list(mapping),
+        method="attribution",
+    )
+
+
+def _cell_names(result: PatchingResult) -> list[str]:
+    """One label per cell of `result.values`, in flat order: `L2 H3 'x'@5`."""
+    grids = torch.meshgrid(*[torch.arange(len(lab)) for lab in result.labels], indexing="ij")
+    flat = [g.flatten().tolist() for g in grids]
+    return [
+        " ".join(result.labels[d][flat[d][c]] for d in range(len(result.dims))) for c in range(result.values.numel())
+    ]
+
+
+@dataclass(frozen=True)
+class PatchingAgreement:
+    """How well attribution patching's estimate matches exact patching, cell by cell.
+
+    Attributes:
+        cells: the label of every cell both results patched (NaN cells left out).
+        exact: exact recovery per cell (`patch()`); estimate: the linear estimate (`attribution_patch()`).
+        pearson: Pearson correlation of the two over the cells; spearman: Spearman's rank correlation.
+        what, direction: what both results patched, and which way.
+    """
+
+    cells: list[str]
+    exact: Float[Tensor, " cell"]
+    estimate: Float[Tensor, " cell"]
+    pearson: float
+    spearman: float
+    what: str
+    direction: str
+
+    def __post_init__(self) -> None:
+        if not (len(self.cells) == len(self.exact) == len(self.estimate)):
+            raise ValueError(
+                f"cells ({len(self.cells)}), exact ({len(self.exact)}) and estimate ({len(self.estimate)}) must align"
+            )
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per cell: exact recovery, the estimate, and estimate - exact."""
+        return pd.DataFrame(
+            {
+                "cell": self.cells,
+                "exact": self.exact.tolist(),
+                "estimate": self.estimate.tolist(),
+                "difference": (self.estimate - self.exact).tolist(),
+            }
+        )
+
+    def top(self, k: int = 5) -> pd.DataFrame:
+        """The k cells where the estimate is furthest from exact patching, signs kept."""
+        k = check_k(k)
+        frame = self.to_frame()
+        return (
+            frame.reindex(frame["difference"].abs().sort_values(ascending=False).index).head(k).reset_index(drop=True)
+        )
+
+    def plot(self, **layout):
+        """The estimate against exact recovery, one marker per cell, with the line where they agree."""
+        from tracelib.plotting import agreement_figure
+
+        return agreement_figure(self, **layout)
+
+    def __repr__(self) -> str:
+        worst = self.top(1).iloc[0] if self.cells else None
+        tail = (
+            ""
+            if worst is None
+            else f"; furthest apart: {worst['cell']} (exact {worst['exact']:+.3f}, estimate {worst['estimate']:+.3f})"
+        )
+        return (
+            f"PatchingAgreement({self.what}, {self.direction}, {len(self.cells)} cells: pearson {self.pearson:+.3f}, "
+            f"spearman {self.spearman:+.3f}{tail})"
+        )
+
+
+def compare_patching(exact: PatchingResult, estimate: PatchingResult) -> PatchingAgreement:
+    """Line up exact patching and attribution patching of the same sweep, and correlate them.
+
+    Args:
+        exact: a `patch()` result; estimate: an `attribution_patch()` result of the same prompts,
+            answer, `what` and direction.
+
+    Returns:
+        A `PatchingAgreement` over every cell patched in both (cells with no counterpart are left out).
+    """
+    from tracelib.compare import spearman
+
+    if exact.method != "exact" or estimate.method != "attribution":
+        raise ValueError(
+            f"compare_patching(exact, estimate) takes a patch() result then an attribution_patch() result; got "
+            f"methods {exact.method!r} and {estimate.method!r}."
+        )
+    for name in ("what", "direction", "dims", "labels", "str_tokens", "answer_str"):
+        if getattr(exact, name) != getattr(estimate, name):
+            raise ValueError(
+                f"The two results differ in {name}: {getattr(exact, name)!r} vs {getattr(estimate, name)!r}; "
+                "run both on the same prompts, answer, what and direction."
+            )
+    x, y = exact.values.flatten().double(), estimate.values.flatten().double()
+    keep = ~(x.isnan() | y.isnan())
+    x, y = x[keep], y[keep]
+    names = [n for n, k in zip(_cell_names(exact), keep.tolist()) if k]
+    pearson = math.nan
+    if len(x) > 1 and x.std() > 0 and y.std() > 0:
+        pearson = torch.corrcoef(torch.stack([x, y]))[0, 1].item()
+    rho = spearman(x, y) if len(x) > 1 else math.nan
+    return PatchingAgreement(names, x.float(), y.float(), pearson, rho, exact.what, exact.direction)
+
+
+# Which patching sweep measures each DLA unit's causal effect, and the DLA label it is read against.
+CAUSAL_UNITS = {"head": "head", "attn_out_all_pos": "attn", "mlp_out_all_pos": "mlp"}
+
+
+@dataclass(frozen=True)
+class ReadableVsCausal:
+    """Each component's and head's DLA (readable) beside its patching effect (causal).
+
+    Attributes:
+        units: `L2H3` for heads, `L2 attn` / `L2 MLP` for whole layers.
+        kinds: "head" or "component" per unit.
+        dla: each unit's direct logit attribution in the reference trace (`trace.dla.metric`).
+        recovery: each unit's patching recovery (1 = clean, 0 = corrupted), from the sweeps passed in.
+        metric: what the DLA attributes (e.g. "logit"); direction: the patching direction.
+        answer_str: the answer both measure.
+    """
+
+    units: list[str]
+    kinds: list[str]
+    dla: Float[Tensor, " unit"]
+    recovery: Float[Tensor, " unit"]
+    metric: str
+    direction: str
+    answer_str: str
+
+    def __post_init__(self) -> None:
+        if not (len(self.units) == len(self.kinds) == len(self.dla) == len(self.recovery)):
+            raise ValueError("units, kinds, dla and recovery must have one entry per unit")
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per unit: DLA and recovery, with each one's rank by absolute size (1 = largest)."""
+        frame = pd.DataFrame(
+            {"unit": self.units, "kind": self.kinds, "dla": self.dla.tolist(), "recovery": self.recovery.tolist()}
+        )
+        frame["dla_rank"] = frame.groupby("kind")["dla"].transform(
+            lambda s: s.abs().rank(ascending=False, method="min")
+        )
+        frame["recovery_rank"] = frame.groupby("kind")["recovery"].transform(
+            lambda s: s.abs().rank(ascending=False, method="min")
+        )
+        return frame.astype({"dla_rank": int, "recovery_rank": int})
+
+    def top(self, k: int = 5, by: str = "dla") -> pd.DataFrame:
+        """The k units largest by |DLA| (`by="dla"`) or by |recovery| (`by="recovery"`), signs kept."""
+        k = check_k(k)
+        if by not in ("dla", "recovery"):
+            raise ValueError(f"by must be 'dla' or 'recovery', got {by!r}")
+        frame = self.to_frame()
+        return frame.reindex(frame[by].abs().sort_values(ascending=False).index).head(k).reset_index(drop=True)
+
+    def disagreements(self, kind: str = "head") -> pd.DataFrame:
+        """The unit of `kind` largest by |DLA| and the one largest by |recovery|, side by side."""
+        frame = self.to_frame()
+        frame = frame[frame["kind"] == kind]
+        if frame.empty:
+            raise ValueError(f"no units of kind {kind!r}; kinds here: {sorted(set(self.kinds))}")
+        rows = [frame.loc[frame["dla"].abs().idxmax()], frame.loc[frame["recovery"].abs().idxmax()]]
+        return pd.DataFrame(rows, index=["largest |DLA|", "largest |recovery|"])
+
+    def plot(self, **layout):
+        """DLA against patching recovery, one marker per unit, labelled."""
+        from tracelib.plotting import readable_causal_figure
+
+        return readable_causal_figure(self, **layout)
+
+    def __repr__(self) -> str:
+        lines = [
+            f"ReadableVsCausal({len(self.units)} units, {self.metric} DLA vs {self.direction} recovery "
+            f"of {self.answer_str!r})"
+        ]
+        for kind in sorted(set(self.kinds)):
+            d = self.disagreements(kind)
+            a, b = d.iloc[0], d.iloc[1]
+            lines.append(
+                f"  {kind}: largest |DLA| {a['unit']} ({a['dla']:+.3f}, recovery {a['recovery']:+.3f}); "
+                f"largest |recovery| {b['unit']} ({b['recovery']:+.3f}, DLA {b['dla']:+.3f})"
+            )
+        return "\n".join(lines)
+
+
+def readable_vs_causal(trace, *results: PatchingResult, row: int = 0) -> ReadableVsCausal:
+    """Put each unit's DLA in `trace` beside its patching recovery in `results`.
+
+    Args:
+        trace: the clean `Trace` (or a loaded reference) whose DLA is "readable".
+        *results: exact patching sweeps of the same answer: `what="head"` for heads,
+            `"attn_out_all_pos"` and `"mlp_out_all_pos"` for whole layers. At least one.
+        row: which row of `trace`.
+
+    Returns:
+        A `ReadableVsCausal`.
+    """
+    if not results:
+        raise ValueError('Pass at least one patching result: what="head", "attn_out_all_pos" or "mlp_out_all_pos".')
+    if not 0 <= row < len(trace.rows):
+        raise ValueError(f"row {row} is out of range: the trace has {len(trace.rows)} rows")
+    dla = trace.dla
+    n_layers, n_heads = dla.heads.shape[:2]
+    answer = trace.rows[row].target_str
+    units, kinds, readable, causal = [], [], [], []
+    directions = {r.direction for r in results}
+    if len(directions) > 1:
+        raise ValueError(f"The results mix patching directions {sorted(directions)}; pass one direction.")
+    for result in results:
+        if result.what not in CAUSAL_UNITS:
+            raise ValueError(f"readable_vs_causal takes what in {sorted(CAUSAL_UNITS)}, got {result.what!r}")
+        if result.answer_str != answer:
+            raise ValueError(
+                f"The trace's answer is {answer!r} but the {result.what} sweep patched {result.answer_str!r}."
+            )
+        if result.values.shape[0] != n_layers or (result.what == "head" and result.values.shape[1] != n_heads):
+            raise ValueError(
+                f"The {result.what} sweep has shape {tuple(result.values.shape)}, but the trace has {n_layers} layers "
+                f"x {n_heads} heads: they come from different models."
+            )
+        for layer in range(n_layers):
+            if result.what == "head":
+                for head in range(n_heads):
+                    units.append(f"L{layer}H{head}")
+                    kinds.append("head")
+                    readable.append(dla.heads[layer, head, row].item())
+                    causal.append(result.values[layer, head].item())
+            else:
+                part = CAUSAL_UNITS[result.what]
+                index = dla.component_labels.index(f"{layer}_{part}_out")
+                units.append(f"L{layer} {'attn' if part == 'attn' else 'MLP'}")
+                kinds.append("component")
+                readable.append(dla.components[index, row].item())
+                causal.append(result.values[layer].item())
+    return ReadableVsCausal(
+        units, kinds, torch.tensor(readable), torch.tensor(causal), dla.metric, directions.pop(), answer
     )

@@ -463,7 +463,8 @@ def patching_figure(result, **layout) -> go.Figure:
         x_title, y_title = dims[1].capitalize(), "Layer"
     else:
         x_title, y_title = "Layer", None
-    title = f"Activation patching ({result.what}, {result.direction}): recovery of {result.answer_str!r}"
+    kind = "Activation patching" if result.method == "exact" else "Attribution patching, a linear estimate"
+    title = f"{kind} ({result.what}, {result.direction}): recovery of {result.answer_str!r}"
     if result.no_counterpart:
         gap = ", ".join(f"{result.str_tokens[i]!r}@{i}" for i in result.no_counterpart)
         title += f"<br><sup>Blank: no counterpart in the other prompt ({gap}), not patched.</sup>"
@@ -490,3 +491,115 @@ def patching_figure(result, **layout) -> go.Figure:
     fig.update_xaxes(type="category")
     fig.update_yaxes(type="category", autorange="reversed")
     return _layout(fig, {"title": title, "xaxis_title": x_title, "yaxis_title": y_title}, layout)
+
+
+def agreement_figure(agreement, **layout) -> go.Figure:
+    """Attribution patching's estimate against exact recovery: on the grey line they agree."""
+    x, y = agreement.exact.tolist(), agreement.estimate.tolist()
+    lo, hi = min(x + y + [0.0]), max(x + y + [1.0])
+    fig = go.Figure(
+        [
+            go.Scatter(
+                x=[lo, hi],
+                y=[lo, hi],
+                mode="lines",
+                line=dict(color="rgb(160,160,160)", dash="dash"),
+                name="estimate = exact",
+                hoverinfo="skip",
+            ),
+            go.Scatter(
+                x=x,
+                y=y,
+                mode="markers",
+                marker=dict(color="rgb(40,40,40)", size=7),
+                name="cell",
+                text=agreement.cells,
+                hovertemplate="%{text}: exact %{x:+.3f}, estimate %{y:+.3f}<extra></extra>",
+            ),
+        ]
+    )
+    worst = agreement.top(min(3, len(agreement.cells))) if agreement.cells else None
+    if worst is not None:
+        for _, cell in worst.iterrows():
+            fig.add_annotation(
+                x=cell["exact"],
+                y=cell["estimate"],
+                text=cell["cell"],
+                showarrow=True,
+                arrowhead=0,
+                ax=30,
+                ay=-20,
+                font=dict(size=11),
+            )
+    title = (
+        f"Attribution patching against exact patching ({agreement.what}, {agreement.direction}): "
+        f"pearson {agreement.pearson:+.2f}<br><sup>One marker per cell; 1 = clean, 0 = corrupted. "
+        "Off the dashed line the linear estimate is wrong; the three furthest off are named.</sup>"
+    )
+    return _layout(
+        fig,
+        {
+            "title": title,
+            "xaxis_title": "Exact recovery (patch)",
+            "yaxis_title": "Estimated recovery (attribution_patch)",
+            "showlegend": False,
+        },
+        layout,
+    )
+
+
+def readable_causal_figure(result, **layout) -> go.Figure:
+    """DLA (readable, x) against patching recovery (causal, y): heads in one panel, whole layers in the other.
+
+    The two kinds get their own panels because a whole layer's DLA is the sum of its heads' (or
+    its MLP's neurons'), so they sit on different scales.
+    """
+    from plotly.subplots import make_subplots
+
+    kinds = [k for k in ("head", "component") if k in result.kinds]
+    titles = {"head": "Heads", "component": "Whole layers (attention, MLP)"}
+    fig = make_subplots(rows=1, cols=len(kinds), subplot_titles=[titles[k] for k in kinds], horizontal_spacing=0.1)
+    for col, kind in enumerate(kinds, start=1):
+        idx = [i for i, k in enumerate(result.kinds) if k == kind]
+        dla, rec = result.dla[idx].tolist(), result.recovery[idx].tolist()
+        names = [result.units[i] for i in idx]
+        # Name the units that lead on either axis, so the disagreement reads without hovering;
+        # alternate the side of the label so neighbours do not overprint each other.
+        order = (
+            sorted(range(len(idx)), key=lambda i: -abs(dla[i]))[:3]
+            + sorted(range(len(idx)), key=lambda i: -abs(rec[i]))[:3]
+        )
+        named = list(dict.fromkeys(order))
+        lo, hi = min(dla + [0.0]), max(dla + [0.0])
+
+        middle = lo + (hi - lo) / 2
+        position = {
+            i: f"{'top' if n % 2 == 0 else 'bottom'} {'right' if dla[i] < middle else 'left'}"
+            for n, i in enumerate(sorted(named, key=lambda i: (rec[i], dla[i])))
+        }
+        fig.add_trace(
+            go.Scatter(
+                x=dla,
+                y=rec,
+                mode="markers+text",
+                marker=dict(symbol="circle" if kind == "head" else "square", color="rgb(40,40,40)", size=9),
+                text=[names[i] if i in position else "" for i in range(len(idx))],
+                textposition=[position.get(i, "top right") for i in range(len(idx))],
+                textfont=dict(size=11),
+                customdata=names,
+                showlegend=False,
+                hovertemplate="%{customdata}: DLA %{x:+.3f}, recovery %{y:+.3f}<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
+        fig.add_vline(x=0, line=dict(color="rgb(200,200,200)"), row=1, col=col)
+        fig.add_hline(y=0, line=dict(color="rgb(200,200,200)"), row=1, col=col)
+        fig.update_xaxes(title_text=f"DLA ({result.metric}): right = toward the answer", row=1, col=col)
+    fig.update_yaxes(title_text="Patching recovery (1 = clean)", row=1, col=1)
+    title = (
+        f"Readable (DLA) against causal (patching, {result.direction}) for {result.answer_str!r}"
+        "<br><sup>Far from 0 on x but near 0 on y: readable, not needed. Near 1 on y but small on x: needed, "
+        "though it writes little directly.</sup>"
+    )
+    return _layout(fig, {"title": title, "height": 500, "margin": dict(l=70, r=20, t=110, b=70)}, layout)
