@@ -24,7 +24,7 @@ from tracelib.models import (
     load_model,
 )
 from tracelib.notebook import setup_notebook
-from tracelib.ood import Injection, UndertrainedTokens, find_undertrained_tokens, inject
+from tracelib.ood import DamageReport, Injection, UndertrainedTokens, damage_report, find_undertrained_tokens, inject
 from tracelib.patching import PatchingResult, SameMetricError, patch
 from tracelib.positions import Positions
 from tracelib.reference import (
@@ -50,6 +50,7 @@ __all__ = [
     "Attribution",
     "ByteFragmentError",
     "Comparison",
+    "DamageReport",
     "EmptyInputError",
     "HeadSources",
     "Heads",
@@ -75,6 +76,7 @@ __all__ = [
     "answer_direction",
     "chat_prompt",
     "compare",
+    "damage_report",
     "default_distractors",
     "direct_logit_attribution",
     "find_undertrained_tokens",
