@@ -431,7 +431,7 @@ def damage_status(ratio: float) -> str:
     """Classify a feature by its ratio corrupted / reference (signed; negative = the sign flipped).
 
     - **survives**: `0.75 <= ratio <= 1.25`, within a quarter of its reference size (`SURVIVES_WITHIN`).
-    - **unreadable**: `ratio < 0.25` (`UNREADABLE_BELOW`): it lost three quarters or more of its signed
+    - **unreadable**: `ratio < 0.25` (`UNREADABLE_BELOW`): it lost more than three quarters of its signed
       size, or flipped sign, so the reference's reading of it no longer holds.
     - **damaged**: everything else: `0.25 <= ratio < 0.75`, or amplified, `ratio > 1.25`. Amplification
       is damage too: the feature no longer carries the reference's amount, so the clean explanation
@@ -501,9 +501,7 @@ class DamageReport:
         n = (len(self.features),)
         for name in ("reference", "corrupted"):
             if tuple(getattr(self, name).shape) != n:
-                raise ValueError(
-                    f"DamageReport.{name} must be [feature] = {n}, got {tuple(getattr(self, name).shape)}"
-                )
+                raise ValueError(f"DamageReport.{name} must be [feature] = {n}, got {tuple(getattr(self, name).shape)}")
         if len(self.kinds) != len(self.features) or not set(self.kinds) <= {"component", "head"}:
             raise ValueError("kinds must hold 'component' or 'head' for each feature")
         for name in ("reference_readable", "corrupted_readable"):
@@ -523,7 +521,7 @@ class DamageReport:
 
     @property
     def statuses(self) -> list[str]:
-        """"survives", "damaged" or "unreadable" per feature (`damage_status`)."""
+        """The status per feature: "survives", "damaged" or "unreadable" (`damage_status`)."""
         return [damage_status(r) for r in self.ratio.tolist()]
 
     @property

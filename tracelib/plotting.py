@@ -548,8 +548,9 @@ def damage_figure(report, **layout) -> go.Figure:
                 col=1,
             )
     fig.add_hline(y=0, line=dict(color="rgb(150,150,150)", width=1), row=1, col=1)
-    fig.update_xaxes(type="category", title_text="Layer (L3 pre = entering block 3, L3 mid = after its attention)",
-                     row=1, col=1)
+    fig.update_xaxes(
+        type="category", title_text="Layer (L3 pre = entering block 3, L3 mid = after its attention)", row=1, col=1
+    )
     fig.update_yaxes(title_text="Logit difference (above 0: the answer leads)", row=1, col=1)
 
     ticks = [component_label(f) if kind == "component" else f for f, kind in zip(report.features, report.kinds)]
@@ -585,17 +586,39 @@ def damage_figure(report, **layout) -> go.Figure:
         (high, top, "damaged"),
     )
     for y0, y1, status in bands:
-        fig.add_hrect(y0=y0, y1=y1, fillcolor=STATUS_STYLE[status]["color"], opacity=0.12, line_width=0,
-                      layer="below", row=1, col=2)
+        fig.add_hrect(
+            y0=y0,
+            y1=y1,
+            fillcolor=STATUS_STYLE[status]["color"],
+            opacity=0.12,
+            line_width=0,
+            layer="below",
+            row=1,
+            col=2,
+        )
     for y, text in (
         (UNREADABLE_BELOW, f"{UNREADABLE_BELOW:g}: unreadable below"),
         (low, f"{low:g}"),
         (high, f"{high:g}"),
     ):
-        fig.add_hline(y=y, line=dict(color="rgb(110,110,110)", width=1, dash="dash"), annotation_text=text,
-                      annotation_position="top left", annotation_font_size=10, row=1, col=2)
-    fig.add_hline(y=1, line=dict(color="rgb(40,40,40)", width=1), annotation_text="1 = as in the reference",
-                  annotation_position="top left", annotation_font_size=10, row=1, col=2)
+        fig.add_hline(
+            y=y,
+            line=dict(color="rgb(110,110,110)", width=1, dash="dash"),
+            annotation_text=text,
+            annotation_position="top left",
+            annotation_font_size=10,
+            row=1,
+            col=2,
+        )
+    fig.add_hline(
+        y=1,
+        line=dict(color="rgb(40,40,40)", width=1),
+        annotation_text="1 = as in the reference",
+        annotation_position="top left",
+        annotation_font_size=10,
+        row=1,
+        col=2,
+    )
     fig.add_hline(y=0, line=dict(color="rgb(150,150,150)", width=1), row=1, col=2)
     # Traces go by status, so the axis must be told the features' own order (components, then heads).
     fig.update_xaxes(
