@@ -220,6 +220,17 @@ def test_damage_of_a_trace_against_itself_is_none(traced):
     comps = tr.dla.components[:, 0].abs()
     expected = [lab for lab, v in zip(tr.dla.component_labels, comps) if v >= COMPONENT_SHARE * comps.max()]
     assert [f for f, kind in zip(report.features, report.kinds) if kind == "component"] == expected
+    assert isinstance(report.plot(), go.Figure)
+
+
+def test_damage_readable_shift_when_the_answer_is_never_readable(junk_damage):
+    reference, corrupted, _ = junk_damage
+    lost = replace(corrupted.lens.standard, rank=corrupted.lens.standard.rank + 1)  # never top-1
+    report = damage_report(reference, replace(corrupted, lens=replace(corrupted.lens, standard=lost)))
+    assert report.corrupted_readable[0] is None and report.readable_shift("standard") is None
+    assert report.readable_shift("dla") == damage_report(reference, corrupted).readable_shift("dla")
+    assert "-> never (standard)" in repr(report)
+    assert "never readable" in report.plot().data[1].name
 
 
 def test_damage_status_follows_the_thresholds():

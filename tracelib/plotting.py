@@ -553,7 +553,12 @@ def damage_figure(report, **layout) -> go.Figure:
     )
     fig.update_yaxes(title_text="Logit difference (above 0: the answer leads)", row=1, col=1)
 
-    ticks = [component_label(f) if kind == "component" else f for f, kind in zip(report.features, report.kinds)]
+    # Each tick carries the reference's value: a status says whether the reading holds, and the sign
+    # says which way the feature pushed (an "against" feature that goes unreadable helps the answer).
+    ticks = [
+        f"{component_label(f) if kind == 'component' else f}<br>{v:+.2f}"
+        for f, kind, v in zip(report.features, report.kinds, report.reference.tolist())
+    ]
     ratios, statuses = report.ratio.tolist(), report.statuses
     bottom, top = RATIO_RANGE
     for status, style in STATUS_STYLE.items():
@@ -569,7 +574,7 @@ def damage_figure(report, **layout) -> go.Figure:
                 mode="markers+text",
                 marker=dict(color=style["color"], symbol=style["symbol"], size=12, line=dict(width=1, color="white")),
                 text=[f"{ratios[i]:+.2f}" if c else "" for i, c in zip(at, clipped)],
-                textposition="middle right",
+                textposition="middle left",
                 customdata=[[report.reference[i].item(), report.corrupted[i].item(), ratios[i]] for i in at],
                 hovertemplate="%{x}: reference %{customdata[0]:+.3f}, corrupted %{customdata[1]:+.3f}, "
                 "ratio %{customdata[2]:+.3f}<extra>" + status + "</extra>",
@@ -625,7 +630,7 @@ def damage_figure(report, **layout) -> go.Figure:
         type="category",
         categoryorder="array",
         categoryarray=ticks,
-        title_text="Feature (components, then top heads)",
+        title_text="Feature, with its reference DLA (components, then top heads)",
         row=1,
         col=2,
     )
