@@ -411,9 +411,9 @@ def _result(model, prompt, clean, tokens, alignment, kind, where, n, seed) -> In
 # --- Damage: the corrupted trace measured against the clean reference --------------------------------
 
 # A feature's ratio is corrupted / reference, signed, so a sign flip gives a negative ratio.
-# Survives: within a quarter of its reference size (0.75 <= ratio <= 1.25). On the bundled model a
-# junk injection moves the features that carry the answer (L1 MLP, L3 MLP, the L0 heads) by under
-# 10%, so a quarter leaves room for that ordinary wobble without calling a real change "survived".
+# Survives: within a quarter of its reference size (0.75 <= ratio <= 1.25). On the bundled model,
+# junk between the operands moves the features that carry the answer (L1 MLP, L3 MLP, L0H0, L0H2) by
+# under 5%, so a quarter leaves room for that ordinary wobble without calling a real change "survived".
 # Unreadable: below a quarter (ratio < 0.25, sign flips included). Three quarters of the signed size
 # are gone, so the feature is no longer a clear part of the explanation (for a component at the 5%
 # share, what is left is near 1% of the largest one), and a flipped feature now argues the other way:
@@ -604,6 +604,9 @@ def damage_report(reference, corrupted, row: int = 0, k: int = 5) -> DamageRepor
     corrupted / reference (signed) and a status (`damage_status`): **survives** for
     `0.75 <= ratio <= 1.25`, **unreadable** for `ratio < 0.25` (sign flips included), **damaged**
     otherwise (`0.25 <= ratio < 0.75`, or amplified past 1.25: no longer the reference's amount).
+    A status says whether the reference's reading of a feature still holds, not whether the answer
+    suffered: a feature that pushed against the answer and goes unreadable helps it. The reference
+    value's sign (`to_frame()["reference"]`) says which way the feature pushed.
 
     Args:
         reference: the clean `Trace` (`tl.trace(model, prompt, answer)`, or `tl.load_reference`).
