@@ -185,3 +185,159 @@ def test_undertrained_detector_precision_recall(request, name):
 def test_undertrained_threshold_can_be_given(tiny):
     assert len(find_undertrained_tokens(tiny, threshold=0.0).token_ids) == 0
     assert len(find_undertrained_tokens(tiny, threshold=float("inf")).token_ids) == tiny.cfg.d_vocab
+
+
+# --- damage_report: a corrupted trace measured against the clean reference ---------------------------
+
+from dataclasses import replace  # noqa: E402
+
+import plotly.graph_objects as go  # noqa: E402
+
+from tracelib.ood import COMPONENT_SHARE, LENSES, STATUSES, DamageReport, damage_report, damage_status  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def junk_damage(tiny):
+    """(reference, corrupted, report) for junk between the operands of the running example."""
+    inj = tl.inject(tiny, "what is 1 + 1", "junk", "between", n=3, seed=0, answer=ANSWER)
+    reference = tl.trace(tiny, "what is 1 + 1", ANSWER)
+    corrupted = tl.trace(tiny, inj.prompt, ANSWER)
+    return reference, corrupted, tl.damage_report(reference, corrupted)
+
+
+def test_damage_of_a_trace_against_itself_is_none(traced):
+    _, tr, _ = traced
+    report = damage_report(tr, tr, k=3)
+    assert report.margin_drop == 0.0 and report.reference_rank == report.corrupted_rank
+    assert (report.ratio == 1).all() and report.statuses == ["survives"] * len(report.features)
+    assert report.counts() == {"survives": len(report.features), "damaged": 0, "unreadable": 0}
+    assert (report.curve_shift == 0).all()
+    for lens in LENSES:
+        readable = tr.lens.readable_from(0, lens)
+        assert report.readable_shift(lens) == (0 if readable is not None else None)
+    assert report.kinds.count("head") == 3
+    # Every component at or above the share is a feature, and none below it.
+    comps = tr.dla.components[:, 0].abs()
+    expected = [lab for lab, v in zip(tr.dla.component_labels, comps) if v >= COMPONENT_SHARE * comps.max()]
+    assert [f for f, kind in zip(report.features, report.kinds) if kind == "component"] == expected
+    assert isinstance(report.plot(), go.Figure)
+
+
+def test_damage_readable_shift_when_the_answer_is_never_readable(junk_damage):
+    reference, corrupted, _ = junk_damage
+    lost = replace(corrupted.lens.standard, rank=corrupted.lens.standard.rank + 1)  # never top-1
+    report = damage_report(reference, replace(corrupted, lens=replace(corrupted.lens, standard=lost)))
+    assert report.corrupted_readable[0] is None and report.readable_shift("standard") is None
+    assert report.readable_shift("dla") == damage_report(reference, corrupted).readable_shift("dla")
+    assert "-> never (standard)" in repr(report)
+    assert "never readable" in report.plot().data[1].name
+
+
+def test_damage_status_follows_the_thresholds():
+    assert [damage_status(r) for r in (1.0, 0.75, 1.25, 0.9, 1.1)] == ["survives"] * 5
+    assert [damage_status(r) for r in (0.7499, 0.25, 0.5, 1.2501, 3.0)] == ["damaged"] * 5
+    assert [damage_status(r) for r in (0.2499, 0.0, -0.5, -1.0, -3.0, float("nan"))] == ["unreadable"] * 6
+
+
+def test_damage_statuses_of_scaled_features(junk_damage):
+    reference, _, _ = junk_damage
+    # A corrupted copy whose components and heads are the reference's scaled by known factors.
+    n_comp = reference.dla.components.shape[0]
+    scale = torch.tensor([1.0, 0.5, -1.0, 1.5, 0.1, 0.8, 2.0, 0.3, 1.2])[:n_comp]
+    head_scale = torch.full_like(reference.dla.heads, 0.9)
+    head_scale[2, 3] = -0.2  # L2H3, the largest head: flipped and shrunk
+    dla = replace(
+        reference.dla,
+        components=reference.dla.components * scale[:, None],
+        heads=reference.dla.heads * head_scale,
+    )
+    report = damage_report(reference, replace(reference, dla=dla), k=4)
+    frame = report.to_frame()
+    for feature, kind, ratio, status in zip(frame["feature"], frame["kind"], frame["ratio"], frame["status"]):
+        factor = (
+            scale[reference.dla.component_labels.index(feature)].item()
+            if kind == "component"
+            else head_scale[int(feature[1]), int(feature[3])].item()
+        )
+        assert ratio == pytest.approx(factor, rel=1e-6)
+        assert status == damage_status(factor)
+    assert "L2H3" in report.features and frame.set_index("feature").loc["L2H3", "status"] == "unreadable"
+    assert set(frame["status"]) == set(STATUSES)
+
+
+def test_damage_of_a_real_injection(junk_damage):
+    reference, corrupted, report = junk_damage
+    assert report.margin_drop == pytest.approx(
+        reference.margin.logit_diff[0].item() - corrupted.margin.logit_diff[0].item()
+    )
+    # Each feature's values are the two traces' own DLA entries.
+    for i, (feature, kind) in enumerate(zip(report.features, report.kinds)):
+        for tr, values in ((reference, report.reference), (corrupted, report.corrupted)):
+            if kind == "component":
+                want = tr.dla.components[tr.dla.component_labels.index(feature), 0]
+            else:
+                want = tr.dla.heads[int(feature[1]), int(feature[3]), 0]
+            assert values[i].item() == want.item()
+    # The heads are the reference's top 5 by |DLA|, largest first.
+    assert [f for f, k in zip(report.features, report.kinds) if k == "head"] == list(
+        reference.dla.top(5, "head", 0)["head"]
+    )
+    torch.testing.assert_close(report.reference_curves[0], reference.lens.standard.logit_diff[:, 0].double())
+    torch.testing.assert_close(report.corrupted_curves[1], corrupted.lens.dla.logit_diff[:, 0].double())
+    frame = report.to_frame()
+    assert len(frame) == len(report.features) and list(frame.columns) == [
+        "feature",
+        "kind",
+        "reference",
+        "corrupted",
+        "ratio",
+        "status",
+    ]
+    assert sum(report.counts().values()) == len(report.features)
+    assert len(report.top(3)) == 3
+    assert repr(report).startswith(f"DamageReport('2': logit diff {reference.margin.logit_diff[0].item():+.3f} -> ")
+    fig = report.plot()
+    assert isinstance(fig, go.Figure)
+    thresholds = {s.y0 for s in fig.layout.shapes if s.type == "line" and s.line.dash == "dash"}
+    assert thresholds == {0.25, 0.75, 1.25}
+    texts = [a.text for a in fig.layout.annotations]
+    assert any("unreadable below" in t for t in texts)
+    assert "Green survives" in fig.layout.title.text and "grey is unreadable" in fig.layout.title.text
+    # One marker per feature across the status traces, coloured by status.
+    markers = [t for t in fig.data if t.legendgroup == "status"]
+    assert sum(len(t.x) for t in markers) == len(report.features)
+
+
+def test_damage_report_refuses_mismatched_traces(junk_damage, tiny, gpt2):
+    reference, corrupted, _ = junk_damage
+    with pytest.raises(ValueError, match=r"different answer tokens: '2' \(id \d+\) in the reference, '3'"):
+        damage_report(reference, tl.trace(tiny, "what is 1 + 1", " 3"))
+    with pytest.raises(ValueError, match="differently shaped models: the reference \\('tiny-arith'\\) has 4 layers"):
+        damage_report(reference, tl.trace(gpt2, "what is 1 + 1", ANSWER))
+    with pytest.raises(ValueError, match="row 1 is out of range: the reference trace has 1 row"):
+        damage_report(reference, corrupted, row=1)
+    with pytest.raises(ValueError, match="different DLA metrics \\('logit' in the reference, 'logit_diff'"):
+        damage_report(reference, tl.trace(tiny, "what is 1 + 1", ANSWER, metric="logit_diff"))
+    with pytest.raises(ValueError, match="different distractors"):
+        damage_report(reference, tl.trace(tiny, "what is 1 + 1", ANSWER, distractors=[" 4"]))
+
+
+def test_damage_report_checks_shapes(junk_damage):
+    _, _, report = junk_damage
+    with pytest.raises(ValueError, match="DamageReport.corrupted must be \\[feature\\]"):
+        replace(report, corrupted=report.corrupted[:-1])
+    with pytest.raises(ValueError, match="DamageReport.reference_curves must be \\[lens, entry\\]"):
+        replace(report, reference_curves=report.reference_curves[:1])
+
+
+def test_damage_report_against_a_reference_loaded_from_disk(junk_damage, tiny, tmp_path):
+    reference, corrupted, report = junk_damage
+    reference.save(tmp_path / "ref", tiny)
+    loaded = damage_report(tl.load_reference(tmp_path / "ref"), corrupted)
+    assert repr(loaded) == repr(report)
+    assert loaded.to_frame().equals(report.to_frame())
+    torch.testing.assert_close(loaded.reference_curves, report.reference_curves)
+
+
+def test_damage_report_is_exported():
+    assert tl.damage_report is damage_report and tl.DamageReport is DamageReport

@@ -24,7 +24,7 @@ from tracelib.models import (
     load_model,
 )
 from tracelib.notebook import setup_notebook
-from tracelib.ood import Injection, UndertrainedTokens, find_undertrained_tokens, inject
+from tracelib.ood import DamageReport, Injection, UndertrainedTokens, damage_report, find_undertrained_tokens, inject
 from tracelib.patching import (
     PatchingAgreement,
     PatchingResult,
@@ -59,6 +59,7 @@ __all__ = [
     "Attribution",
     "ByteFragmentError",
     "Comparison",
+    "DamageReport",
     "EmptyInputError",
     "HeadSources",
     "Heads",
@@ -88,6 +89,7 @@ __all__ = [
     "chat_prompt",
     "compare",
     "compare_patching",
+    "damage_report",
     "default_distractors",
     "direct_logit_attribution",
     "find_undertrained_tokens",

@@ -7,6 +7,10 @@ with the alignment back to the clean ones, ready for `compare` or for patching.
 
 `find_undertrained_tokens(model)` flags under-trained tokens from the weights alone, in the manner
 of "Fishing for Magikarp" (Land & Bartolo, 2024).
+
+`damage_report(reference, corrupted)` measures the corrupted prompt's trace against the clean
+reference: the margin drop, the shift in when the answer becomes readable, and whether each
+reference feature (strong components, top heads) survives, is damaged or becomes unreadable.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelib.answers import _check_text, _prepends_bos, resolve_answer, token_str
+from tracelib.margin import check_k
 
 KINDS = ("random", "undertrained", "junk", "typo", "repeat")
 WHERES = ("before", "between", "after", "before_final")
@@ -400,4 +405,285 @@ def _result(model, prompt, clean, tokens, alignment, kind, where, n, seed) -> In
         where=where,
         n=n,
         seed=seed,
+    )
+
+
+# --- Damage: the corrupted trace measured against the clean reference --------------------------------
+
+# A feature's ratio is corrupted / reference, signed, so a sign flip gives a negative ratio.
+# Survives: within a quarter of its reference size (0.75 <= ratio <= 1.25). On the bundled model,
+# junk between the operands moves the features that carry the answer (L1 MLP, L3 MLP, L0H0, L0H2) by
+# under 5%, so a quarter leaves room for that ordinary wobble without calling a real change "survived".
+# Unreadable: below a quarter (ratio < 0.25, sign flips included). Three quarters of the signed size
+# are gone, so the feature is no longer a clear part of the explanation (for a component at the 5%
+# share, what is left is near 1% of the largest one), and a flipped feature now argues the other way:
+# either way the reference's reading of it no longer holds. Damaged: in between, and above 1.25.
+SURVIVES_WITHIN = 0.25
+UNREADABLE_BELOW = 0.25
+STATUSES = ("survives", "damaged", "unreadable")
+# A component is a reference feature when its |DLA| is at least this share of the largest
+# component's: smaller ones are the rounding of the explanation, and their ratios are noise.
+COMPONENT_SHARE = 0.05
+LENSES = ("standard", "dla")
+
+
+def damage_status(ratio: float) -> str:
+    """Classify a feature by its ratio corrupted / reference (signed; negative = the sign flipped).
+
+    - **survives**: `0.75 <= ratio <= 1.25`, within a quarter of its reference size (`SURVIVES_WITHIN`).
+    - **unreadable**: `ratio < 0.25` (`UNREADABLE_BELOW`): it lost more than three quarters of its signed
+      size, or flipped sign, so the reference's reading of it no longer holds.
+    - **damaged**: everything else: `0.25 <= ratio < 0.75`, or amplified, `ratio > 1.25`. Amplification
+      is damage too: the feature no longer carries the reference's amount, so the clean explanation
+      ("this head writes this much of the answer") is wrong for the corrupted prompt, whether the
+      injected tokens feed it or another path has been switched off and it compensates.
+
+    NaN (no reference to compare with) is unreadable.
+    """
+    if not ratio >= UNREADABLE_BELOW:  # NaN lands here too
+        return "unreadable"
+    if 1 - SURVIVES_WITHIN <= ratio <= 1 + SURVIVES_WITHIN:
+        return "survives"
+    return "damaged"
+
+
+@dataclass(frozen=True)
+class DamageReport:
+    """A corrupted trace measured against its clean reference, at the answer (final) position.
+
+    Attributes:
+        reference_label: what the reference explained (`model: 'prompt' -> 'answer'`).
+        corrupted_label: the same for the corrupted trace.
+        answer: the answer token both traces track.
+        metric: the DLA metric both traces used (`"logit"` or `"logit_diff"`).
+        reference_logit_diff: the reference's answer logit minus its mean distractor logit.
+        corrupted_logit_diff: the same for the corrupted trace.
+        reference_rank: the answer's zero-based rank in the reference (0 = top prediction).
+        corrupted_rank: the same in the corrupted trace.
+        entry_labels: the lens entries along depth (`"0_pre"`, `"0_mid"`, ..., `"final_post"`).
+        reference_curves: `[lens, entry]`, the reference's logit difference along depth, lens in
+            `LENSES` order (standard, then the cached-scale DLA lens).
+        corrupted_curves: `[lens, entry]`, the same for the corrupted trace.
+        reference_readable: per lens, the entry from which the answer is top-1 to the end, or None.
+        corrupted_readable: the same for the corrupted trace.
+        features: the reference features: components above `COMPONENT_SHARE` of the largest
+            component's |DLA|, then the top-k heads by |DLA| (`"L2H3"`).
+        kinds: `"component"` or `"head"`, one per feature.
+        reference: `[feature]`, each feature's DLA in the reference.
+        corrupted: `[feature]`, its DLA in the corrupted trace.
+    """
+
+    reference_label: str
+    corrupted_label: str
+    answer: str
+    metric: str
+    reference_logit_diff: float
+    corrupted_logit_diff: float
+    reference_rank: int
+    corrupted_rank: int
+    entry_labels: list[str]
+    reference_curves: Float[Tensor, "lens entry"]
+    corrupted_curves: Float[Tensor, "lens entry"]
+    reference_readable: tuple[str | None, str | None]
+    corrupted_readable: tuple[str | None, str | None]
+    features: list[str]
+    kinds: list[str]
+    reference: Float[Tensor, " feature"]
+    corrupted: Float[Tensor, " feature"]
+
+    def __post_init__(self) -> None:
+        curves = (len(LENSES), len(self.entry_labels))
+        for name in ("reference_curves", "corrupted_curves"):
+            if tuple(getattr(self, name).shape) != curves:
+                raise ValueError(
+                    f"DamageReport.{name} must be [lens, entry] = {curves}, got {tuple(getattr(self, name).shape)}"
+                )
+        n = (len(self.features),)
+        for name in ("reference", "corrupted"):
+            if tuple(getattr(self, name).shape) != n:
+                raise ValueError(f"DamageReport.{name} must be [feature] = {n}, got {tuple(getattr(self, name).shape)}")
+        if len(self.kinds) != len(self.features) or not set(self.kinds) <= {"component", "head"}:
+            raise ValueError("kinds must hold 'component' or 'head' for each feature")
+        for name in ("reference_readable", "corrupted_readable"):
+            readable = getattr(self, name)
+            if len(readable) != len(LENSES) or any(r is not None and r not in self.entry_labels for r in readable):
+                raise ValueError(f"DamageReport.{name} must hold one entry label (or None) per lens {LENSES}")
+
+    @property
+    def margin_drop(self) -> float:
+        """Reference logit difference minus corrupted: positive when the corruption hurt the answer."""
+        return self.reference_logit_diff - self.corrupted_logit_diff
+
+    @property
+    def ratio(self) -> Float[Tensor, " feature"]:
+        """corrupted / reference per feature, signed (negative: the sign flipped)."""
+        return self.corrupted / self.reference
+
+    @property
+    def statuses(self) -> list[str]:
+        """The status per feature: "survives", "damaged" or "unreadable" (`damage_status`)."""
+        return [damage_status(r) for r in self.ratio.tolist()]
+
+    @property
+    def curve_shift(self) -> Float[Tensor, "lens entry"]:
+        """Corrupted minus reference logit difference along depth, per lens."""
+        return self.corrupted_curves - self.reference_curves
+
+    def readable_shift(self, lens: str = "standard") -> int | None:
+        """How many entries later (positive) or earlier the answer becomes readable after corruption.
+
+        None when either trace never makes the answer readable by that lens (see `readable_from`).
+        """
+        if lens not in LENSES:
+            raise ValueError(f"lens must be one of {LENSES}, got {lens!r}")
+        i = LENSES.index(lens)
+        ref, cor = self.reference_readable[i], self.corrupted_readable[i]
+        if ref is None or cor is None:
+            return None
+        return self.entry_labels.index(cor) - self.entry_labels.index(ref)
+
+    def counts(self) -> dict[str, int]:
+        """How many features survive, are damaged, are unreadable (every status, zeros included)."""
+        statuses = self.statuses
+        return {s: statuses.count(s) for s in STATUSES}
+
+    def to_frame(self) -> pd.DataFrame:
+        """One line per feature: feature, kind, reference, corrupted, ratio, status."""
+        return pd.DataFrame(
+            {
+                "feature": self.features,
+                "kind": self.kinds,
+                "reference": self.reference.tolist(),
+                "corrupted": self.corrupted.tolist(),
+                "ratio": self.ratio.tolist(),
+                "status": self.statuses,
+            }
+        )
+
+    def top(self, k: int = 5) -> pd.DataFrame:
+        """The k features that changed most (largest |corrupted - reference|), signs kept."""
+        k = check_k(k)
+        frame = self.to_frame()
+        order = (self.corrupted - self.reference).abs().argsort(descending=True, stable=True)[:k].tolist()
+        return frame.iloc[order].reset_index(drop=True)
+
+    def plot(self, **layout):
+        """Readability curves (reference vs corrupted) and each feature's ratio against the thresholds."""
+        from tracelib import plotting
+
+        return plotting.damage_figure(self, **layout)
+
+    def _readable_text(self, lens: str) -> str:
+        i = LENSES.index(lens)
+        shift = self.readable_shift(lens)
+        ref, cor = self.reference_readable[i], self.corrupted_readable[i]
+        return f"{ref or 'never'} -> {cor or 'never'}" + (f" ({shift:+d} entries)" if shift is not None else "")
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{n} {s}" for s, n in self.counts().items())
+        return (
+            f"DamageReport({self.answer!r}: logit diff {self.reference_logit_diff:+.3f} -> "
+            f"{self.corrupted_logit_diff:+.3f} (drop {self.margin_drop:+.3f}), rank {self.reference_rank} -> "
+            f"{self.corrupted_rank}; readable {self._readable_text('standard')} (standard), "
+            f"{self._readable_text('dla')} (dla); {len(self.features)} features: {counts})"
+        )
+
+
+def _model_shape(trace) -> tuple[int, int, list[str]]:
+    return trace.dla.heads.shape[0], trace.dla.heads.shape[1], list(trace.dla.component_labels)
+
+
+def damage_report(reference, corrupted, row: int = 0, k: int = 5) -> DamageReport:
+    """Measure a corrupted trace against its clean reference: margin, readability, features.
+
+    Everything is read at the final position, which predicts the answer (`inject` keeps it final),
+    so `reference` may be a trace loaded with `tl.load_reference(path)` and no model.
+
+    A feature is every component whose reference |DLA| is at least `COMPONENT_SHARE` (5%) of the
+    largest component's, plus the `k` heads with the largest reference |DLA|. Each gets the ratio
+    corrupted / reference (signed) and a status (`damage_status`): **survives** for
+    `0.75 <= ratio <= 1.25`, **unreadable** for `ratio < 0.25` (sign flips included), **damaged**
+    otherwise (`0.25 <= ratio < 0.75`, or amplified past 1.25: no longer the reference's amount).
+    A status says whether the reference's reading of a feature still holds, not whether the answer
+    suffered: a feature that pushed against the answer and goes unreadable helps it. The reference
+    value's sign (`to_frame()["reference"]`) says which way the feature pushed.
+
+    Args:
+        reference: the clean `Trace` (`tl.trace(model, prompt, answer)`, or `tl.load_reference`).
+        corrupted: the `Trace` of the corrupted prompt, same model, answer, distractors and metric:
+            `tl.trace(model, injection.prompt, answer)`.
+        row: which row of each trace to measure (row r of one with row r of the other).
+        k: how many top heads to follow.
+
+    Returns:
+        A `DamageReport`; `.to_frame()` lists the features, `.counts()` the statuses, `.plot()` draws both.
+
+    Raises:
+        ValueError: the traces come from differently shaped models, use different DLA metrics,
+            track different answer tokens or distractors, or have no row `row`.
+    """
+    k = check_k(k)
+    for name, t in (("reference", reference), ("corrupted", corrupted)):
+        if not 0 <= row < len(t.rows):
+            raise ValueError(f"row {row} is out of range: the {name} trace has {len(t.rows)} row(s)")
+    (ra_layers, ra_heads, ra_comp), (rb_layers, rb_heads, rb_comp) = _model_shape(reference), _model_shape(corrupted)
+    if (ra_layers, ra_heads, ra_comp) != (rb_layers, rb_heads, rb_comp):
+        raise ValueError(
+            f"The traces come from differently shaped models: the reference ({reference.model_name!r}) has "
+            f"{ra_layers} layers x {ra_heads} heads and components {ra_comp}, the corrupted trace "
+            f"({corrupted.model_name!r}) {rb_layers} layers x {rb_heads} heads and {rb_comp}. Trace the corrupted "
+            "prompt with the model the reference was traced with."
+        )
+    if reference.dla.metric != corrupted.dla.metric:
+        raise ValueError(
+            f"The traces explain different DLA metrics ({reference.dla.metric!r} in the reference, "
+            f"{corrupted.dla.metric!r} in the corrupted trace); trace the corrupted prompt with "
+            f"metric={reference.dla.metric!r}."
+        )
+    a, b = reference.rows[row], corrupted.rows[row]
+    if a.target != b.target:
+        raise ValueError(
+            f"The traces track different answer tokens: {a.target_str!r} (id {a.target}) in the reference, "
+            f"{b.target_str!r} (id {b.target}) in the corrupted trace. Trace the corrupted prompt with the "
+            "reference's answer."
+        )
+    ra, rb = reference.distractors[row], corrupted.distractors[row]
+    if list(ra) != list(rb):
+        raise ValueError(
+            f"The traces measure the margin against different distractors: {reference.margin.distractor_strs[row]} "
+            f"in the reference, {corrupted.margin.distractor_strs[row]} in the corrupted trace, so their logit "
+            f"differences do not compare. Trace the corrupted prompt with distractors={ra}."
+        )
+    ref_comp = reference.dla.components[:, row].detach().cpu().double()
+    cor_comp = corrupted.dla.components[:, row].detach().cpu().double()
+    largest = ref_comp.abs().max().item()
+    picked = [i for i, v in enumerate(ref_comp.abs().tolist()) if v > 0 and v >= COMPONENT_SHARE * largest]
+    ref_heads = reference.dla.heads[:, :, row].detach().cpu().double().flatten()
+    cor_heads = corrupted.dla.heads[:, :, row].detach().cpu().double().flatten()
+    n_heads = reference.dla.heads.shape[1]
+    top = ref_heads.abs().argsort(descending=True, stable=True)[:k].tolist()
+    top = [i for i in top if ref_heads[i] != 0]  # a zero has no ratio
+    features = [ra_comp[i] for i in picked] + [f"L{i // n_heads}H{i % n_heads}" for i in top]
+
+    def curves(t) -> Tensor:
+        return torch.stack([getattr(t.lens, lens).logit_diff[:, row].detach().cpu().double() for lens in LENSES])
+
+    return DamageReport(
+        reference_label=f"{reference.model_name}: {a.label}",
+        corrupted_label=f"{corrupted.model_name}: {b.label}",
+        answer=a.target_str,
+        metric=reference.dla.metric,
+        reference_logit_diff=reference.margin.logit_diff[row].item(),
+        corrupted_logit_diff=corrupted.margin.logit_diff[row].item(),
+        reference_rank=int(reference.margin.rank[row]),
+        corrupted_rank=int(corrupted.margin.rank[row]),
+        entry_labels=list(reference.lens.labels),
+        reference_curves=curves(reference),
+        corrupted_curves=curves(corrupted),
+        reference_readable=tuple(reference.lens.readable_from(row, lens) for lens in LENSES),
+        corrupted_readable=tuple(corrupted.lens.readable_from(row, lens) for lens in LENSES),
+        features=features,
+        kinds=["component"] * len(picked) + ["head"] * len(top),
+        reference=torch.cat([ref_comp[picked], ref_heads[top]]),
+        corrupted=torch.cat([cor_comp[picked], cor_heads[top]]),
     )

@@ -603,3 +603,162 @@ def readable_causal_figure(result, **layout) -> go.Figure:
         "though it writes little directly.</sup>"
     )
     return _layout(fig, {"title": title, "height": 500, "margin": dict(l=70, r=20, t=110, b=70)}, layout)
+
+
+# Damage statuses stay off the blue/red pair, which means toward/against the answer everywhere else;
+# Okabe-Ito's bluish green and orange plus grey, with a marker shape each, so they read without colour too.
+STATUS_STYLE = {
+    "survives": dict(color="rgb(0,158,115)", symbol="circle"),
+    "damaged": dict(color="rgb(230,159,0)", symbol="diamond"),
+    "unreadable": dict(color="rgb(90,90,90)", symbol="x"),
+}
+REFERENCE_COLOR, CORRUPTED_COLOR = "rgb(40,40,40)", "rgb(118,42,131)"
+# Ratios far outside the bands would squash them: markers are drawn at the edge, the value written.
+RATIO_RANGE = (-1.0, 2.0)
+
+
+def damage_figure(report, **layout) -> go.Figure:
+    """A `DamageReport` in two panels: the readability curves, and every feature's ratio by status.
+
+    Left: the logit difference along depth, reference (dark) and corrupted (purple), standard lens
+    solid and cached-scale DLA lens dotted. Right: each feature's DLA ratio corrupted / reference,
+    one marker per feature coloured by status, over the bands the thresholds draw.
+    """
+    from plotly.subplots import make_subplots
+
+    from tracelib.lens import LENS_NAMES
+    from tracelib.ood import LENSES, SURVIVES_WITHIN, UNREADABLE_BELOW
+
+    low, high = 1 - SURVIVES_WITHIN, 1 + SURVIVES_WITHIN
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        column_widths=[0.5, 0.5],
+        horizontal_spacing=0.1,
+        subplot_titles=(
+            "Readability: logit difference along depth",
+            "Features: DLA corrupted / reference",
+        ),
+    )
+    x = [component_label(label) for label in report.entry_labels]
+    for i, lens in enumerate(LENSES):
+        for name, curves, color, readable in (
+            ("reference", report.reference_curves, REFERENCE_COLOR, report.reference_readable[i]),
+            ("corrupted", report.corrupted_curves, CORRUPTED_COLOR, report.corrupted_readable[i]),
+        ):
+            when = f"readable from {component_label(readable)}" if readable else "never readable"
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=curves[i].tolist(),
+                    name=f"{name}, {LENS_NAMES[lens]} ({when})",
+                    legendgroup="curves",
+                    mode="lines+markers",
+                    line=dict(color=color, dash="solid" if lens == "standard" else "dot"),
+                    hovertemplate="%{x}: %{y:+.3f}<extra>" + f"{name}, {lens} lens" + "</extra>",
+                ),
+                row=1,
+                col=1,
+            )
+    fig.add_hline(y=0, line=dict(color="rgb(150,150,150)", width=1), row=1, col=1)
+    fig.update_xaxes(
+        type="category", title_text="Layer (L3 pre = entering block 3, L3 mid = after its attention)", row=1, col=1
+    )
+    fig.update_yaxes(title_text="Logit difference (above 0: the answer leads)", row=1, col=1)
+
+    # Each tick carries the reference's value: a status says whether the reading holds, and the sign
+    # says which way the feature pushed (an "against" feature that goes unreadable helps the answer).
+    ticks = [
+        f"{component_label(f) if kind == 'component' else f}<br>{v:+.2f}"
+        for f, kind, v in zip(report.features, report.kinds, report.reference.tolist())
+    ]
+    ratios, statuses = report.ratio.tolist(), report.statuses
+    bottom, top = RATIO_RANGE
+    for status, style in STATUS_STYLE.items():
+        at = [i for i, s in enumerate(statuses) if s == status]
+        shown = [min(max(ratios[i], bottom), top) for i in at]
+        clipped = [ratios[i] != s for i, s in zip(at, shown)]
+        fig.add_trace(
+            go.Scatter(
+                x=[ticks[i] for i in at],
+                y=shown,
+                name=f"{status} ({len(at)})",
+                legendgroup="status",
+                mode="markers+text",
+                marker=dict(color=style["color"], symbol=style["symbol"], size=12, line=dict(width=1, color="white")),
+                text=[f"{ratios[i]:+.2f}" if c else "" for i, c in zip(at, clipped)],
+                textposition="middle left",
+                customdata=[[report.reference[i].item(), report.corrupted[i].item(), ratios[i]] for i in at],
+                hovertemplate="%{x}: reference %{customdata[0]:+.3f}, corrupted %{customdata[1]:+.3f}, "
+                "ratio %{customdata[2]:+.3f}<extra>" + status + "</extra>",
+                showlegend=True,
+            ),
+            row=1,
+            col=2,
+        )
+    # The bands first, under the markers: each status's region in its own colour, faint.
+    bands = (
+        (bottom, UNREADABLE_BELOW, "unreadable"),
+        (UNREADABLE_BELOW, low, "damaged"),
+        (low, high, "survives"),
+        (high, top, "damaged"),
+    )
+    for y0, y1, status in bands:
+        fig.add_hrect(
+            y0=y0,
+            y1=y1,
+            fillcolor=STATUS_STYLE[status]["color"],
+            opacity=0.12,
+            line_width=0,
+            layer="below",
+            row=1,
+            col=2,
+        )
+    for y, text in (
+        (UNREADABLE_BELOW, f"{UNREADABLE_BELOW:g}: unreadable below"),
+        (low, f"{low:g}"),
+        (high, f"{high:g}"),
+    ):
+        fig.add_hline(
+            y=y,
+            line=dict(color="rgb(110,110,110)", width=1, dash="dash"),
+            annotation_text=text,
+            annotation_position="top left",
+            annotation_font_size=10,
+            row=1,
+            col=2,
+        )
+    fig.add_hline(
+        y=1,
+        line=dict(color="rgb(40,40,40)", width=1),
+        annotation_text="1 = as in the reference",
+        annotation_position="top left",
+        annotation_font_size=10,
+        row=1,
+        col=2,
+    )
+    fig.add_hline(y=0, line=dict(color="rgb(150,150,150)", width=1), row=1, col=2)
+    # Traces go by status, so the axis must be told the features' own order (components, then heads).
+    fig.update_xaxes(
+        type="category",
+        categoryorder="array",
+        categoryarray=ticks,
+        title_text="Feature, with its reference DLA (components, then top heads)",
+        row=1,
+        col=2,
+    )
+    fig.update_yaxes(range=[bottom - 0.1, top + 0.1], title_text="Ratio (negative: the sign flipped)", row=1, col=2)
+
+    counts = ", ".join(f"{n} {s}" for s, n in report.counts().items())
+    title = (
+        f"Damage: {report.corrupted_label}<br><sup>against {report.reference_label}: logit difference "
+        f"{report.reference_logit_diff:+.3f} -> {report.corrupted_logit_diff:+.3f} (drop {report.margin_drop:+.3f}); "
+        f"{counts}</sup><br><sup>Green survives ({low:g} to {high:g} of the reference), orange is damaged "
+        f"({UNREADABLE_BELOW:g} to {low:g}, or above {high:g}), grey is unreadable (below {UNREADABLE_BELOW:g}, "
+        "sign flips included).</sup>"
+    )
+    return _layout(
+        fig,
+        {"title": title, "legend": dict(orientation="h", y=-0.25), "height": 560, "margin": dict(t=120, b=160)},
+        layout,
+    )
