@@ -180,6 +180,21 @@ def test_undertrained_detector_precision_recall(request, name):
     assert (found.scores[found.token_ids] < found.threshold).all()
     assert found.scores[found.token_ids].diff().ge(0).all()  # lowest score first
     assert repr(found).startswith(f"UndertrainedTokens({len(flagged)} of {model.cfg.d_vocab} tokens below ")
+    assert found.precision_recall(truth) == (precision, recall)
+    fig = found.plot(truth)
+    assert f"precision {precision:.3f}, recall {recall:.3f}" in fig.layout.title.text
+    # One histogram per side of the truth, holding every token once.
+    assert sorted(len(trace.x) for trace in fig.data) == sorted([len(truth), model.cfg.d_vocab - len(truth)])
+
+
+def test_precision_recall_counts(tiny):
+    found = find_undertrained_tokens(tiny)
+    flagged = found.token_ids.tolist()
+    assert found.precision_recall(flagged[:2]) == (2 / len(flagged), 1.0)
+    assert found.precision_recall(flagged + [10**6]) == (1.0, len(flagged) / (len(flagged) + 1))
+    precision, recall = found.precision_recall([])
+    assert precision == 0.0 and recall != recall  # no truth: recall is undefined (NaN)
+    assert len(found.plot().data) == 1
 
 
 def test_undertrained_threshold_can_be_given(tiny):

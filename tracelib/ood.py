@@ -136,6 +136,23 @@ class UndertrainedTokens:
             }
         )
 
+    def precision_recall(self, truth) -> tuple[float, float]:
+        """Precision and recall of the flagged tokens against a known set of never-trained token ids.
+
+        Precision is the share of flagged tokens that are in `truth`; recall the share of `truth`
+        that is flagged. NaN where the denominator is empty.
+        """
+        truth = {int(t) for t in truth}
+        flagged = set(self.token_ids.tolist())
+        hits = len(flagged & truth)
+        return (hits / len(flagged) if flagged else float("nan"), hits / len(truth) if truth else float("nan"))
+
+    def plot(self, truth=None, **layout):
+        """Every token's score as a histogram with the threshold; with `truth`, never-trained tokens apart."""
+        from tracelib.plotting import undertrained_figure
+
+        return undertrained_figure(self, truth, **layout)
+
     def __repr__(self) -> str:
         return (
             f"UndertrainedTokens({len(self.token_ids)} of {len(self.scores)} tokens below {self.threshold:+.3f}; "

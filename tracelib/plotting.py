@@ -762,3 +762,47 @@ def damage_figure(report, **layout) -> go.Figure:
         {"title": title, "legend": dict(orientation="h", y=-0.25), "height": 560, "margin": dict(t=120, b=160)},
         layout,
     )
+
+
+def undertrained_figure(found, truth=None, **layout) -> go.Figure:
+    """Histogram of every token's under-training score, the threshold marked; `truth` splits the tokens."""
+    scores = found.scores.double()
+    bins = dict(start=scores.min().item(), end=scores.max().item(), size=(scores.max() - scores.min()).item() / 60 or 1)
+    fig = go.Figure()
+    if truth is None:
+        fig.add_trace(go.Histogram(x=scores.tolist(), xbins=bins, name="tokens", marker_color="rgb(120,120,120)"))
+        title = f"Under-trained tokens: {len(found.token_ids)} of {len(scores)} score below the threshold"
+    else:
+        never = torch.zeros(len(scores), dtype=torch.bool)
+        never[torch.tensor(sorted({int(t) for t in truth}), dtype=torch.long)] = True
+        for mask, name, colour in [
+            (~never, "in the training data", "rgb(120,120,120)"),
+            (never, "never in the training data", "rgb(230,145,56)"),
+        ]:
+            fig.add_trace(
+                go.Histogram(x=scores[mask].tolist(), xbins=bins, name=name, marker_color=colour, opacity=0.75)
+            )
+        precision, recall = found.precision_recall(truth)
+        title = (
+            f"Under-trained tokens found from the weights: precision {precision:.3f}, recall {recall:.3f}"
+            f"<br><sup>{len(found.token_ids)} flagged (left of the line) of {len(scores)}; "
+            f"{int(never.sum())} never occur in the training data.</sup>"
+        )
+    fig.add_vline(
+        x=found.threshold,
+        line=dict(color="rgb(40,40,40)", dash="dash"),
+        annotation_text=f"threshold {found.threshold:.3f}",
+        annotation_position="top right",
+    )
+    return _layout(
+        fig,
+        {
+            "title": title,
+            "barmode": "overlay",
+            "xaxis_title": "Score (unembedding norm, mean and first principal component removed); low = under-trained",
+            "yaxis_title": "Tokens (log scale)",
+            "yaxis_type": "log",
+            "yaxis_dtick": 1,
+        },
+        layout,
+    )
