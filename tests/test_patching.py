@@ -256,3 +256,25 @@ def test_starting_at_the_layer_skips_the_blocks_below(model64):
     # The HF model holds its full block list again afterwards.
     module, name = _block_list(model64)
     assert list(getattr(module, name)) == list(model64.blocks)
+
+
+def test_bench_patching_row_checks_agreement():
+    # scripts/bench.py's patch_resid_pre row (no timing here): the agreement check and the rendered row.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("tracelib_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert "patch_resid_pre" in dict(bench.STEPS)
+    ours = {"values": [[0.0, 0.5], [1.0, 1.0]], "time_s": 1.0, "clean_metric": 3.0, "corrupted_metric": 1.0}
+    theirs = {"values": [[0.0, 0.5], [1.0, 1.0 + 1e-6]], "time_s": 4.0}
+    agreement = bench.patch_agreement(ours, theirs)
+    assert agreement["ratio"] == 0.25 and agreement["max_abs_diff"] < 1e-5
+    with pytest.raises(AssertionError, match="disagree"):
+        bench.patch_agreement(ours, {**theirs, "values": [[0.0, 0.6], [1.0, 1.0]]})
+    m = {**ours, **agreement, "cells": 4, "batch_size": 4, "peak_rss": 2**30, "peak_over_before": 2**20}
+    m["tl"] = {**theirs, "peak_rss": 2**30, "peak_over_before": 2**20}
+    table = bench.render({"tiny": {"layers": 2, "steps": {"patch_resid_pre": m}}})
+    assert "| tracelib / TransformerLens time (target <= 0.5) | 0.250 ✓ |" in table
