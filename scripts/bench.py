@@ -16,11 +16,21 @@ trace() does. Usage:
     .venv/bin/python scripts/bench.py --models qwen --layers 4 --out /tmp/qwen4.json
     .venv/bin/python scripts/bench.py --workdir /tmp/bench_models   # keep/reuse built models
     .venv/bin/python scripts/bench.py --models qwen --steps load,load_fp16,load_bf16,colab
+    .venv/bin/python scripts/bench.py --models tiny,qwen --steps patch_resid_pre --threads 1
 
 Each step loads the model with `tl.load_model`, whose lean weight processing peaks at about one
 copy of the weights. `load_tl` measures TransformerLens's own processing (`lean=False`, about
 3.5x the fp32 weights: 22 GiB for the full Qwen shape) for comparison; a step whose load is
 predicted not to fit in the memory available is skipped and listed under the table.
+
+`patch_resid_pre` times `tl.patch(..., what="resid_pre")` (tiny: "what is 1 + 1" vs "what is 3 + 1";
+the others: the PROMPT_TOKENS-token prompt vs a copy with one digit token changed) and, in a process
+of its own, TransformerLens's `run_with_cache(clean)` + `get_act_patch_resid_pre` with the same
+normalised metric. It reports the time ratio (target <= 0.5), tracelib's batch size and both peak
+RSS, and fails if the two sweeps disagree beyond float32 rounding. A TransformerLens sweep on the
+Qwen shape takes minutes, so it is timed `--patch-repeat` times (default 1) after a one-forward
+warm-up. On a shared 2-core machine `--threads 1` gives steadier times: two torch threads wait on
+each other whenever another process holds a core.
 
 `colab` simulates Colab's free tier: the Qwen2.5-1.5B shape loaded as `load_model` would on a T4
 (the dtype it picks there), on the CPU, in a process whose memory is capped at 12 GiB by a cgroup
