@@ -52,8 +52,9 @@ format: install
 	$(VENV)/bin/ruff format tracelib tests scripts
 	$(VENV)/bin/ruff check --fix tracelib tests scripts
 
+# e.g. make bench BENCH_ARGS="--models tiny,qwen --steps patch_resid_pre --threads 1 --workdir /tmp/bench_models"
 bench: install
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 # Retrain the bundled tiny-arith and tiny-arith-chat models (seeded; about 5 minutes on 2 idle cores).
 model: install

@@ -16,11 +16,21 @@ trace() does. Usage:
     .venv/bin/python scripts/bench.py --models qwen --layers 4 --out /tmp/qwen4.json
     .venv/bin/python scripts/bench.py --workdir /tmp/bench_models   # keep/reuse built models
     .venv/bin/python scripts/bench.py --models qwen --steps load,load_fp16,load_bf16,colab
+    .venv/bin/python scripts/bench.py --models tiny,qwen --steps patch_resid_pre --threads 1
 
 Each step loads the model with `tl.load_model`, whose lean weight processing peaks at about one
 copy of the weights. `load_tl` measures TransformerLens's own processing (`lean=False`, about
 3.5x the fp32 weights: 22 GiB for the full Qwen shape) for comparison; a step whose load is
 predicted not to fit in the memory available is skipped and listed under the table.
+
+`patch_resid_pre` times `tl.patch(..., what="resid_pre")` (tiny: "what is 1 + 1" vs "what is 3 + 1";
+the others: the PROMPT_TOKENS-token prompt vs a copy with one digit token changed) and, in a process
+of its own, TransformerLens's `run_with_cache(clean)` + `get_act_patch_resid_pre` with the same
+normalised metric. It reports the time ratio (target <= 0.5), tracelib's batch size and both peak
+RSS, and fails if the two sweeps disagree beyond float32 rounding. A TransformerLens sweep on the
+Qwen shape takes minutes, so it is timed `--patch-repeat` times (default 1) after a one-forward
+warm-up. On a shared 2-core machine `--threads 1` gives steadier times: two torch threads wait on
+each other whenever another process holds a core.
 
 `colab` simulates Colab's free tier: the Qwen2.5-1.5B shape loaded as `load_model` would on a T4
 (the dtype it picks there), on the CPU, in a process whose memory is capped at 12 GiB by a cgroup
@@ -61,7 +71,16 @@ STEPS = (
     ("naive_decomp", "cache.get_full_resid_decomposition(expand_neurons=True, pos_slice=-1)"),
     ("naive_decomp_proj", "the same with project_output_onto=dir"),
     ("save_load", "trace.save(folder, model) then tl.load_reference(folder, model=model): a reference round trip"),
+    (
+        "patch_resid_pre",
+        "tl.patch(model, clean, corrupted, answer, what='resid_pre'), and in a process of its own TransformerLens's "
+        "run_with_cache(clean) + get_act_patch_resid_pre on the same tokens with the same normalised metric",
+    ),
 )
+# The patching step's prompts on the bundled model; the other models use a PROMPT_TOKENS-token
+# prompt and a copy of it with one digit changed (`corrupt_prompt`).
+TINY_PATCH = ("what is 1 + 1", "what is 3 + 1")
+PATCH_TARGET = 0.5  # tracelib's resid_pre sweep time / TransformerLens's (issue 9)
 # Words to pad prompts to exactly PROMPT_TOKENS tokens; every tokenizer here knows them.
 _FILLER = ("Q:", "what", "is", "1", "+", "1", "and", "what", "is", "3", "+", "4", "so")
 
@@ -233,6 +252,133 @@ def pick_prompt(model, answer: str = ANSWER):
             if len(resolved.prompt_tokens) == PROMPT_TOKENS and resolved.is_single_token:
                 return resolved
     raise RuntimeError(f"no {PROMPT_TOKENS}-token prompt found for this tokenizer")
+
+
+def corrupt_prompt(model, resolved):
+    """`resolved`'s prompt with one digit changed, so that exactly one of its tokens differs."""
+    import tracelib as tl
+
+    prompt = resolved.prompt
+    for i, ch in enumerate(prompt):
+        if not ch.isdigit():
+            continue
+        for digit in "3456789012":
+            if digit == ch:
+                continue
+            other = tl.resolve_answer(model, prompt[:i] + digit + prompt[i + 1 :], resolved.answer)
+            a, b = resolved.prompt_tokens, other.prompt_tokens
+            if other.is_single_token and len(a) == len(b) and int((a != b).sum()) == 1:
+                return other
+    raise RuntimeError(f"no one-token corruption of {prompt!r} found")
+
+
+def patch_prompts(model, source: str):
+    """(clean, corrupted) resolved prompts for the patching step."""
+    import tracelib as tl
+
+    if source == "tiny-arith":
+        return tuple(tl.resolve_answer(model, prompt, ANSWER) for prompt in TINY_PATCH)
+    clean = pick_prompt(model)
+    return clean, corrupt_prompt(model, clean)
+
+
+def measure_patch(source: str, repeat: int, loader: str, tool: str) -> dict:
+    """The resid_pre patching sweep by tracelib (`tool="tracelib"`) or TransformerLens (`"tl"`).
+
+    Each runs in its own process, so each peak RSS is its own. Both return the normalised values
+    (1 = clean, 0 = corrupted) so that the caller can check they agree. The warm-up is one plain
+    forward pass, not a whole sweep: on the Qwen shape a TransformerLens sweep takes minutes.
+    """
+    import torch
+
+    import tracelib as tl
+    from tracelib.patching import auto_batch_size, logit_diff, prepare
+
+    model = _loader(loader)(source)
+    clean, corrupted = patch_prompts(model, source)
+    device = model.cfg.device
+    clean_tokens = clean.prompt_tokens[None].to(device)
+    _, _, clean_metric, corr_metric, setup = prepare(
+        model, clean.prompt, corrupted.prompt, clean.answer, "denoise", None, None, []
+    )
+    n_cells = model.cfg.n_layers * len(corrupted.prompt_tokens)
+    extra = {
+        "clean": clean.prompt,
+        "corrupted": corrupted.prompt,
+        "str_tokens": corrupted.prompt_str_tokens,
+        "clean_metric": clean_metric,
+        "corrupted_metric": corr_metric,
+        "cells": n_cells,
+    }
+    state = {}
+    if tool == "tracelib":
+        extra["batch_size"] = auto_batch_size(model, len(corrupted.prompt_tokens), n_cells)
+
+        def fn():
+            state.pop("out", None)
+            state["out"] = tl.patch(model, clean.prompt, corrupted.prompt, clean.answer, what="resid_pre").values
+    else:
+        from transformer_lens import patching as tl_patching
+
+        def metric(logits):
+            diff = logit_diff(logits[:, -1], setup.target, setup.distractors)[0]
+            return (diff - corr_metric) / (clean_metric - corr_metric)
+
+        def fn():
+            # TransformerLens needs the clean run's cache too; tracelib's time includes both runs.
+            state.pop("out", None)
+            with torch.no_grad():
+                _, cache = model.run_with_cache(clean_tokens)
+                state["out"] = tl_patching.get_act_patch_resid_pre(model, setup.base_tokens.to(device), cache, metric)
+            del cache
+
+    with torch.no_grad():
+        model(clean_tokens)  # warm-up
+    release_free_memory()
+    before = proc_status()
+    reset_peak()
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    peak = proc_status()["VmHWM"]
+    return {
+        "time_s": statistics.median(times),
+        "times_s": times,
+        "rss_before": before["VmRSS"],
+        "peak_rss": peak,
+        "peak_over_before": peak - before["VmRSS"],
+        "values": state["out"].float().cpu().tolist(),
+        **extra,
+    }
+
+
+def patch_agreement(ours: dict, theirs: dict) -> dict:
+    """tracelib's sweep against TransformerLens's: the time ratio and the largest value difference.
+
+    The tolerance is float32 rounding seen through the normalisation: a logit difference carries
+    about 1e-6 of the logits' scale in rounding, divided by the clean - corrupted gap.
+    """
+    import math
+
+    a = [x for row in ours["values"] for x in row]
+    b = [x for row in theirs["values"] for x in row]
+    if len(a) != len(b):
+        raise AssertionError(f"tracelib swept {len(a)} cells, TransformerLens {len(b)}")
+    diff = max(abs(x - y) for x, y in zip(a, b))
+    gap = abs(ours["clean_metric"] - ours["corrupted_metric"])
+    scale = max(1.0, abs(ours["clean_metric"]), abs(ours["corrupted_metric"]))
+    tol = max(1e-4, 1e-5 * scale / gap)
+    if not math.isfinite(diff) or diff > tol:
+        raise AssertionError(f"tracelib and TransformerLens disagree: max |difference| {diff:.2e} > {tol:.2e}")
+    return {
+        "ratio": ours["time_s"] / theirs["time_s"],
+        "max_abs_diff": diff,
+        "tolerance": tol,
+        "gap": gap,
+    }
 
 
 def weight_bytes(source: str, dtype: str = "float32") -> int:
@@ -560,6 +706,9 @@ def worker_main(spec: dict) -> dict:
         return measure_load(spec["source"], loader, LOAD_DTYPE[spec["step"]])
     if spec["step"] == "colab":
         return measure_colab(spec["source"])
+    if spec["step"] in ("patch_resid_pre", "patch_resid_pre_tl"):
+        tool = "tl" if spec["step"].endswith("_tl") else "tracelib"
+        return measure_patch(spec["source"], spec.get("patch_repeat", 1), spec["loader"], tool)
     return measure_step(spec["step"], spec["source"], spec["repeat"], spec["loader"])
 
 
@@ -741,6 +890,33 @@ def render(results: dict) -> str:
             lines.append(f"| {title} | " + " | ".join(fmt(results[n]["steps"]["colab"]) for n in colab) + " |")
         sections.append("\n".join(lines))
 
+    patched = [n for n in names if "patch_resid_pre" in results[n]["steps"]]
+    if patched:
+        cols = " | ".join(f"{n} ({results[n]['layers']}L)" for n in patched)
+        lines = [
+            f"| resid_pre patching sweep (denoise) | {cols} |",
+            "|---|" + "---:|" * len(patched),
+        ]
+        for title, fmt in (
+            ("cells (layer x position)", lambda m: str(m["cells"])),
+            ("tracelib s", lambda m: f"{m['time_s']:.2f}"),
+            ("TransformerLens get_act_patch_resid_pre s", lambda m: f"{m['tl']['time_s']:.2f}"),
+            (
+                f"tracelib / TransformerLens time (target <= {PATCH_TARGET})",
+                lambda m: f"{m['ratio']:.3f} {'✓' if m['ratio'] <= PATCH_TARGET else '✗'}",
+            ),
+            ("tracelib batch size", lambda m: str(m["batch_size"])),
+            ("tracelib peak RSS (+ over model)", lambda m: f"{_gib(m['peak_rss'])} (+{_gib(m['peak_over_before'])})"),
+            (
+                "TransformerLens peak RSS (+ over model)",
+                lambda m: f"{_gib(m['tl']['peak_rss'])} (+{_gib(m['tl']['peak_over_before'])})",
+            ),
+            ("max |tracelib - TL| (normalised)", lambda m: f"{m['max_abs_diff']:.1e} (tol {m['tolerance']:.0e})"),
+        ):
+            cells = " | ".join(fmt(results[n]["steps"]["patch_resid_pre"]) for n in patched)
+            lines.append(f"| {title} | {cells} |")
+        sections.append("\n".join(lines))
+
     names = [n for n in names if "ratios" in results[n]]
     if names:
         labels = {
@@ -781,6 +957,9 @@ def main(argv=None) -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: tiny,gpt2,qwen")
     parser.add_argument("--layers", type=int, default=None, help="override the GPT-2 and Qwen layer counts")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per step, after one warm-up")
+    parser.add_argument(
+        "--patch-repeat", type=int, default=1, help="timed sweeps in patch_resid_pre (TL's takes minutes on Qwen)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_results.json"), help="JSON results file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     parser.add_argument("--workdir", type=Path, default=None, help="build models here and keep them (reused)")
@@ -839,6 +1018,20 @@ def main(argv=None) -> None:
                     "threads": args.threads,
                     "loader": args.loader,
                 }
+                if step == "patch_resid_pre":
+                    worker["patch_repeat"] = args.patch_repeat
+                    ours = run_worker(worker)
+                    print(f"{name}: patch_resid_pre (TransformerLens) ...", file=sys.stderr, flush=True)
+                    theirs = run_worker({**worker, "step": "patch_resid_pre_tl"})
+                    agreement = patch_agreement(ours, theirs)  # raises if they disagree
+                    print(
+                        f"{name}: tracelib {ours['time_s']:.2f} s, TransformerLens {theirs['time_s']:.2f} s, "
+                        f"ratio {agreement['ratio']:.3f}; max |difference| {agreement['max_abs_diff']:.2e}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    entry["steps"][step] = {**ours, **agreement, "tl": theirs}
+                    continue
                 entry["steps"][step] = run_colab(worker) if step == "colab" else run_worker(worker)
                 if step in LOAD_DTYPE and step != "load_tl":
                     # The proof that counts: the same load under a hard cap of 1.5x the weights
@@ -867,6 +1060,7 @@ def main(argv=None) -> None:
         {
             "table": table,
             "targets": TARGETS,
+            "patch_repeat": args.patch_repeat,
             "steps": dict(STEPS),
             "repeat": args.repeat,
             "loader": args.loader,

@@ -215,3 +215,66 @@ def test_noising_with_insertion_patches_every_clean_position(any_model):
     assert result.no_counterpart == [] and not result.values.isnan().any()
     assert len(result.str_tokens) == len(tl.resolve_answer(any_model, CLEAN, ANSWER).prompt_str_tokens)
     assert len(result.plot().data) == 1
+
+
+@pytest.fixture(params=["tiny", "gpt2", "qwen"], scope="module")
+def model64(request):
+    """The three model families, all in float64, so the two patching paths can be held to 1e-6."""
+    source = "tiny-arith" if request.param == "tiny" else request.getfixturevalue(f"{request.param}_dir")
+    return tl.load_model(source, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_starting_at_the_layer_equals_the_full_forward(model64, direction):
+    from tracelib.patching import WHATS, _block_list, make_cells
+
+    # The fast path must really be taken on every family, or this would compare the full path with itself.
+    assert _block_list(model64) is not None
+    hooks = sorted({f"blocks.{layer}.{hook}" for hook, _, _ in WHATS.values() for layer in range(model64.cfg.n_layers)})
+    _, _, _, _, setup = prepare(model64, CLEAN, CORRUPTED, ANSWER, direction, None, None, hooks)
+    for what in WHATS:
+        cells, _, _, _ = make_cells(model64, what, setup.mapping)
+        fast = run_patched(model64, setup, cells, batch_size=16)
+        full = run_patched(model64, setup, cells, batch_size=16, _full_forward=True)
+        torch.testing.assert_close(fast, full, atol=1e-6, rtol=0, msg=lambda m, what=what: f"{what}: {m}")
+
+
+def test_starting_at_the_layer_skips_the_blocks_below(model64):
+    from tracelib.patching import _block_list
+
+    _, _, _, _, setup = prepare(model64, CLEAN, CORRUPTED, ANSWER, "denoise", None, None, [])
+    last = model64.cfg.n_layers - 1
+    calls = []
+    handle = model64.blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        run_patched(model64, setup, [Cell(f"blocks.{last}.hook_resid_pre", (0,), (0,))])
+        assert calls == []
+        run_patched(model64, setup, [Cell(f"blocks.{last}.hook_resid_pre", (0,), (0,))], _full_forward=True)
+        assert calls == [1]
+    finally:
+        handle.remove()
+    # The HF model holds its full block list again afterwards.
+    module, name = _block_list(model64)
+    assert list(getattr(module, name)) == list(model64.blocks)
+
+
+def test_bench_patching_row_checks_agreement():
+    # scripts/bench.py's patch_resid_pre row (no timing here): the agreement check and the rendered row.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("tracelib_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert "patch_resid_pre" in dict(bench.STEPS)
+    ours = {"values": [[0.0, 0.5], [1.0, 1.0]], "time_s": 1.0, "clean_metric": 3.0, "corrupted_metric": 1.0}
+    theirs = {"values": [[0.0, 0.5], [1.0, 1.0 + 1e-6]], "time_s": 4.0}
+    agreement = bench.patch_agreement(ours, theirs)
+    assert agreement["ratio"] == 0.25 and agreement["max_abs_diff"] < 1e-5
+    with pytest.raises(AssertionError, match="disagree"):
+        bench.patch_agreement(ours, {**theirs, "values": [[0.0, 0.6], [1.0, 1.0]]})
+    m = {**ours, **agreement, "cells": 4, "batch_size": 4, "peak_rss": 2**30, "peak_over_before": 2**20}
+    m["tl"] = {**theirs, "peak_rss": 2**30, "peak_over_before": 2**20}
+    table = bench.render({"tiny": {"layers": 2, "steps": {"patch_resid_pre": m}}})
+    assert "| tracelib / TransformerLens time (target <= 0.5) | 0.250 ✓ |" in table

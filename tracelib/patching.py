@@ -16,15 +16,23 @@ where each term is the answer's logit minus the mean distractor logit at the fin
 
 TransformerLens's `transformer_lens.patching.get_act_patch_resid_pre` and friends run on the
 bridge in compatibility mode, and for equal-length prompts they agree with this module (the tests
-check it on the bundled model). tracelib keeps its own path because TransformerLens's functions
-(1) assume both prompts have the same length and patch position i into position i, whereas prompts
-with injected tokens need an alignment (`align_tokens`) and an honest gap where a position has no
-counterpart; and (2) run one forward pass per cell, whereas here many cells share one batched pass:
-the base tokens are stacked B times and one hook per hook point writes each batch row's own cell.
+check it on the bundled model). tracelib keeps its own path for three reasons:
+
+1. Alignment. TransformerLens's functions assume both prompts have the same length and patch
+   position i into position i; prompts with injected tokens need an alignment (`align_tokens`) and
+   an honest gap where a position has no counterpart.
+2. Batching. TransformerLens runs one forward pass per cell; here the cells of one layer share a
+   batched pass, and one hook per hook point writes each batch row's own cell.
+3. Starting at the layer. A cell at layer l changes nothing below l, so its run starts from the
+   base run's cached `blocks.{l}.hook_resid_pre` and runs only blocks l and up, keeping the logits
+   of the final position only (see `run_patched`). On average that is half the blocks, and the
+   unembedding of one position instead of all of them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import os
 import sys
@@ -77,6 +85,8 @@ class PatchSetup:
         source_cache: TL alias -> `[pos, ...]` activation of the run patched in from.
         mapping: for each base position, the source position that stands for it, or None.
         target: the answer token; distractors: the tokens it should beat.
+        base_resid: `[layer, pos, d_model]`, the base run's `hook_resid_pre` at every layer: where
+            a patched run at layer l starts. None makes `run_patched` run every forward from the tokens.
     """
 
     base_tokens: Tensor
@@ -84,6 +94,7 @@ class PatchSetup:
     mapping: list
     target: int
     distractors: list
+    base_resid: Tensor | None = None
 
 
 def logit_diff(logits: Float[Tensor, "batch vocab"], target: int, distractors: list[int]) -> Float[Tensor, " batch"]:
@@ -147,13 +158,114 @@ def run_cached(model, tokens: Tensor, aliases) -> tuple[Tensor, dict[str, Tensor
     return logits, store
 
 
+def _layer_of(hook: str) -> int:
+    return int(hook.split(".")[1])
+
+
+def _block_list(model) -> tuple[torch.nn.Module, str] | None:
+    """The Hugging Face module and attribute that hold the bridge's blocks, if they can be cut short.
+
+    The bridge's own `start_at_layer` feeds the residual in as `inputs_embeds` but still runs
+    blocks 0..l-1 and discards their output. To skip them, `_blocks_from` hands the HF model a
+    shorter block list for the duration of one call. That is exact only where the HF forward treats
+    every block alike: models with per-layer attention types (sliding-window layers mixed with full
+    ones) index them by loop position, so they get None here and run every forward from the tokens.
+    """
+    hf = getattr(getattr(model, "_driver", None), "underlying_model", None)
+    blocks = getattr(model, "blocks", None)
+    if hf is None or blocks is None or len(blocks) != model.cfg.n_layers:
+        return None
+    layer_types = getattr(getattr(hf, "config", None), "layer_types", None)
+    if layer_types is not None and len(set(layer_types)) > 1:
+        return None
+    for module in hf.modules():
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.ModuleList) and len(child) == len(blocks) and child[0] is blocks[0]:
+                return module, name
+    return None
+
+
+@contextlib.contextmanager
+def _blocks_from(where: tuple[torch.nn.Module, str], layer: int):
+    """Within the block, the HF model holds only the blocks from `layer` on (the bridge's own stay)."""
+    module, name = where
+    full = getattr(module, name)
+    setattr(module, name, torch.nn.ModuleList(list(full)[layer:]))
+    try:
+        yield
+    finally:
+        setattr(module, name, full)
+
+
+def _final_logits_only(model) -> dict:
+    """`logits_to_keep=1` where the HF model takes it: only the final position is scored."""
+    hf = getattr(getattr(model, "_driver", None), "underlying_model", None)
+    try:
+        takes = hf is not None and "logits_to_keep" in inspect.signature(hf.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"logits_to_keep": 1} if takes else {}
+
+
+def _index(batch: list[Cell], alias_of: dict[str, str], device) -> dict:
+    """Flat index tensors per hook point: batch row, base position, source position, head."""
+    index: dict[str, tuple[Tensor, Tensor, Tensor, Tensor | None]] = {}
+    for name, alias in alias_of.items():
+        rows, pos, src, heads = [], [], [], []
+        for b, cell in enumerate(batch):
+            if cell.hook != alias:
+                continue
+            rows += [b] * len(cell.positions)
+            pos += cell.positions
+            src += cell.sources
+            heads += [cell.head] * len(cell.positions)
+        if rows:
+            has_head = heads[0] is not None
+            index[name] = (
+                torch.tensor(rows, device=device),
+                torch.tensor(pos, device=device),
+                torch.tensor(src, device=device),
+                torch.tensor(heads, device=device) if has_head else None,
+            )
+    return index
+
+
+def _write_cells(act: Tensor, where: tuple, source: Tensor) -> Tensor:
+    """A copy of `act` with the source activation written into each indexed cell."""
+    rows, pos, src, heads = where
+    source = source.to(act.device, act.dtype)
+    # The clone keeps the bridge's own tensor (or the cached residual) intact.
+    act = act.clone()
+    if heads is None:
+        act[rows, pos] = source[src]
+    else:
+        act[rows, pos, heads] = source[src, heads]
+    return act
+
+
 def run_patched(
-    model, setup: PatchSetup, cells: list[Cell], batch_size: int | None = None, progress: bool | None = None
+    model,
+    setup: PatchSetup,
+    cells: list[Cell],
+    batch_size: int | None = None,
+    progress: bool | None = None,
+    *,
+    _full_forward: bool = False,
 ) -> Float[Tensor, " cell"]:
     """The logit difference of the base run with each cell patched in, batched B cells per forward pass.
 
-    Each batch stacks the base tokens B times; one hook per hook point writes only its rows' cells,
-    so batch row b is exactly the base run with cell b patched. An empty `cells` gives an empty tensor.
+    Cells are grouped by layer. A batch of cells at layer l starts from the base run's cached
+    `blocks.{l}.hook_resid_pre` (`setup.base_resid`), stacked B times, and runs only blocks l and
+    up (`model.run_with_hooks(resid, start_at_layer=l)` with the HF block list cut short, see
+    `_block_list`), scoring only the final position. A `resid_pre` cell at layer l is written
+    straight into that starting residual; any other cell (attn_out, mlp_out, hook_z at layer l) by
+    one hook per hook point that writes only its rows' cells, so batch row b is exactly the base
+    run with cell b patched.
+
+    The full-forward path (the base tokens stacked B times, every block run) is used where the
+    block list cannot be cut short (per-layer attention types, no HF model behind the bridge),
+    where `setup.base_resid` is None, or with `_full_forward=True`; the tests check that both
+    paths agree. An empty `cells` gives an empty tensor.
     """
     from tqdm.auto import tqdm
 
@@ -161,55 +273,56 @@ def run_patched(
         return torch.zeros(0)
     device = model.cfg.device
     tokens = setup.base_tokens.to(device)
-    final = tokens.shape[1] - 1
     size = batch_size or auto_batch_size(model, tokens.shape[1], len(cells))
     if size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     points = _real_points(model, {cell.hook for cell in cells})
     alias_of = {name: aliases[0] for name, aliases in points.items()}
-    batches = [cells[i : i + size] for i in range(0, len(cells), size)]
+    where = None if _full_forward or setup.base_resid is None else _block_list(model)
+
+    # Batches of cell indices: per layer when starting at the layer, else in the given order.
+    if where is None:
+        groups = [list(range(len(cells)))]
+    else:
+        by_layer: dict[int, list[int]] = {}
+        for k, cell in enumerate(cells):
+            by_layer.setdefault(_layer_of(cell.hook), []).append(k)
+        groups = [by_layer[layer] for layer in sorted(by_layer)]
+    batches = [group[i : i + size] for group in groups for i in range(0, len(group), size)]
     show = progress if progress is not None else (len(batches) > 4 and not _is_quiet())
-    out = []
-    for batch in tqdm(batches, disable=not show, desc="patching", leave=False):
-        # Flat index tensors per hook point: batch row, base position, source position, head.
-        index: dict[str, tuple[Tensor, Tensor, Tensor, Tensor | None]] = {}
-        for name, alias in alias_of.items():
-            rows, pos, src, heads = [], [], [], []
-            for b, cell in enumerate(batch):
-                if cell.hook != alias:
-                    continue
-                rows += [b] * len(cell.positions)
-                pos += cell.positions
-                src += cell.sources
-                heads += [cell.head] * len(cell.positions)
-            if rows:
-                has_head = heads[0] is not None
-                index[name] = (
-                    torch.tensor(rows, device=device),
-                    torch.tensor(pos, device=device),
-                    torch.tensor(src, device=device),
-                    torch.tensor(heads, device=device) if has_head else None,
-                )
+    extra = _final_logits_only(model) if where is not None else {}
+    out = torch.zeros(len(cells), dtype=torch.float64)
+    for ids in tqdm(batches, disable=not show, desc="patching", leave=False):
+        batch = [cells[k] for k in ids]
+        index = _index(batch, alias_of, device)
 
         def write(act: Tensor, hook, index=index) -> Tensor:
-            rows, pos, src, heads = index[hook.name]
-            source = setup.source_cache[alias_of[hook.name]].to(act.device, act.dtype)
-            # A returned tensor replaces the activation; the clone keeps the bridge's own tensor intact.
-            act = act.clone()
-            if heads is None:
-                act[rows, pos] = source[src]
-            else:
-                act[rows, pos, heads] = source[src, heads]
-            return act
+            # A returned tensor replaces the activation.
+            return _write_cells(act, index[hook.name], setup.source_cache[alias_of[hook.name]])
 
         with torch.no_grad():
-            logits = model.run_with_hooks(
-                tokens.expand(len(batch), -1),
-                fwd_hooks=[(name, write) for name in index],
-                return_type="logits",
-            )
-        out.append(logit_diff(logits[:, final].double(), setup.target, setup.distractors).cpu())
-    return torch.cat(out)
+            if where is None:
+                logits = model.run_with_hooks(
+                    tokens.expand(len(batch), -1),
+                    fwd_hooks=[(name, write) for name in index],
+                    return_type="logits",
+                )
+            else:
+                layer = _layer_of(batch[0].hook)
+                resid = setup.base_resid[layer].to(device)[None].expand(len(batch), -1, -1)
+                start = f"blocks.{layer}.hook_resid_pre"
+                hooks = []
+                for name in index:
+                    if alias_of[name] == start:
+                        resid = _write_cells(resid, index[name], setup.source_cache[start])
+                    else:
+                        hooks.append((name, write))
+                with _blocks_from(where, layer):
+                    logits = model.run_with_hooks(
+                        resid.contiguous(), start_at_layer=layer, fwd_hooks=hooks, return_type="logits", **extra
+                    )
+        out[torch.tensor(ids)] = logit_diff(logits[:, -1].double(), setup.target, setup.distractors).cpu()
+    return out
 
 
 @dataclass(frozen=True)
@@ -374,8 +487,11 @@ def prepare(model, clean_prompt: str, corrupted_prompt: str, answer, direction: 
             "the corrupted one; patch() compares one answer token."
         )
     device = model.cfg.device
-    clean_logits, clean_cache = run_cached(model, clean.tokens[None].to(device), hooks)
-    corr_logits, corr_cache = run_cached(model, corrupted.tokens[None].to(device), hooks)
+    # Both runs also keep resid_pre at every layer: whichever is patched starts its runs from there.
+    starts = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
+    kept = list(dict.fromkeys([*hooks, *starts]))
+    clean_logits, clean_cache = run_cached(model, clean.tokens[None].to(device), kept)
+    corr_logits, corr_cache = run_cached(model, corrupted.tokens[None].to(device), kept)
     rivals = clean.distractors
     if not rivals:  # as trace() does: the clean run's strongest non-answer token
         ranked = clean_logits[0, -1].topk(2).indices.tolist()
@@ -394,7 +510,10 @@ def prepare(model, clean_prompt: str, corrupted_prompt: str, answer, direction: 
             if i is not None:
                 inverse[i] = j
         base, cache, mapping = clean, corr_cache, inverse
-    setup = PatchSetup(base.tokens[None], cache, mapping, clean.target, rivals)
+    base_cache = corr_cache if direction == "denoise" else clean_cache
+    base_resid = torch.stack([base_cache[name] for name in starts])
+    source = {alias: cache[alias] for alias in kept}
+    setup = PatchSetup(base.tokens[None], source, mapping, clean.target, rivals, base_resid)
     return clean, corrupted, clean_metric, corr_metric, setup
 
 
