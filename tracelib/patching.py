@@ -431,6 +431,15 @@ def check_alignment(alignment, n_base: int, n_source: int) -> list[int | None]:
     return [None if j is None else int(j) for j in alignment]
 
 
+def invert_alignment(alignment: list[int | None], n_clean: int) -> list[int | None]:
+    """The corrupted -> clean alignment turned round: for each clean position, its corrupted one or None."""
+    inverse: list[int | None] = [None] * n_clean
+    for j, i in enumerate(alignment):
+        if i is not None:
+            inverse[i] = j
+    return inverse
+
+
 def fill_substitutions(alignment: list[int | None], n_source: int) -> list[int | None]:
     """Map substituted tokens one-to-one: a gap of unmatched positions as long as the other side's gap.
 
@@ -473,19 +482,9 @@ def make_cells(model, what: str, mapping: list[int | None]) -> tuple[list[Cell],
 
 def prepare(model, clean_prompt: str, corrupted_prompt: str, answer, direction: str, distractors, alignment, hooks):
     """Both runs, the metric's two anchors and the patching setup for `direction`."""
-    from tracelib.compare import align_tokens
-
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    clean, corrupted = (
-        _resolve(model, clean_prompt, answer, distractors),
-        _resolve(model, corrupted_prompt, answer, distractors),
-    )
-    if clean.target != corrupted.target:
-        raise ValueError(
-            f"The answer resolves to {clean.target_str!r} after the clean prompt but {corrupted.target_str!r} after "
-            "the corrupted one; patch() compares one answer token."
-        )
+    clean, corrupted, alignment = resolve_pair(model, clean_prompt, corrupted_prompt, answer, distractors, alignment)
     device = model.cfg.device
     # Both runs also keep resid_pre at every layer: whichever is patched starts its runs from there.
     starts = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
@@ -498,18 +497,11 @@ def prepare(model, clean_prompt: str, corrupted_prompt: str, answer, direction: 
         rivals = [ranked[1] if ranked[0] == clean.target else ranked[0]]
     clean_metric = logit_diff(clean_logits[:, -1].double(), clean.target, rivals).item()
     corr_metric = logit_diff(corr_logits[:, -1].double(), clean.target, rivals).item()
-    if alignment is None:
-        alignment = fill_substitutions(align_tokens(clean.str_tokens, corrupted.str_tokens), len(clean.tokens))
     # alignment: for each corrupted position, its clean position or None.
-    alignment = check_alignment(alignment, len(corrupted.tokens), len(clean.tokens))
     if direction == "denoise":
         base, cache, mapping = corrupted, clean_cache, alignment
     else:
-        inverse: list[int | None] = [None] * len(clean.tokens)
-        for j, i in enumerate(alignment):
-            if i is not None:
-                inverse[i] = j
-        base, cache, mapping = clean, corr_cache, inverse
+        base, cache, mapping = clean, corr_cache, invert_alignment(alignment, len(clean.tokens))
     base_cache = corr_cache if direction == "denoise" else clean_cache
     base_resid = torch.stack([base_cache[name] for name in starts])
     source = {alias: cache[alias] for alias in kept}
@@ -568,13 +560,7 @@ def patch(
     clean, corrupted, clean_metric, corr_metric, setup = prepare(
         model, clean_prompt, corrupted_prompt, answer, direction, distractors, alignment, hooks
     )
-    span = clean_metric - corr_metric
-    if not math.isfinite(span) or abs(span) <= 1e-6 * max(1.0, abs(clean_metric), abs(corr_metric)):
-        raise SameMetricError(
-            f"The clean and corrupted prompts give the same logit difference ({clean_metric:+.6f} vs "
-            f"{corr_metric:+.6f}), so recovery (patched - corrupted) / (clean - corrupted) is undefined. "
-            "Pick a corrupted prompt that changes the answer's margin."
-        )
+    span = _check_span(clean_metric, corr_metric)
     cells, flat, dims, shape = make_cells(model, what, setup.mapping)
     patched = run_patched(model, setup, cells, batch_size, progress)
     values = torch.full((math.prod(shape),), math.nan)
@@ -727,10 +713,7 @@ def attribution_patch(
     span = _check_span(clean_metric, corr_metric)
     if base_is_clean:
         base, base_run, source_run = clean, clean_run, corr_run
-        mapping: list[int | None] = [None] * len(clean.tokens)
-        for j, i in enumerate(alignment):
-            if i is not None:
-                mapping[i] = j
+        mapping = invert_alignment(alignment, len(clean.tokens))
     else:
         base, base_run, source_run, mapping = corrupted, corr_run, clean_run, alignment
 
