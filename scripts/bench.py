@@ -81,6 +81,7 @@ STEPS = (
 # prompt and a copy of it with one digit changed (`corrupt_prompt`).
 TINY_PATCH = ("what is 1 + 1", "what is 3 + 1")
 PATCH_TARGET = 0.5  # tracelib's resid_pre sweep time / TransformerLens's (issue 9)
+ATTRIBUTION_TARGET = 4.0  # attribution_patch time / one forward pass (issue 9)
 # Words to pad prompts to exactly PROMPT_TOKENS tokens; every tokenizer here knows them.
 _FILLER = ("Q:", "what", "is", "1", "+", "1", "and", "what", "is", "3", "+", "4", "so")
 
@@ -344,6 +345,8 @@ def measure_patch(source: str, repeat: int, loader: str, tool: str) -> dict:
         fn()
         times.append(time.perf_counter() - t0)
     peak = proc_status()["VmHWM"]
+    if tool == "tracelib":
+        extra.update(measure_attribution(model, clean, corrupted, state["out"], max(repeat, 5)))
     return {
         "time_s": statistics.median(times),
         "times_s": times,
@@ -353,6 +356,33 @@ def measure_patch(source: str, repeat: int, loader: str, tool: str) -> dict:
         "values": state["out"].float().cpu().tolist(),
         **extra,
     }
+
+
+def measure_attribution(model, clean, corrupted, exact, repeat: int) -> dict:
+    """tl.attribution_patch's resid_pre map: its time in forward passes, and its agreement with exact patching.
+
+    Runs after the exact sweep's peak is read, so it does not change the sweep's memory figures.
+    """
+    import torch
+
+    import tracelib as tl
+
+    tokens = corrupted.prompt_tokens[None].to(model.cfg.device)
+
+    def forward():
+        with torch.no_grad():
+            model(tokens)
+
+    def estimate():
+        state["out"] = tl.attribution_patch(model, clean.prompt, corrupted.prompt, clean.answer, what="resid_pre")
+
+    state: dict = {}
+    forward_s, _ = timed(forward, repeat)
+    attribution_s, _ = timed(estimate, repeat)
+    x, y = exact.flatten().double(), state["out"].values.flatten().double()
+    keep = ~(x.isnan() | y.isnan())
+    pearson = torch.corrcoef(torch.stack([x[keep], y[keep]]))[0, 1].item()
+    return {"forward_s": forward_s, "attribution_s": attribution_s, "attribution_pearson": pearson}
 
 
 def patch_agreement(ours: dict, theirs: dict) -> dict:
@@ -912,6 +942,15 @@ def render(results: dict) -> str:
                 lambda m: f"{_gib(m['tl']['peak_rss'])} (+{_gib(m['tl']['peak_over_before'])})",
             ),
             ("max |tracelib - TL| (normalised)", lambda m: f"{m['max_abs_diff']:.1e} (tol {m['tolerance']:.0e})"),
+            ("attribution_patch s (one forward s)", lambda m: f"{m['attribution_s']:.3f} ({m['forward_s']:.3f})"),
+            (
+                f"attribution_patch / one forward (target <= {ATTRIBUTION_TARGET})",
+                lambda m: (
+                    f"{m['attribution_s'] / m['forward_s']:.2f} "
+                    f"{'✓' if m['attribution_s'] / m['forward_s'] <= ATTRIBUTION_TARGET else '✗'}"
+                ),
+            ),
+            ("pearson(attribution estimate, exact)", lambda m: f"{m['attribution_pearson']:+.3f}"),
         ):
             cells = " | ".join(fmt(results[n]["steps"]["patch_resid_pre"]) for n in patched)
             lines.append(f"| {title} | {cells} |")
