@@ -275,6 +275,28 @@ def test_bench_patching_row_checks_agreement():
     with pytest.raises(AssertionError, match="disagree"):
         bench.patch_agreement(ours, {**theirs, "values": [[0.0, 0.6], [1.0, 1.0]]})
     m = {**ours, **agreement, "cells": 4, "batch_size": 4, "peak_rss": 2**30, "peak_over_before": 2**20}
+    m.update(attribution_s=0.05, forward_s=0.01, attribution_pearson=0.5)
     m["tl"] = {**theirs, "peak_rss": 2**30, "peak_over_before": 2**20}
     table = bench.render({"tiny": {"layers": 2, "steps": {"patch_resid_pre": m}}})
     assert "| tracelib / TransformerLens time (target <= 0.5) | 0.250 ✓ |" in table
+    assert "| attribution_patch / one forward (target <= 4.0) | 5.00 ✗ |" in table
+
+
+def test_a_start_at_layer_that_goes_wrong_falls_back_to_full_runs(tiny, monkeypatch):
+    # If a TransformerLens or transformers release changed how a run started at a layer treats the
+    # block list (say, start_at_layer skipping the blocks itself, so cutting the list skips twice),
+    # the once-per-model check sees it, warns, and the sweep runs from the tokens.
+    from tracelib import patching
+
+    expected = patch(tiny, CLEAN, CORRUPTED, ANSWER, what="resid_pre")
+    cut = patching._blocks_from
+
+    def skips_twice(where, layer):
+        return cut(where, min(2 * layer, tiny.cfg.n_layers - 1))
+
+    monkeypatch.setattr(patching, "_blocks_from", skips_twice)
+    monkeypatch.setattr(patching, "_START_CHECKED", __import__("weakref").WeakKeyDictionary())
+    with pytest.warns(RuntimeWarning, match="cannot start at a layer"):
+        result = patch(tiny, CLEAN, CORRUPTED, ANSWER, what="resid_pre")
+    torch.testing.assert_close(result.values, expected.values, atol=1e-5, rtol=0)
+    assert patching._START_CHECKED[tiny] is False

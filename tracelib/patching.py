@@ -36,6 +36,8 @@ import inspect
 import math
 import os
 import sys
+import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -87,6 +89,8 @@ class PatchSetup:
         target: the answer token; distractors: the tokens it should beat.
         base_resid: `[layer, pos, d_model]`, the base run's `hook_resid_pre` at every layer: where
             a patched run at layer l starts. None makes `run_patched` run every forward from the tokens.
+        base_metric: the unpatched base run's logit difference, against which starting at a layer is
+            checked once per model (`_starts_at_layer_exactly`).
     """
 
     base_tokens: Tensor
@@ -95,6 +99,7 @@ class PatchSetup:
     target: int
     distractors: list
     base_resid: Tensor | None = None
+    base_metric: float | None = None
 
 
 def logit_diff(logits: Float[Tensor, "batch vocab"], target: int, distractors: list[int]) -> Float[Tensor, " batch"]:
@@ -183,6 +188,45 @@ def _block_list(model) -> tuple[torch.nn.Module, str] | None:
             if isinstance(child, torch.nn.ModuleList) and len(child) == len(blocks) and child[0] is blocks[0]:
                 return module, name
     return None
+
+
+# Models on which starting at a layer was checked against the unpatched run, and the verdict.
+_START_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _starts_at_layer_exactly(model, setup: PatchSetup, where: tuple) -> bool:
+    """Whether an unpatched run started at layer 1 reproduces the base run's metric (checked once per model).
+
+    Starting at a layer leans on how TransformerLens's `start_at_layer` and the HF forward treat the
+    block list. If a later release changes that, this check sees a different metric, warns, and
+    patching falls back to full forward passes rather than report wrong numbers.
+    """
+    if model in _START_CHECKED:
+        return _START_CHECKED[model]
+    if setup.base_metric is None or setup.base_resid is None:
+        return True
+    layer = min(1, model.cfg.n_layers - 1)
+    resid = setup.base_resid[layer].to(model.cfg.device)[None]
+    try:
+        with torch.no_grad(), _blocks_from(where, layer):
+            logits = model.run_with_hooks(resid.contiguous(), start_at_layer=layer, return_type="logits")
+        got = logit_diff(logits[:, -1].double(), setup.target, setup.distractors).item()
+        error = None
+    except Exception as err:  # noqa: BLE001 - any failure means: do not start at a layer
+        got, error = math.nan, err
+    dtype = next(model.parameters()).dtype
+    tol = (5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3) * max(1.0, abs(setup.base_metric))
+    ok = math.isfinite(got) and abs(got - setup.base_metric) <= tol
+    if not ok:
+        warnings.warn(
+            f"Patching cannot start at a layer on this model (an unpatched run from layer {layer} gave "
+            f"{got:+.6f}, the full run {setup.base_metric:+.6f}{'' if error is None else f'; {error!r}'}); every "
+            "patched run will start from the tokens. The results are right, only slower.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    _START_CHECKED[model] = ok
+    return ok
 
 
 @contextlib.contextmanager
@@ -279,6 +323,8 @@ def run_patched(
     points = _real_points(model, {cell.hook for cell in cells})
     alias_of = {name: aliases[0] for name, aliases in points.items()}
     where = None if _full_forward or setup.base_resid is None else _block_list(model)
+    if where is not None and not _starts_at_layer_exactly(model, setup, where):
+        where = None
 
     # Batches of cell indices: per layer when starting at the layer, else in the given order.
     if where is None:
@@ -505,7 +551,8 @@ def prepare(model, clean_prompt: str, corrupted_prompt: str, answer, direction: 
     base_cache = corr_cache if direction == "denoise" else clean_cache
     base_resid = torch.stack([base_cache[name] for name in starts])
     source = {alias: cache[alias] for alias in kept}
-    setup = PatchSetup(base.tokens[None], source, mapping, clean.target, rivals, base_resid)
+    base_metric = corr_metric if direction == "denoise" else clean_metric
+    setup = PatchSetup(base.tokens[None], source, mapping, clean.target, rivals, base_resid, base_metric)
     return clean, corrupted, clean_metric, corr_metric, setup
 
 
