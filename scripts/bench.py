@@ -56,8 +56,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_TOKENS = 12
 ANSWER = " 2"
-MODELS = ("tiny", "gpt2", "qwen")
+MODELS = ("tiny", "gpt2", "qwen", "qwen05")
 # Each step runs in its own process: (name, what it times).
+BATCH_PROMPTS = 100
 STEPS = (
     ("load", "tl.load_model(folder), fp32: boot_transformers + lean enable_compatibility_mode"),
     ("load_fp16", "the same in fp16"),
@@ -71,12 +72,28 @@ STEPS = (
     ("naive_decomp", "cache.get_full_resid_decomposition(expand_neurons=True, pos_slice=-1)"),
     ("naive_decomp_proj", "the same with project_output_onto=dir"),
     ("save_load", "trace.save(folder, model) then tl.load_reference(folder, model=model): a reference round trip"),
+    ("trace_batch", f"tl.trace(model, {BATCH_PROMPTS} prompts, their answers): one call"),
+    ("trace_single", f"the same {BATCH_PROMPTS} prompts, one tl.trace call each"),
+    ("run_with_cache_batch", f"model.run_with_cache on the same {BATCH_PROMPTS} prompts, right-padded as trace pads"),
+    ("forward_long", "model(tokens) under no_grad at each --lengths prompt length (fresh process each)"),
+    ("trace_long", "tl.trace at each --lengths prompt length (fresh process each)"),
     (
         "patch_resid_pre",
         "tl.patch(model, clean, corrupted, answer, what='resid_pre'), and in a process of its own TransformerLens's "
         "run_with_cache(clean) + get_act_patch_resid_pre on the same tokens with the same normalised metric",
     ),
 )
+# Issue 10: batching (BATCH_PROMPTS prompts, one trace call against one call each, and against a
+# batched run_with_cache of the same padded tokens) and scale with prompt length.
+BATCH_STEPS = ("trace_batch", "trace_single", "run_with_cache_batch")
+LONG_STEPS = ("forward_long", "trace_long")
+LENGTHS = (128, 512, 2048)
+SCALE_TARGETS = {
+    "trace / run_with_cache, one prompt": 1.2,
+    "one call per prompt / one batched call (>=)": 10.0,
+    "batched trace / batched run_with_cache": 1.3,
+    "trace peak / forward peak": 1.1,
+}
 # The patching step's prompts on the bundled model; the other models use a PROMPT_TOKENS-token
 # prompt and a copy of it with one digit changed (`corrupt_prompt`).
 TINY_PATCH = ("what is 1 + 1", "what is 3 + 1")
@@ -141,14 +158,49 @@ class AnonPeak:
         self.peak = max(self.peak, proc_status()["RssAnon"])
 
 
+# The device the measurement steps run on (`--device`); set in each worker from its spec.
+DEVICE = "cpu"
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so a wall time covers it (nothing on the CPU)."""
+    if DEVICE.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def gpu_reset() -> int:
+    """On a GPU: reset its peak counter and return the memory allocated now (0 on the CPU)."""
+    if not DEVICE.startswith("cuda"):
+        return 0
+    import torch
+
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def gpu_peak() -> int:
+    """The GPU's peak allocated memory since `gpu_reset` (0 on the CPU)."""
+    if not DEVICE.startswith("cuda"):
+        return 0
+    import torch
+
+    _sync()
+    return torch.cuda.max_memory_allocated()
+
+
 def timed(fn, repeat: int) -> tuple[float, list[float]]:
     """Median wall time of `repeat` calls after one warm-up (the warm-up is not counted)."""
     fn()
     times = []
     for _ in range(repeat):
         gc.collect()
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
 
@@ -192,6 +244,25 @@ def model_spec(name: str, layers: int | None) -> dict:
             ),
             "save_dtype": "bfloat16",  # as the real checkpoint is stored
             "layers": layers or 28,
+        }
+    if name == "qwen05":
+        return {
+            "name": "qwen05",
+            "arch": "qwen2",
+            "config": dict(
+                vocab_size=151936,
+                hidden_size=896,
+                intermediate_size=4864,
+                num_hidden_layers=layers or 24,
+                num_attention_heads=14,
+                num_key_value_heads=2,
+                max_position_embeddings=32768,
+                tie_word_embeddings=True,
+                rope_theta=1000000.0,
+                rms_norm_eps=1e-6,
+            ),
+            "save_dtype": "bfloat16",
+            "layers": layers or 24,
         }
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
@@ -338,13 +409,17 @@ def measure_patch(source: str, repeat: int, loader: str, tool: str) -> dict:
     release_free_memory()
     before = proc_status()
     reset_peak()
+    extra["gpu_before"] = gpu_reset()
     times = []
     for _ in range(repeat):
         gc.collect()
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     peak = proc_status()["VmHWM"]
+    extra["gpu_peak"] = gpu_peak()
     if tool == "tracelib":
         extra.update(measure_attribution(model, clean, corrupted, state["out"], max(repeat, 5)))
     return {
@@ -383,6 +458,147 @@ def measure_attribution(model, clean, corrupted, exact, repeat: int) -> dict:
     keep = ~(x.isnan() | y.isnan())
     pearson = torch.corrcoef(torch.stack([x[keep], y[keep]]))[0, 1].item()
     return {"forward_s": forward_s, "attribution_s": attribution_s, "attribution_pearson": pearson}
+
+
+def batch_prompts() -> tuple[list[str], list[str]]:
+    """BATCH_PROMPTS sums with one-digit answers, in four phrasings."""
+    prompts, answers = [], []
+    for form in ("what is {a} + {b}", "{a} + {b} =", "compute {a} + {b}", "what's {a} plus {b}"):
+        for a in range(10):
+            for b in range(10 - a):
+                prompts.append(form.format(a=a, b=b))
+                answers.append(f" {a + b}")
+    return prompts[:BATCH_PROMPTS], answers[:BATCH_PROMPTS]
+
+
+def long_prompt(model, length: int):
+    """A prompt whose resolved tokens number `length` (within a token or two), answer ANSWER."""
+    import tracelib as tl
+
+    ids = model.tokenizer("what is 1 + 1 and 2 + 3 and " * (length // 4 + 8), add_special_tokens=False).input_ids
+    resolved = None
+    for cut in range(length, 0, -1):
+        prompt = model.tokenizer.decode(ids[:cut]).rstrip() + " so 1 + 1 ="
+        try:
+            resolved = tl.resolve_answer(model, prompt, ANSWER)
+        except tl.PromptTooLongError:
+            continue
+        if len(resolved.prompt_tokens) <= length:
+            return resolved
+    raise RuntimeError(f"no prompt of at most {length} tokens found")
+
+
+def measure_scale(step: str, source: str, repeat: int, loader: str, length: int | None = None) -> dict:
+    """The batching and prompt-length steps: time, peak RSS (and GPU peak) of one step in a fresh process."""
+    import torch
+
+    import tracelib as tl
+    from tracelib.trace import build_rows
+
+    model = _loader(loader)(source)
+    device = model.cfg.device
+    extra: dict = {}
+    state: dict = {}
+    if step in BATCH_STEPS:
+        prompts, answers = batch_prompts()
+        extra["prompts"] = len(prompts)
+        if step == "trace_batch":
+
+            def fn():
+                state.pop("out", None)
+                state["out"] = tl.trace(model, prompts, answers)
+        elif step == "trace_single":
+
+            def fn():
+                state.pop("out", None)
+                state["out"] = [tl.trace(model, p, a) for p, a in zip(prompts, answers)]
+        else:
+            rows = build_rows(model, prompts, answers)
+            width = max(len(r.tokens) for r in rows)
+            pad = model.tokenizer.pad_token_id or 0
+            tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+            for i, r in enumerate(rows):
+                tokens[i, : len(r.tokens)] = r.tokens
+            tokens = tokens.to(device)
+            extra["rows"] = len(rows)
+
+            def fn():
+                state.pop("out", None)
+                with torch.no_grad():
+                    state["out"] = model.run_with_cache(tokens)
+    else:
+        resolved = long_prompt(model, length)
+        tokens = resolved.prompt_tokens[None].to(device)
+        extra.update(length=length, tokens=int(tokens.shape[1]))
+        if step == "forward_long":
+
+            def fn():
+                state.pop("out", None)
+                with torch.no_grad():
+                    state["out"] = model(tokens)
+        else:
+
+            def fn():
+                state.pop("out", None)
+                state["out"] = tl.trace(model, resolved.prompt, resolved.answer)
+
+    release_free_memory()
+    before = proc_status()
+    reset_peak()
+    extra["gpu_before"] = gpu_reset()
+    median, times = timed(fn, repeat)
+    peak = proc_status()["VmHWM"]
+    extra["gpu_peak"] = gpu_peak()
+    return {
+        "time_s": median,
+        "times_s": times,
+        "rss_before": before["VmRSS"],
+        "peak_rss": peak,
+        "peak_over_before": peak - before["VmRSS"],
+        **extra,
+    }
+
+
+def scale_rows(results: dict) -> list[tuple[str, str, str, float, float, bool]]:
+    """Issue 10's targets: (model, measure, detail, value, target, met) from the steps that ran."""
+    out = []
+    for name, r in results.items():
+        st = r["steps"]
+        if "trace" in st and "run_with_cache" in st:
+            v = st["trace"]["time_s"] / st["run_with_cache"]["time_s"]
+            key = "trace / run_with_cache, one prompt"
+            out.append((name, key, f"{PROMPT_TOKENS} tokens", v, SCALE_TARGETS[key], v <= SCALE_TARGETS[key]))
+        if "trace_single" in st and "trace_batch" in st:
+            v = st["trace_single"]["time_s"] / st["trace_batch"]["time_s"]
+            key = "one call per prompt / one batched call (>=)"
+            out.append((name, key, f"{BATCH_PROMPTS} prompts", v, SCALE_TARGETS[key], v >= SCALE_TARGETS[key]))
+        if "trace_batch" in st and "run_with_cache_batch" in st:
+            v = st["trace_batch"]["time_s"] / st["run_with_cache_batch"]["time_s"]
+            key = "batched trace / batched run_with_cache"
+            out.append((name, key, f"{BATCH_PROMPTS} prompts", v, SCALE_TARGETS[key], v <= SCALE_TARGETS[key]))
+        for length in sorted({m["length"] for k, m in st.items() if k.startswith("trace_long@")}):
+            f, t = st.get(f"forward_long@{length}"), st.get(f"trace_long@{length}")
+            if f is None or t is None:
+                continue
+            key = "trace peak / forward peak"
+            gpu = DEVICE.startswith("cuda") or t.get("gpu_peak")
+            peak_t, peak_f = (t["gpu_peak"], f["gpu_peak"]) if gpu else (t["peak_rss"], f["peak_rss"])
+            v = peak_t / peak_f
+            over = (
+                (t["peak_over_before"], f["peak_over_before"])
+                if not gpu
+                else (
+                    t["gpu_peak"] - t["gpu_before"],
+                    f["gpu_peak"] - f["gpu_before"],
+                )
+            )
+            detail = (
+                f"{t['tokens']} tokens; {'GPU' if gpu else 'RSS'} {_gib(peak_t)} vs {_gib(peak_f)}; over the model "
+                f"{_gib(over[0])} vs {_gib(over[1])}; time {t['time_s']:.2f} s vs {f['time_s']:.2f} s"
+            )
+            met = v <= SCALE_TARGETS[key] if length == max(LENGTHS) else True
+            out.append((name, key, detail, v, SCALE_TARGETS[key], met))
+    return out
 
 
 def patch_agreement(ours: dict, theirs: dict) -> dict:
@@ -481,7 +697,7 @@ def _loader(name: str, dtype: str = "float32"):
     import tracelib as tl
 
     lean = {"lean": True, "transformerlens": False}[name]
-    return lambda source: tl.load_model(source, dtype=getattr(torch, dtype), lean=lean)
+    return lambda source: tl.load_model(source, dtype=getattr(torch, dtype), lean=lean, device=DEVICE)
 
 
 def measure_load(source: str, loader: str, dtype: str = "float32") -> dict:
@@ -548,6 +764,9 @@ def measure_load(source: str, loader: str, dtype: str = "float32") -> dict:
         "peak_over_weights": (peak - base["VmRSS"]) / weights,
         "anon_peak": anon.peak,
         "anon_peak_over_weights": (anon.peak - base["RssAnon"]) / weights,
+        # On a GPU: the load's peak device memory (from process start) and what stays allocated.
+        "gpu_peak": gpu_peak(),
+        "gpu_after": gpu_reset(),
     }
 
 
@@ -699,8 +918,10 @@ def measure_step(step: str, source: str, repeat: int, loader: str) -> dict:
     release_free_memory()
     before = proc_status()  # the model (and, for the DLA steps, its cache) resident
     reset_peak()
+    extra["gpu_before"] = gpu_reset()
     median, times = timed(fn, repeat)
     peak = proc_status()["VmHWM"]
+    extra["gpu_peak"] = gpu_peak()
     if step == "neuron_dla_all_pos":
         with torch.no_grad():
             extra["max_rel_err_vs_mlp_out"] = check_neuron_dla(model, cache, direction, state["out"])
@@ -723,6 +944,8 @@ def worker_main(spec: dict) -> dict:
     torch.manual_seed(0)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    global DEVICE
+    DEVICE = spec.get("device") or "cpu"
     if spec["step"] == "build":
         build(spec["spec"], Path(spec["folder"]))
         return {}
@@ -736,6 +959,8 @@ def worker_main(spec: dict) -> dict:
         return measure_load(spec["source"], loader, LOAD_DTYPE[spec["step"]])
     if spec["step"] == "colab":
         return measure_colab(spec["source"])
+    if spec["step"] in BATCH_STEPS or spec["step"] in LONG_STEPS:
+        return measure_scale(spec["step"], spec["source"], spec["repeat"], spec["loader"], spec.get("length"))
     if spec["step"] in ("patch_resid_pre", "patch_resid_pre_tl"):
         tool = "tl" if spec["step"].endswith("_tl") else "tracelib"
         return measure_patch(spec["source"], spec.get("patch_repeat", 1), spec["loader"], tool)
@@ -850,15 +1075,28 @@ def render(results: dict) -> str:
     sections = []
     names = list(results)
     step_rows = []
+    keys = []
     for step, _ in STEPS[5:]:
-        if all(step in results[n]["steps"] for n in names):
-            cells = []
-            for n in names:
-                m = results[n]["steps"][step]
-                cells += [_ms(m["time_s"]), f"{_gib(m['peak_rss'])} (+{_gib(m['peak_over_before'])})"]
-            step_rows.append(f"| {step} | " + " | ".join(cells) + " |")
+        found = {k for n in names for k in results[n]["steps"] if k == step or k.startswith(step + "@")}
+        keys += sorted(found, key=lambda k: (len(k), k))
+    gpu = any(m.get("gpu_peak") for n in names for m in results[n]["steps"].values() if isinstance(m, dict))
+
+    def peak_cell(m: dict) -> str:
+        if m.get("gpu_peak"):
+            return f"{_gib(m['gpu_peak'])} (+{_gib(m['gpu_peak'] - m['gpu_before'])})"
+        return f"{_gib(m['peak_rss'])} (+{_gib(m['peak_over_before'])})"
+
+    for step in keys:
+        if step in LOAD_DTYPE or step == "colab":
+            continue
+        cells = []
+        for n in names:
+            m = results[n]["steps"].get(step)
+            cells += ["-", "-"] if m is None or "time_s" not in m else [_ms(m["time_s"]), peak_cell(m)]
+        step_rows.append(f"| {step} | " + " | ".join(cells) + " |")
     if step_rows:
-        cols = " | ".join(f"{n} ({results[n]['layers']}L) ms | {n} peak RSS (+ over model)" for n in names)
+        what = "GPU peak allocated" if gpu else "peak RSS"
+        cols = " | ".join(f"{n} ({results[n]['layers']}L) ms | {n} {what} (+ over model)" for n in names)
         sections.append("\n".join([f"| step | {cols} |", "|---|" + "---:|---:|" * len(names), *step_rows]))
 
     loads = [(n, s) for n in names for s in LOAD_DTYPE if s in results[n]["steps"]]
@@ -956,6 +1194,13 @@ def render(results: dict) -> str:
             lines.append(f"| {title} | {cells} |")
         sections.append("\n".join(lines))
 
+    scale = scale_rows(results)
+    if scale:
+        lines = ["| issue 10 target | model | measured | target | |", "|---|---|---:|---:|---|"]
+        for name, key, detail, value, target, met in scale:
+            lines.append(f"| {key} ({detail}) | {name} | {value:.2f} | {target} | {'✓' if met else '✗'} |")
+        sections.append("\n".join(lines))
+
     names = [n for n in names if "ratios" in results[n]]
     if names:
         labels = {
@@ -1010,6 +1255,13 @@ def main(argv=None) -> None:
         help="how the measurement steps load the model (the load steps always use their own)",
     )
     parser.add_argument("--force", action="store_true", help="run steps even if predicted not to fit in memory")
+    parser.add_argument("--device", default="cpu", help="device for the measurement steps: cpu or cuda")
+    parser.add_argument(
+        "--lengths",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=list(LENGTHS),
+        help="prompt lengths for forward_long and trace_long (default: %(default)s)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -1056,7 +1308,13 @@ def main(argv=None) -> None:
                     "repeat": args.repeat,
                     "threads": args.threads,
                     "loader": args.loader,
+                    "device": args.device,
                 }
+                if step in LONG_STEPS:
+                    for length in args.lengths:
+                        print(f"{name}: {step} at {length} tokens ...", file=sys.stderr, flush=True)
+                        entry["steps"][f"{step}@{length}"] = run_worker({**worker, "length": length})
+                    continue
                 if step == "patch_resid_pre":
                     worker["patch_repeat"] = args.patch_repeat
                     ours = run_worker(worker)
