@@ -14,7 +14,7 @@ from tracelib.answers import (
 from tracelib.attribution import Attribution, Reconstruction, ReconstructionWarning, direct_logit_attribution
 from tracelib.compare import Comparison, align_tokens, compare
 from tracelib.heads import Heads, HeadSources
-from tracelib.lens import LensCurve, LogitLens, logit_lens
+from tracelib.lens import LensCurve, LogitLens, ModelGoneError, logit_lens
 from tracelib.margin import Margin, logit_margin
 from tracelib.models import (
     BUNDLED_MODELS,
@@ -67,6 +67,7 @@ __all__ = [
     "LensCurve",
     "LogitLens",
     "Margin",
+    "ModelGoneError",
     "ModelLoadError",
     "ModelUnavailableError",
     "MultiTokenAnswerError",

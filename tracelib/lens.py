@@ -15,6 +15,7 @@ right tool for "what would be predicted"; the DLA lens for "how much has been wr
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import pandas as pd
@@ -26,6 +27,48 @@ from tracelib.margin import check_k
 
 LENS_NAMES = {"standard": "standard logit lens (re-normalised)", "dla": "cached-scale DLA lens"}
 
+# The lazy readout unembeds this many bytes of logits at a time (the [entry, vocab] block of one
+# row is 30 MB on Qwen2.5, 49 x 151,936 float32): rows are grouped up to this size.
+_CHUNK_BYTES = 64 * 2**20
+# The fewest W_U columns the eager readout unembeds at once (see `_readout`).
+_MIN_COLUMNS = 64
+
+
+class ModelGoneError(RuntimeError):
+    """A lens's probabilities or ranks were read after the model that made them was freed."""
+
+
+class _Pending:
+    """What a lazy `LensCurve` needs to compute `prob` and `rank`: the normalised residuals (on
+    the CPU), each row's target, and a weak reference to the model, so a trace never keeps a model
+    alive."""
+
+    def __init__(self, model, normalised: Tensor, targets: Tensor) -> None:
+        self.model = weakref.ref(model)
+        self.normalised = normalised.detach().cpu()
+        self.targets = targets.detach().cpu()
+        self.device = normalised.device
+
+
+class _LazyStat:
+    """A dataclass field computed on first read (see `LensCurve`); its default is None."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return None  # the dataclass field's default
+        value = obj.__dict__.get(self.slot)
+        if value is None:
+            obj._materialise(None)
+            value = obj.__dict__[self.slot]
+        return value
+
+    def __set__(self, obj, value) -> None:
+        # A frozen dataclass's __init__ goes through object.__setattr__, which calls this.
+        obj.__dict__[self.slot] = value
+
 
 @dataclass(frozen=True)
 class LensCurve:
@@ -33,24 +76,75 @@ class LensCurve:
 
     Entry labels follow TransformerLens: `"3_pre"` is the residual entering block 3, `"3_mid"` the
     one after block 3's attention, `"final_post"` the one after the last block.
+
+    `prob` and `rank` need the whole vocabulary's logits at every entry, which costs more than the
+    forward pass on a large vocabulary. A trace therefore computes them on first read, all rows in
+    one chunked matmul, and keeps them; `logit` and `logit_diff` are computed at once. Until then
+    the curve holds a weak reference to the model: read them (or call `materialise(model)`) while
+    the model is alive, or `ModelGoneError` says so. Passing tensors for them, as
+    `LensCurve(kind, labels, logit, logit_diff, prob, rank)`, makes an ordinary eager curve.
     """
 
     kind: str
     labels: list[str]
     logit: Float[Tensor, "entry row"]
     logit_diff: Float[Tensor, "entry row"]
-    prob: Float[Tensor, "entry row"]
-    rank: Int[Tensor, "entry row"]
+    prob: Float[Tensor, "entry row"] = _LazyStat()
+    rank: Int[Tensor, "entry row"] = _LazyStat()
 
     def __post_init__(self) -> None:
         shape = (len(self.labels), self.logit.shape[-1])
+        lazy = "_pending" in self.__dict__
         for name in ("logit", "logit_diff", "prob", "rank"):
-            if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(
-                    f"LensCurve.{name} must be [entry, row] = {shape}, got {tuple(getattr(self, name).shape)}"
-                )
+            value = self.__dict__["_" + name] if name in ("prob", "rank") else getattr(self, name)
+            if value is None and lazy:
+                continue
+            if value is None:
+                raise ValueError(f"LensCurve.{name} is missing: pass a tensor, [entry, row] = {shape}")
+            if tuple(value.shape) != shape:
+                raise ValueError(f"LensCurve.{name} must be [entry, row] = {shape}, got {tuple(value.shape)}")
         if self.kind not in LENS_NAMES:
             raise ValueError(f"kind must be one of {list(LENS_NAMES)}, got {self.kind!r}")
+
+    @classmethod
+    def lazy(cls, kind: str, labels: list[str], logit: Tensor, logit_diff: Tensor, pending: _Pending) -> LensCurve:
+        """A curve whose `prob` and `rank` are computed from `pending` on first read."""
+        curve = cls.__new__(cls)
+        object.__setattr__(curve, "_pending", pending)
+        curve.__init__(kind, labels, logit, logit_diff)
+        return curve
+
+    @property
+    def is_materialised(self) -> bool:
+        """Whether `prob` and `rank` are computed (no model needed any more)."""
+        return self.__dict__.get("_prob") is not None and self.__dict__.get("_rank") is not None
+
+    def materialise(self, model=None) -> LensCurve:
+        """Compute `prob` and `rank` now, with `model` (default: the model that traced), and keep them.
+
+        Returns:
+            This curve, which then needs no model.
+        """
+        if not self.is_materialised:
+            self._materialise(model)
+        return self
+
+    def _materialise(self, model) -> None:
+        pending = self.__dict__.get("_pending")
+        if pending is None:
+            raise ValueError("LensCurve.prob and .rank were never given")
+        if model is None:
+            model = pending.model()
+        if model is None:
+            raise ModelGoneError(
+                f"The {LENS_NAMES[self.kind]}'s prob and rank are computed on first read, from the model, and "
+                "the model that made this trace has been freed. Read .prob or .rank (or call "
+                "trace.lens.materialise(model)) while the model is alive; or pass a model now: "
+                "trace.lens.materialise(model)."
+            )
+        prob, rank = _full_readout(model, pending.normalised, pending.targets, pending.device)
+        self.__dict__["_prob"], self.__dict__["_rank"] = prob, rank
+        del self.__dict__["_pending"]
 
     def readable_from(self, row: int = 0) -> str | None:
         """The first entry from which the answer is top-1 and stays top-1 to the end (None if never)."""
@@ -80,6 +174,16 @@ class LogitLens:
     @property
     def labels(self) -> list[str]:
         return self.standard.labels
+
+    def materialise(self, model=None) -> LogitLens:
+        """Compute both lenses' `prob` and `rank` now (see `LensCurve`), so no model is needed later.
+
+        Returns:
+            This lens.
+        """
+        self.standard.materialise(model)
+        self.dla.materialise(model)
+        return self
 
     def per_layer(self) -> list[int]:
         """Indices of the whole-layer entries (`*_pre` and `final_post`), dropping sublayers."""
@@ -140,42 +244,71 @@ class LogitLens:
         return "\n".join(lines)
 
 
+def _unembed(model, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return model.W_U.to(dtype), model.b_U.to(dtype)
+
+
 def _readout(
     normalised: Float[Tensor, "entry row d_model"],
     W_U: Float[Tensor, "d_model vocab"],
     b_U: Float[Tensor, " vocab"],
     targets: Tensor,
     distractors: list[list[int]],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Answer logit, logit diff, probability and rank of normalised residuals, one row at a time.
+) -> tuple[Tensor, Tensor]:
+    """Answer logit and logit diff of normalised residuals, from only the columns of W_U they need.
 
-    One row's `[entry, vocab]` logits exist at once: on Qwen2.5-1.5B (57 entries x 151,936 tokens)
-    that is 35 MB, not times the batch.
+    Every row is unembedded against the union of all rows' answer and distractor columns, in one
+    matmul. That union is padded to at least `_MIN_COLUMNS` columns: BLAS kernels sum a narrow
+    matmul in another order than a wide one, and at this width the values equal, bit for bit, the
+    same columns of the full `[entry, vocab]` logits (tests/test_lazy_lens.py checks it).
     """
-    logit, diff, prob, rank = [], [], [], []
+    wanted = sorted({int(t) for t in targets.tolist()} | {d for ds in distractors for d in ds})
+    column = {token: i for i, token in enumerate(wanted)}
+    cols = torch.tensor(wanted + [wanted[0]] * max(0, _MIN_COLUMNS - len(wanted)), device=W_U.device)
+    logits = normalised.transpose(0, 1) @ W_U[:, cols] + b_U[cols]  # [row, entry, column]
+    logit, diff = [], []
     for r in range(normalised.shape[1]):
-        logits = normalised[:, r] @ W_U + b_U
-        t = int(targets[r])
-        answer = logits[:, t]
+        answer = logits[r, :, column[int(targets[r])]]
         logit.append(answer)
-        diff.append(answer - logits[:, distractors[r]].mean(-1))
-        prob.append((answer - logits.logsumexp(-1)).exp())
-        rank.append((logits > answer[:, None]).sum(-1))
-    return tuple(torch.stack(x, dim=1).cpu() for x in (logit, diff, prob, rank))
+        diff.append(answer - logits[r][:, [column[d] for d in distractors[r]]].mean(-1))
+    return tuple(torch.stack(x, dim=1).cpu() for x in (logit, diff))
+
+
+def _full_readout(model, normalised: Tensor, targets: Tensor, device) -> tuple[Tensor, Tensor]:
+    """The answer's probability and rank among the whole vocabulary, `[entry, row]` each.
+
+    Rows are unembedded together, `_CHUNK_BYTES` of logits at a time, on the device that traced.
+    """
+    n_entry, n_row = normalised.shape[:2]
+    W_U, b_U = _unembed(model, normalised.dtype)
+    W_U, b_U = W_U.to(device), b_U.to(device)
+    per_row = n_entry * W_U.shape[1] * normalised.element_size()
+    step = max(1, _CHUNK_BYTES // max(per_row, 1))
+    prob, rank = [], []
+    with torch.no_grad():
+        for start in range(0, n_row, step):
+            block = normalised[:, start : start + step].to(device)  # [entry, rows, d_model]
+            logits = block.transpose(0, 1) @ W_U + b_U  # [rows, entry, vocab]
+            t = targets[start : start + step].to(device)
+            answer = logits.gather(-1, t[:, None, None].expand(-1, n_entry, 1))[..., 0]  # [rows, entry]
+            prob.append((answer - logits.logsumexp(-1)).exp().T.cpu())
+            rank.append((logits > answer[..., None]).sum(-1).T.cpu())
+    return torch.cat(prob, dim=1), torch.cat(rank, dim=1)
 
 
 def compute_lens(model, cache, targets: Tensor, distractors: list[list[int]], row_labels: list[str]) -> LogitLens:
-    """Both lenses from a final-position cache (position axis of length 1)."""
+    """Both lenses from a final-position cache (position axis of length 1); `prob` and `rank` lazy."""
     stack, labels = cache.accumulated_resid(
         layer=None, incl_mid=True, apply_ln=False, pos_slice=None, return_labels=True
     )  # [entry, row, 1, d_model]
     dtype = torch.float64 if stack.dtype == torch.float64 else torch.float32
-    W_U, b_U = model.W_U.to(dtype), model.b_U.to(dtype)
+    W_U, b_U = _unembed(model, dtype)
     curves = {}
     for kind, recompute in (("standard", True), ("dla", False)):
         normalised = cache.apply_ln_to_stack(stack, layer=None, recompute_ln=recompute)[:, :, 0].to(dtype)
-        logit, diff, prob, rank = _readout(normalised, W_U, b_U, targets, distractors)
-        curves[kind] = LensCurve(kind, list(labels), logit, diff, prob, rank)
+        logit, diff = _readout(normalised, W_U, b_U, targets, distractors)
+        pending = _Pending(model, normalised, targets)
+        curves[kind] = LensCurve.lazy(kind, list(labels), logit, diff, pending)
     return LogitLens(list(row_labels), curves["standard"], curves["dla"])
 
 

@@ -289,6 +289,8 @@ def save_reference(trace, path, model) -> Path:
             f"This trace came from {trace.model_name}, but the model passed to save() is {model_name(model)}; "
             "pass the model the trace was made with, so the reference records its fingerprint."
         )
+    # The lenses' prob and rank are computed on first read; compute them with this model.
+    trace.lens.materialise(model)
     tensors: dict[str, Tensor] = {}
     tree = _encode(trace, "trace", tensors)
     blob = safetensors_bytes(tensors)

@@ -168,9 +168,11 @@ def real_hook_points(model, names, purpose: str = "trace") -> dict[str, list[str
     The bridge exposes TL's names as aliases (blocks.0.hook_resid_pre is the point blocks.0.hook_in);
     hooks go on the real points, and each activation is filed under its alias.
     """
+    # The bridge rebuilds hook_dict on every read (hundreds of hooks): read it once.
+    hooks = model.hook_dict
     out: dict[str, list[str]] = {}
     for name in names:
-        point = model.hook_dict.get(name)
+        point = hooks.get(name)
         if point is None:
             raise RuntimeError(f"This model has no hook {name!r}, so tracelib cannot {purpose} it.")
         out.setdefault(point.name, []).append(name)
