@@ -8,6 +8,8 @@ prediction, so `resolve_answer` moves such whitespace into the prompt and traces
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import re
 from dataclasses import dataclass, field
@@ -211,12 +213,45 @@ def is_byte_fragment(model, token: int) -> bool:
     return False
 
 
+# While `decoding_once()` is active: (tokenizer id, token) -> token_str's answer.
+_DECODED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tracelib_decoded", default=None)
+
+
+@contextlib.contextmanager
+def decoding_once():
+    """Within this block, `token_str` decodes each token once and reuses the text.
+
+    A trace of many rows labels the same few tokens thousands of times; the tokenizer's `decode`
+    dominates that work. The cache lives only as long as the block (a tokenizer never changes
+    during one call).
+    """
+    if _DECODED.get() is not None:  # nested: the outer block's cache serves
+        yield
+        return
+    reset = _DECODED.set({})
+    try:
+        yield
+    finally:
+        _DECODED.reset(reset)
+
+
 def token_str(model, token: int) -> str:
     """A token as text, for labels: its decoded string, or `'<0xC3>'`-style bytes for a fragment.
 
     Byte-level tokenizers split a character such as `"é"` into byte tokens that each decode to
     `"\ufffd"`; labelling them by their bytes keeps them apart.
     """
+    cache = _DECODED.get()
+    if cache is None:
+        return _token_str(model, token)
+    key = (id(model.tokenizer), int(token))
+    text = cache.get(key)
+    if text is None:
+        text = cache[key] = _token_str(model, token)
+    return text
+
+
+def _token_str(model, token: int) -> str:
     text = model.tokenizer.decode([int(token)])
     if "\ufffd" not in text:
         return text

@@ -129,6 +129,34 @@ class LensCurve:
             self._materialise(model)
         return self
 
+    def __repr__(self) -> str:
+        # Short, and never computes the lazy fields (nor fails once the model is gone).
+        return f"LensCurve({self.kind}, {len(self.labels)} entries, {self.logit.shape[-1]} row(s))"
+
+    @classmethod
+    def join_rows(cls, curves: list[LensCurve]) -> LensCurve:
+        """One curve over the rows of `curves`, in order (see `tl.trace`'s `batch_size`).
+
+        Curves not yet computed stay lazy, so joining costs no unembedding.
+        """
+        first = curves[0]
+        if any(c.kind != first.kind or c.labels != first.labels for c in curves):
+            raise ValueError("only curves of the same lens and entries can be joined")
+        logit = torch.cat([c.logit for c in curves], dim=1)
+        diff = torch.cat([c.logit_diff for c in curves], dim=1)
+        pending = [c.__dict__.get("_pending") for c in curves]
+        if all(p is not None for p in pending) and all(p.model() is pending[0].model() for p in pending):
+            model = pending[0].model()
+            if model is not None:
+                joined = _Pending(
+                    model, torch.cat([p.normalised for p in pending], dim=1), torch.cat([p.targets for p in pending])
+                )
+                joined.device = pending[0].device
+                return cls.lazy(first.kind, list(first.labels), logit, diff, joined)
+        prob = torch.cat([c.prob for c in curves], dim=1)
+        rank = torch.cat([c.rank for c in curves], dim=1)
+        return cls(first.kind, list(first.labels), logit, diff, prob, rank)
+
     def _materialise(self, model) -> None:
         pending = self.__dict__.get("_pending")
         if pending is None:

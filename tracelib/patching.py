@@ -110,16 +110,23 @@ def logit_diff(logits: Float[Tensor, "batch vocab"], target: int, distractors: l
 def _is_quiet() -> bool:
     """Progress bars stay off under pytest and nbval, whose stderr comparisons they would break.
 
-    The rule: off when `PYTEST_CURRENT_TEST` is set (pytest sets it during every test), when pytest
-    or nbval is imported in this process, or when `TRACELIB_PROGRESS=0`. Notebook cells that show a
-    bar should start with `# NBVAL_IGNORE_OUTPUT` as well, since nbval's kernel runs in its own process.
+    The rule: off when `PYTEST_CURRENT_TEST` is set (pytest sets it during every test, and a
+    notebook kernel that nbval starts inherits it), when nbval is imported in this process, or
+    when `TRACELIB_PROGRESS=0`. Whether pytest is merely imported says nothing: TransformerLens
+    imports it in every process. Notebook cells that show a bar should start with
+    `# NBVAL_IGNORE_OUTPUT` as well.
     """
-    return (
-        "PYTEST_CURRENT_TEST" in os.environ
-        or "_pytest" in sys.modules
-        or "nbval" in sys.modules
-        or os.environ.get("TRACELIB_PROGRESS") == "0"
-    )
+    return "PYTEST_CURRENT_TEST" in os.environ or "nbval" in sys.modules or os.environ.get("TRACELIB_PROGRESS") == "0"
+
+
+def progress_bar(items, progress: bool | None, desc: str):
+    """`items`, under a tqdm bar when `progress` is True, or by default when there are more than 4
+    of them and `_is_quiet()` is False (the rule `patch` and `trace` share)."""
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    show = progress if progress is not None else (len(items) > 4 and not _is_quiet())
+    return tqdm(items, disable=not show, desc=desc, leave=False) if show else items
 
 
 def auto_batch_size(model, seq_len: int, n_cells: int, cap: int = 256) -> int:
@@ -311,8 +318,6 @@ def run_patched(
     where `setup.base_resid` is None, or with `_full_forward=True`; the tests check that both
     paths agree. An empty `cells` gives an empty tensor.
     """
-    from tqdm.auto import tqdm
-
     if not cells:
         return torch.zeros(0)
     device = model.cfg.device
@@ -335,10 +340,9 @@ def run_patched(
             by_layer.setdefault(_layer_of(cell.hook), []).append(k)
         groups = [by_layer[layer] for layer in sorted(by_layer)]
     batches = [group[i : i + size] for group in groups for i in range(0, len(group), size)]
-    show = progress if progress is not None else (len(batches) > 4 and not _is_quiet())
     extra = _final_logits_only(model) if where is not None else {}
     out = torch.zeros(len(cells), dtype=torch.float64)
-    for ids in tqdm(batches, disable=not show, desc="patching", leave=False):
+    for ids in progress_bar(batches, progress, "patching"):
         batch = [cells[k] for k in ids]
         index = _index(batch, alias_of, device)
 

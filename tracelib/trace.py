@@ -8,7 +8,9 @@ position axis of length 1, so TransformerLens's own primitives (`accumulated_res
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -109,6 +111,7 @@ def build_rows(model, prompts, answer, distractors=None, *, allow_byte_fragments
     if len(answers) != len(prompts):
         raise ValueError(f"Got {len(prompts)} prompts but {len(answers)} answers; pass one answer, or one per prompt.")
     rows = []
+    defaults: dict[int, list[int]] = {}  # default_distractors tokenises: once per target
     for prompt, ans in zip(prompts, answers):
         resolved = (
             ans
@@ -117,7 +120,12 @@ def build_rows(model, prompts, answer, distractors=None, *, allow_byte_fragments
         )
         chosen = _distractor_ids(model, distractors, resolved)
         for step in resolved.steps:
-            rivals = chosen if chosen is not None else default_distractors(model, step.target)
+            if chosen is not None:
+                rivals = chosen
+            else:
+                if step.target not in defaults:
+                    defaults[step.target] = default_distractors(model, step.target)
+                rivals = defaults[step.target]
             if step.target in rivals:
                 raise ValueError(
                     f"The distractor {token_str(model, step.target)!r} is the answer itself; "
@@ -310,8 +318,11 @@ def first_nonfinite(model, fwd: Forward) -> tuple[str, int, int] | None:
     return None
 
 
-def _nonfinite_error(model, fwd: Forward, rows: list[Row], what: str) -> NonFiniteError:
-    """The error for inf or NaN in `what`, naming the hook where it first appears and the way out."""
+def _nonfinite_error(model, fwd: Forward, rows: list[Row], what: str, first_row: int = 0) -> NonFiniteError:
+    """The error for inf or NaN in `what`, naming the hook where it first appears and the way out.
+
+    `rows` are one chunk of the trace's rows, the first of which is row `first_row` of the trace.
+    """
     dtype = next(model.parameters()).dtype
     name = str(dtype).removeprefix("torch.")
     where = first_nonfinite(model, fwd)
@@ -319,7 +330,7 @@ def _nonfinite_error(model, fwd: Forward, rows: list[Row], what: str) -> NonFini
     if where is not None:
         hook, r, pos = where
         place = (
-            f"the first inf or NaN appears at {hook} ({_describe_hook(hook)}) of row {r}, {rows[r].label}, "
+            f"the first inf or NaN appears at {hook} ({_describe_hook(hook)}) of row {first_row + r}, {rows[r].label}, "
             f"at position {pos} ({rows[r].str_tokens[pos]!r})"
         )
     elif not fwd.final_logits.isfinite().all():
@@ -349,13 +360,12 @@ def _nonfinite_error(model, fwd: Forward, rows: list[Row], what: str) -> NonFini
 
 def _fill_distractors(rows: list[Row], logits: Tensor) -> list[list[int]]:
     """Each row's rivals; rows without any get the model's strongest non-answer token."""
-    out = []
-    for row, row_logits in zip(rows, logits):
-        if row.distractors:
-            out.append(list(row.distractors))
-        else:
-            ranked = row_logits.topk(2).indices.tolist()
-            out.append([ranked[1] if ranked[0] == row.target else ranked[0]])
+    out = [list(row.distractors) for row in rows]
+    need = [i for i, row in enumerate(rows) if not row.distractors]
+    if need:
+        ranked = logits[need].topk(2).indices.tolist()  # one topk for every row that needs it
+        for i, (first, second) in zip(need, ranked):
+            out[i] = [second if first == rows[i].target else first]
     return out
 
 
@@ -517,13 +527,15 @@ def trace(
     metric: str = "logit",
     k: int = 5,
     allow_byte_fragments: bool = False,
+    batch_size: int | None = None,
+    progress: bool | None = None,
 ) -> Trace:
     """Trace why the model predicts `answer` after each prompt, from exactly one forward pass.
 
     Args:
         model: a loaded model (`tl.load_model`).
-        prompts: one prompt, or several (a list, tuple or any iterable) run as one right-padded
-            batch (padding never changes a prompt's numbers).
+        prompts: one prompt, or several (a list, tuple or any iterable) run as right-padded
+            batches (padding never changes a prompt's numbers).
         answer: the answer (`" 2"`), or one per prompt. Multi-token answers are traced per token,
             teacher-forced, each step a row.
         distractors: tokens the answer should beat. Default: a digit's neighbouring digits,
@@ -532,25 +544,50 @@ def trace(
         k: how many top tokens the margin keeps (a positive integer).
         allow_byte_fragments: trace answers whose tokens are pieces of a UTF-8 character (see
             `resolve_answer`). Off by default.
+        batch_size: rows per forward pass; default from free memory (`auto_batch_size`). The
+            batches' results are joined into one `Trace`, as if all rows ran at once.
+        progress: show a tqdm bar over the batches; default only with more than 4 batches and
+            never under pytest or nbval.
 
     Returns:
-        A `Trace` with `.margin`, `.lens`, `.dla`, and `.to_dict()`.
+        A `Trace` with `.margin`, `.lens`, `.dla`, and `.to_dict()`. The lenses' `prob` and `rank`
+        are computed on first read, with the model (see `tl.LensCurve`).
 
     Raises:
         NonFiniteError: the logits, the final residual stream or the attributions hold inf or NaN
             (fp16 overflow, usually); the message names the hook where it first appears.
     """
-    from tracelib.attribution import compute_attribution, compute_dtype, scaled_directions, warn_if_off
-    from tracelib.heads import compute_heads
-    from tracelib.lens import compute_lens
-    from tracelib.margin import compute_margin
+    from tracelib.answers import decoding_once
+    from tracelib.attribution import warn_if_off
     from tracelib.models import model_name
-    from tracelib.positions import compute_positions
+    from tracelib.patching import auto_batch_size, progress_bar
 
     if metric not in ("logit", "logit_diff"):
         raise ValueError(f"metric must be 'logit' or 'logit_diff', got {metric!r}")
     k = check_k(k)
-    rows = build_rows(model, prompts, answer, distractors, allow_byte_fragments=allow_byte_fragments)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    with decoding_once():
+        rows = build_rows(model, prompts, answer, distractors, allow_byte_fragments=allow_byte_fragments)
+        size = batch_size or auto_batch_size(model, max(len(row.tokens) for row in rows), len(rows))
+        starts = range(0, len(rows), size)
+        parts = [
+            _trace_rows(model, rows[start : start + size], metric, k, start)
+            for start in progress_bar(starts, progress, "trace")
+        ]
+    rivals, margin, lens, dla, heads, positions = parts[0] if len(parts) == 1 else _join_parts(parts)
+    warn_if_off(dla.reconstruction, metric, next(model.parameters()).dtype, stacklevel=3)
+    return Trace(rows, rivals, margin, lens, dla, heads, positions, model_name(model))
+
+
+def _trace_rows(model, rows: list[Row], metric: str, k: int, first_row: int) -> tuple:
+    """Every analysis of one batch of rows, from one forward pass: (rivals, margin, lens, dla, heads, positions)."""
+    from tracelib.attribution import compute_attribution, compute_dtype, scaled_directions
+    from tracelib.heads import compute_heads
+    from tracelib.lens import compute_lens
+    from tracelib.margin import compute_margin
+    from tracelib.positions import compute_positions
+
     with torch.no_grad():
         fwd = run_forward(model, rows)
         cache, logits = fwd.final, fwd.final_logits
@@ -560,9 +597,9 @@ def trace(
         last = fwd.full[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
         real = (torch.arange(fwd.tokens.shape[1])[None] < fwd.lengths[:, None]).to(last.device)
         if not logits.isfinite().all():
-            raise _nonfinite_error(model, fwd, rows, "the logits")
+            raise _nonfinite_error(model, fwd, rows, "the logits", first_row)
         if not last.isfinite().all(-1)[real].all():
-            raise _nonfinite_error(model, fwd, rows, "the final residual stream's activations")
+            raise _nonfinite_error(model, fwd, rows, "the final residual stream's activations", first_row)
         targets = [row.target for row in rows]
         rivals = _fill_distractors(rows, logits)
         labels = [row.label for row in rows]
@@ -575,8 +612,76 @@ def trace(
         dla = compute_attribution(model, cache, logits, targets, rivals, labels, metric, u=u, warn=False)
         parts = (dla.components, dla.heads, dla.head_bias, dla.neurons, dla.neuron_bias)
         if not (dla.reconstruction.finite and all(bool(t.isfinite().all()) for t in parts)):
-            raise _nonfinite_error(model, fwd, rows, "the attributions")
-        warn_if_off(dla.reconstruction, metric, next(model.parameters()).dtype, stacklevel=3)
+            raise _nonfinite_error(model, fwd, rows, "the attributions", first_row)
         heads = compute_heads(model, fwd, u, rows)
         positions = compute_positions(model, fwd, rows, rivals, heads, metric)
-    return Trace(rows, rivals, margin, lens, dla, heads, positions, model_name(model))
+    return rivals, margin, lens, dla, heads, positions
+
+
+# List fields shared by every row (labels of entries, components): kept once when batches join.
+_SHARED_LISTS = {"labels", "component_labels", "lens_labels"}
+
+
+def _join_parts(parts: list[tuple]) -> tuple:
+    """Join the per-batch results of `_trace_rows` into the results of all rows at once."""
+    return tuple(join_rows(list(values)) for values in zip(*parts))
+
+
+def join_rows(parts: list):
+    """Join results over rows, batch after batch: the result one batch of all their rows would give.
+
+    Walks dataclass fields generically: a tensor field is concatenated along its `row` axis (read
+    from its jaxtyping annotation; the last axis when it names none), and zero-padded on any other
+    axis whose length differs (a source or position axis is as long as the batch's longest row,
+    and is zero past a row's end). A list is a list of rows, extended, unless its field name is in
+    `_SHARED_LISTS`. Nested dataclasses are joined the same way; a class may bring its own
+    `join_rows` classmethod (`LensCurve`, whose prob and rank are computed later). Anything else
+    must be equal across batches.
+    """
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return _cat_padded(parts, -1)
+    if isinstance(first, list):
+        return [item for part in parts for item in part]
+    if not dataclasses.is_dataclass(first):
+        if any(part != first for part in parts[1:]):
+            raise ValueError(f"cannot join batches that differ in {first!r}")
+        return first
+    own = getattr(type(first), "join_rows", None)
+    if own is not None:
+        return own(parts)
+    values = {}
+    for f in dataclasses.fields(first):
+        items = [getattr(part, f.name) for part in parts]
+        if isinstance(items[0], Tensor):
+            values[f.name] = _cat_padded(items, _row_axis(f.type, items[0].ndim))
+        elif isinstance(items[0], list) and f.name in _SHARED_LISTS:
+            if any(item != items[0] for item in items[1:]):
+                raise ValueError(f"cannot join batches whose {f.name} differ")
+            values[f.name] = items[0]
+        else:
+            values[f.name] = join_rows(items)
+    return type(first)(**values)
+
+
+def _row_axis(annotation, ndim: int) -> int:
+    """The `row` axis of a jaxtyping annotation such as `Float[Tensor, "layer head src row"]`."""
+    match = re.search(r"""["']([^"']*)["']""", annotation if isinstance(annotation, str) else str(annotation))
+    dims = match.group(1).split() if match else []
+    return dims.index("row") - len(dims) if "row" in dims and len(dims) == ndim else -1
+
+
+def _cat_padded(tensors: list[Tensor], axis: int) -> Tensor:
+    """Concatenate along `axis`, zero-padding every other axis to its longest."""
+    ndim = tensors[0].ndim
+    axis %= ndim
+    size = [max(t.shape[d] for t in tensors) for d in range(ndim)]
+    padded = []
+    for t in tensors:
+        if any(t.shape[d] != size[d] for d in range(ndim) if d != axis):
+            shape = [t.shape[d] if d == axis else size[d] for d in range(ndim)]
+            out = t.new_zeros(shape)
+            out[tuple(slice(0, n) for n in t.shape)] = t
+            t = out
+        padded.append(t)
+    return torch.cat(padded, dim=axis)

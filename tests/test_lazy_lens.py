@@ -1,0 +1,224 @@
+"""The speed work of issue 10: lazy lens statistics, batched traces, one hook_dict read, quiet bars.
+
+Every check here is about results, never timings: a faster trace must give the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+
+import pytest
+import torch
+
+import tracelib as tl
+from tracelib import lens as lens_module
+
+PROMPTS = ["what is 1 + 1", "what is 12 + 3", "what is 2 + 2", "what is 100 + 1", "what is 3 + 4", "1 + 1 =", "9 + 9"]
+ANSWERS = [" 2", " 15", " 4", " 101", " 7", " 2", " 18"]
+
+
+def _eager_readout(model, curve_kind: str, tr) -> tuple[torch.Tensor, ...]:
+    """Logit, logit diff, prob and rank the way trace() computed them before issue 10: the whole
+    vocabulary's logits, one row at a time, straight from W_U."""
+    from tracelib.trace import build_rows, run_forward
+
+    rows = build_rows(model, PROMPTS, ANSWERS)
+    cache = run_forward(model, rows).final
+    stack = cache.accumulated_resid(layer=None, incl_mid=True, apply_ln=False, pos_slice=None)
+    normalised = cache.apply_ln_to_stack(stack, layer=None, recompute_ln=curve_kind == "standard")[:, :, 0]
+    out = [], [], [], []
+    for r, row in enumerate(rows):
+        logits = normalised[:, r] @ model.W_U + model.b_U  # [entry, vocab]
+        answer = logits[:, row.target]
+        out[0].append(answer)
+        out[1].append(answer - logits[:, tr.distractors[r]].mean(-1))
+        out[2].append((answer - logits.logsumexp(-1)).exp())
+        out[3].append((logits > answer[:, None]).sum(-1))
+    return tuple(torch.stack(x, dim=1) for x in out)
+
+
+def test_lens_equals_the_full_vocabulary_readout_exactly(tiny):
+    tr = tl.trace(tiny, PROMPTS, ANSWERS)
+    for kind in ("standard", "dla"):
+        curve = getattr(tr.lens, kind)
+        assert not curve.is_materialised  # prob and rank wait for their first read
+        logit, diff, prob, rank = _eager_readout(tiny, kind, tr)
+        assert torch.equal(curve.logit, logit) and torch.equal(curve.logit_diff, diff)
+        assert torch.equal(curve.prob, prob) and torch.equal(curve.rank, rank)
+        assert curve.is_materialised
+
+
+def test_narrow_unembedding_matches_the_wide_one_bit_for_bit():
+    """`_readout` reads only a few W_U columns; at `_MIN_COLUMNS` wide the matmul sums in the same
+    order as the full-vocabulary one, on realistic widths (Qwen2.5-0.5B and -1.5B)."""
+    gen = torch.Generator().manual_seed(0)
+    for d_model, vocab, entries, rows in ((896, 151_936, 49, 3), (1536, 151_936, 57, 2)):
+        normalised = torch.randn(entries, rows, d_model, generator=gen)
+        W_U = torch.randn(d_model, vocab, generator=gen) * 0.05
+        b_U = torch.randn(vocab, generator=gen)
+        targets = torch.randint(0, vocab, (rows,), generator=gen)
+        rivals = [torch.randint(0, vocab, (2,), generator=gen).tolist() for _ in range(rows)]
+        logit, diff = lens_module._readout(normalised, W_U, b_U, targets, rivals)
+        for r in range(rows):
+            full = normalised[:, r] @ W_U + b_U
+            assert torch.equal(logit[:, r], full[:, targets[r]])
+            assert torch.equal(diff[:, r], full[:, targets[r]] - full[:, rivals[r]].mean(-1))
+
+
+def test_prob_and_rank_are_computed_once(tiny, monkeypatch):
+    tr = tl.trace(tiny, PROMPTS, ANSWERS)
+    calls = []
+    full_readout = lens_module._full_readout
+
+    def counting(*args):
+        calls.append(1)
+        return full_readout(*args)
+
+    monkeypatch.setattr(lens_module, "_full_readout", counting)
+    curve = tr.lens.standard
+    prob, rank = curve.prob, curve.rank
+    assert len(calls) == 1  # one batched readout gives both
+    assert curve.prob is prob and curve.rank is rank and len(calls) == 1
+    tr.lens.readable_from(3), tr.lens.to_frame(), tr.summary()
+    assert len(calls) == 2  # the DLA lens, once
+
+
+def test_model_gone_error_then_materialise():
+    model = tl.load_model("tiny-arith")
+    tr = tl.trace(model, PROMPTS[:2], ANSWERS[:2])
+    logit = tr.lens.standard.logit.clone()  # eager: needs no model
+    del model
+    gc.collect()
+    with pytest.raises(tl.ModelGoneError, match="materialise"):
+        _ = tr.lens.standard.rank
+    assert torch.equal(tr.lens.standard.logit, logit)
+    again = tl.load_model("tiny-arith")
+    fresh = tl.trace(again, PROMPTS[:2], ANSWERS[:2]).lens
+    want = {kind: (getattr(fresh, kind).prob, getattr(fresh, kind).rank) for kind in ("standard", "dla")}
+    assert tr.lens.materialise(again) is tr.lens
+    del again
+    gc.collect()
+    for kind, (prob, rank) in want.items():
+        assert torch.equal(getattr(tr.lens, kind).prob, prob) and torch.equal(getattr(tr.lens, kind).rank, rank)
+    assert "standard" in repr(tr.lens.standard)
+
+
+def test_a_trace_keeps_no_model_alive():
+    model = tl.load_model("tiny-arith")
+    tr = tl.trace(model, PROMPTS[0], ANSWERS[0])
+    import weakref
+
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None and tr.lens.standard.logit.shape[1] == 1
+
+
+def test_eager_constructor_and_shape_checks_still_hold(tiny):
+    curve = tl.trace(tiny, PROMPTS[:2], ANSWERS[:2]).lens.standard
+    eager = tl.LensCurve(curve.kind, curve.labels, curve.logit, curve.logit_diff, curve.prob, curve.rank)
+    assert eager.is_materialised and torch.equal(eager.rank, curve.rank)
+    with pytest.raises(ValueError, match="rank must be"):
+        tl.LensCurve(curve.kind, curve.labels, curve.logit, curve.logit_diff, curve.prob, curve.rank[:, :1])
+    with pytest.raises(ValueError, match="missing"):
+        tl.LensCurve(curve.kind, curve.labels, curve.logit, curve.logit_diff)
+    bumped = dataclasses.replace(curve, rank=curve.rank + 1)
+    assert torch.equal(bumped.rank, curve.rank + 1) and torch.equal(bumped.prob, curve.prob)
+
+
+def _assert_same(a, b, path="trace", close=()):
+    """Equal field by field: bit for bit, except float values under the paths in `close` (all of
+    them with `close=("",)`), which are held to the tolerance test_trace holds batching to."""
+    near = path.startswith(close)
+    if isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and a.dtype == b.dtype, path
+        if near and a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=path)
+        else:
+            assert torch.equal(a, b), path
+    elif dataclasses.is_dataclass(a):
+        assert type(a) is type(b), path
+        for f in dataclasses.fields(a):
+            _assert_same(getattr(a, f.name), getattr(b, f.name), f"{path}.{f.name}", close)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for x, y in zip(a, b):
+            _assert_same(x, y, path, close)
+    elif isinstance(a, float) and near:
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5), path
+    else:
+        assert a == b, path
+
+
+def test_batched_trace_equals_one_batch_bit_for_bit_at_equal_lengths(tiny):
+    """At equal lengths every batch runs the same forward pass, so the margin and the lenses are
+    equal bit for bit. The attributions multiply `[row, ...]` activations, and BLAS sums a
+    matmul of another row count in another order: equal there to float rounding."""
+    prompts = [f"what is {a} + {b}" for a in range(3) for b in range(3)]
+    answers = [f" {a + b}" for a in range(3) for b in range(3)]
+    whole = tl.trace(tiny, prompts, answers)
+    batched = tl.trace(tiny, prompts, answers, batch_size=4)
+    _assert_same(whole, batched, close=("trace.dla", "trace.heads", "trace.positions"))
+
+
+def test_batched_trace_equals_one_batch(tiny):
+    """Rows of different lengths: a batch pads to its own longest row, and attention over another
+    padded length sums in another order, as with batching itself (test_trace's tolerance)."""
+    whole = tl.trace(tiny, PROMPTS, ANSWERS)
+    batched = tl.trace(tiny, PROMPTS, ANSWERS, batch_size=3)
+    assert len(whole.rows) > len(PROMPTS)  # multi-token answers: batches cut across a prompt's steps
+    _assert_same(whole, batched, close=("",))
+    assert whole.heads.sources.shape == batched.heads.sources.shape  # src padded to the longest row
+    for kind in ("standard", "dla"):
+        assert torch.equal(getattr(whole.lens, kind).rank, getattr(batched.lens, kind).rank)
+    assert whole.summary().count("\n") == batched.summary().count("\n")
+
+
+def test_batch_size_is_checked(tiny):
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            tl.trace(tiny, PROMPTS, ANSWERS, batch_size=bad)
+
+
+def test_progress_is_quiet_under_pytest_even_though_pytest_is_always_imported(monkeypatch):
+    from tracelib.patching import _is_quiet, progress_bar
+
+    assert _is_quiet()
+    assert list(progress_bar(range(10), None, "x")) == list(range(10))
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")
+    monkeypatch.delenv("TRACELIB_PROGRESS", raising=False)
+    monkeypatch.delitem(__import__("sys").modules, "nbval", raising=False)
+    # TransformerLens imports pytest in every process, so that alone must not silence the bars.
+    assert not _is_quiet()
+    bar = progress_bar(range(10), None, "x")
+    assert not bar.disable and list(bar) == list(range(10))
+    bar.close()
+    assert isinstance(progress_bar(range(3), None, "x"), list)  # 4 or fewer: no bar
+    monkeypatch.setenv("TRACELIB_PROGRESS", "0")
+    assert _is_quiet()
+
+
+def test_hook_dict_is_read_once_per_trace(tiny, monkeypatch):
+    """The bridge builds hook_dict afresh on every read (hundreds of hooks): a trace adds one read
+    to the ones `run_with_hooks` itself makes."""
+    from tracelib.trace import hook_names, real_hook_points
+
+    cls = type(tiny)
+    reads = []
+    hook_dict = cls.hook_dict
+
+    def counting(self):
+        reads.append(1)
+        return hook_dict.fget(self)
+
+    monkeypatch.setattr(cls, "hook_dict", property(counting))
+    real_hook_points(tiny, hook_names(tiny))
+    assert len(reads) == 1
+    reads.clear()
+    with torch.no_grad():
+        tiny.run_with_hooks(tiny.to_tokens("1 + 1"), fwd_hooks=[])
+    by_run_with_hooks = len(reads)
+    reads.clear()
+    tl.trace(tiny, PROMPTS[:3], ANSWERS[:3])
+    assert len(reads) == by_run_with_hooks + 1
