@@ -157,7 +157,11 @@ def compute_margin(
     answer_logit = logits[idx, target]
     top = logits.topk(min(k, logits.shape[-1]), dim=-1)
     dist_logits = [logits[i, d] for i, d in enumerate(distractors)]
-    dist_ranks = [(logits[i][None] > logits[i, d][:, None]).sum(-1) for i, d in enumerate(distractors)]
+    if len({len(d) for d in distractors}) == 1:  # as many rivals in every row: one comparison for all
+        stacked = logits.gather(-1, torch.tensor(distractors, dtype=torch.long).reshape(len(distractors), -1))
+        dist_ranks = list((logits[:, None, :] > stacked[:, :, None]).sum(-1).unbind(0))
+    else:
+        dist_ranks = [(logits[i][None] > logits[i, d][:, None]).sum(-1) for i, d in enumerate(distractors)]
     return Margin(
         row_labels=list(row_labels),
         answers=[decode([t]) for t in targets],
