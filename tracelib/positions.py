@@ -22,6 +22,8 @@ VERDICTS = ("written at the final position", "copied from an operand", "assemble
 # Where the answer is not the model's own top prediction, the verdicts above would explain a
 # prediction the model does not make.
 NOT_PREDICTED = "not predicted (rank {rank})"
+# Elements of the largest intermediate made at once by the per-position head DLA.
+BLOCK_ELEMENTS = 2**24
 
 
 @dataclass(frozen=True)
@@ -220,21 +222,23 @@ def compute_positions(model, fwd, rows, distractors: list[list[int]], heads, met
 def _heads_at_every_position(model, fwd, u: Float[Tensor, "row pos d_model"]):
     """Every head's DLA at every destination position, projected first: `z . (W_O @ u_pos)`.
 
-    `z` is rebuilt from the cached pattern and values (`z = A @ v`, GQA-expanded) because the trace
-    keeps `hook_z` only at the final position.
+    `z` is the trace's cached head output at every position. `W_O[h] @ u_pos` is `[head, d_head]`
+    per position, so no `[head, pos, d_model]` ever exists, and positions go in blocks of about
+    `BLOCK_ELEMENTS` elements, so the intermediates stay bounded however long the prompt.
     """
     from tracelib.attribution import _bias, layer_weight
 
     cfg = model.cfg
-    n_heads = cfg.n_heads
-    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
-    kv_of_head = torch.arange(n_heads, device=u.device) // (n_heads // n_kv)
-    heads, biases = [], []
+    n_rows, n_pos, _ = u.shape
+    block = max(1, BLOCK_ELEMENTS // max(1, n_rows * cfg.n_heads * cfg.d_head))
+    heads = torch.empty(n_rows, n_pos, cfg.n_layers, cfg.n_heads, dtype=u.dtype)
+    biases = []
     for layer in range(cfg.n_layers):
-        v = fwd.full[f"blocks.{layer}.attn.hook_v"].to(u.dtype)[:, :, kv_of_head]  # [row, src, head, d_head]
-        pattern = fwd.full[f"blocks.{layer}.attn.hook_pattern"].to(u.dtype)  # [row, head, dst, src]
-        z = torch.einsum("rhps,rshe->rphe", pattern, v)
-        W_O_u = torch.einsum("hem,rpm->rphe", layer_weight(model, "attn.W_O", layer).to(u.dtype), u)
-        heads.append((z * W_O_u).sum(-1))  # [row, pos, head]
+        W_O = layer_weight(model, "attn.W_O", layer).to(u.dtype)  # [head, d_head, d_model]
+        z = fwd.full[f"blocks.{layer}.attn.hook_z"]  # [row, pos, head, d_head]
+        for start in range(0, n_pos, block):
+            stop = min(start + block, n_pos)
+            W_O_u = torch.einsum("hem,rpm->rphe", W_O, u[:, start:stop])
+            heads[:, start:stop, layer] = (z[:, start:stop].to(u.dtype) * W_O_u).sum(-1).cpu()  # [row, pos, head]
         biases.append(_bias(model, "b_O", layer, u.reshape(-1, u.shape[-1]), u.dtype).reshape(u.shape[:2]))
-    return torch.stack(heads, 2).cpu(), torch.stack(biases, 2).cpu()
+    return heads, torch.stack(biases, 2).cpu()

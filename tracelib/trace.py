@@ -146,8 +146,11 @@ def hook_names(model) -> dict[str, str]:
     """Every hook a trace reads, and whether it is kept at every position or only the final one.
 
     Kept at every position (for the position and source analyses): embeddings, residual stream,
-    sublayer outputs, the final norm's scale, values and attention patterns. Kept at the final
-    position only: head outputs `z` and MLP activations, the two that would cost the most.
+    sublayer outputs, the final norm's scale, values and head outputs `z`; all of them grow
+    linearly with the prompt. Kept at the final position only: MLP activations, and the attention
+    patterns' final row (`[row, head, 1, src]`, what the source decomposition reads), since a full
+    pattern grows with the square of the prompt. Attention views recompute the few patterns they
+    show (`tl.attention_patterns`).
     """
     names = {"hook_embed": FULL, "ln_final.hook_scale": FULL}
     if model.cfg.positional_embedding_type == "standard":
@@ -156,8 +159,8 @@ def hook_names(model) -> dict[str, str]:
         for hook in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"):
             names[f"blocks.{layer}.{hook}"] = FULL
         names[f"blocks.{layer}.attn.hook_v"] = FULL
-        names[f"blocks.{layer}.attn.hook_pattern"] = FULL
-        names[f"blocks.{layer}.attn.hook_z"] = FINAL
+        names[f"blocks.{layer}.attn.hook_pattern"] = FINAL
+        names[f"blocks.{layer}.attn.hook_z"] = FULL
         names[f"blocks.{layer}.mlp.hook_post"] = FINAL
     return names
 
@@ -184,7 +187,8 @@ class Forward:
     Attributes:
         tokens: the right-padded batch, `[row, pos]`; `lengths` gives each row's real length.
         final: an ActivationCache of every hook at each row's final position (`[row, 1, ...]`).
-        full: an ActivationCache of the FULL hooks at every position (`[row, pos, ...]`).
+        full: an ActivationCache of the FULL hooks at every position (`[row, pos, ...]`); attention
+            patterns are never here (see `hook_names`).
         logits: the model's logits at every position, `[row, pos, vocab]`.
     """
 
@@ -230,7 +234,8 @@ def run_forward(model, rows: list[Row]) -> Forward:
         for alias in aliases[hook.name]:
             if wanted[alias] == FULL:
                 full_store[alias] = kept
-            # Patterns are [row, head, dst, src]: the final position is a destination.
+            # Patterns are [row, head, dst, src]: the final position is a destination. Indexing
+            # copies the final rows out, so the full pattern is freed as soon as the layer is done.
             at_final = kept[batch, :, final] if alias.endswith("hook_pattern") else kept[batch, final]
             final_store[alias] = at_final.unsqueeze(2 if alias.endswith("hook_pattern") else 1)
 
@@ -295,11 +300,9 @@ def first_nonfinite(model, fwd: Forward) -> tuple[str, int, int] | None:
     for name in forward_order(model):
         if name in fwd.full.cache_dict:
             act = fwd.full[name]
-            if name.endswith("hook_pattern"):
-                act = act.transpose(1, 2)  # [row, dst, head, src]: a position is a destination
             bad = ~act.isfinite().reshape(*act.shape[:2], -1).all(-1).cpu() & real  # [row, pos]
         else:  # kept at the final position only: [row, 1, ...]
-            act = fwd.final[name]
+            act = fwd.final[name]  # a pattern's final row too: [row, head, 1, src]
             bad = ~act.isfinite().reshape(act.shape[0], -1).all(-1).cpu()  # [row]
             bad = torch.zeros_like(real).scatter(1, (fwd.lengths - 1)[:, None], bad[:, None])
         if bad.any():
