@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -160,3 +161,19 @@ def test_a_future_format_is_still_refused(tiny, tmp_path):
     (path / reference.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(tl.ReferenceVersionError, match="format version 3"):
         tl.load_reference(path)
+
+
+@pytest.mark.parametrize("block", [None, 1])
+def test_logits_scored_in_blocks_equal_the_models(any_model, block, monkeypatch):
+    trace_module = importlib.import_module("tracelib.trace")  # tl.trace is the function
+    if block is not None:
+        monkeypatch.setattr(trace_module, "LOGIT_BLOCK_ELEMENTS", block)  # one position per block
+    long = "what is 1 + 1 and 2 + 3 and 4 + 5 and 6 + 7 and 8 + 9 and 1 + 1"  # several blocks of 16 positions
+    rows = build_rows(any_model, [long, *PROMPTS], [" 2", *ANSWERS])
+    fwd = run_forward(any_model, rows)
+    with torch.no_grad():
+        logits = any_model(fwd.tokens.to(any_model.cfg.device))
+    batch = torch.arange(len(rows))
+    torch.testing.assert_close(fwd.final_logits, logits[batch, fwd.lengths - 1], rtol=0, atol=0)
+    answer = logits[batch, :, torch.tensor([row.target for row in rows])]  # [row, pos]
+    assert torch.equal(fwd.answer_rank, (logits > answer[..., None]).sum(-1).cpu())

@@ -200,9 +200,7 @@ def compute_positions(model, fwd, rows, distractors: list[list[int]], heads, met
         total = mag.sum().item() or 1.0
         operand_share.append(mag[:, :, heads.operand_positions[r]].sum().item() / total)
         self_share.append(mag[:, :, n - 1].sum().item() / total)
-    logits = fwd.logits
-    answer_logit = logits[torch.arange(len(rows), device=logits.device), :, torch.tensor(targets, device=logits.device)]
-    final_rank = (logits > answer_logit[..., None]).sum(-1).cpu()
+    final_rank = fwd.answer_rank  # [row, pos], scored in blocks by the trace's forward pass
     return Positions(
         row_labels=[row.label for row in rows],
         str_tokens=[row.str_tokens for row in rows],

@@ -189,18 +189,54 @@ class Forward:
         final: an ActivationCache of every hook at each row's final position (`[row, 1, ...]`).
         full: an ActivationCache of the FULL hooks at every position (`[row, pos, ...]`); attention
             patterns are never here (see `hook_names`).
-        logits: the model's logits at every position, `[row, pos, vocab]`.
+        final_logits: the model's logits at each row's final position, `[row, vocab]`.
+        answer_rank: the rank of each row's target in the model's own prediction at every
+            position, `[row, pos]` (0: the top prediction).
+
+    The logits at every position (`[row, pos, vocab]`, 1.2 GB for 2,048 tokens of Qwen2.5's
+    vocabulary) are never kept: the unembedding runs on a block of positions at a time, and only
+    these two are read from each block.
     """
 
     tokens: Int[Tensor, "row pos"]
     lengths: Int[Tensor, " row"]
     final: object
     full: object
-    logits: Float[Tensor, "row pos vocab"]
+    final_logits: Float[Tensor, "row vocab"]
+    answer_rank: Int[Tensor, "row pos"]
 
-    @property
-    def final_logits(self) -> Float[Tensor, "row vocab"]:
-        return self.logits[torch.arange(len(self.lengths)), self.lengths - 1]
+
+class _Unembedding(Exception):
+    """Raised at the unembedding's input: the trace scores positions in blocks itself."""
+
+
+# Elements of the largest logits block scored at once ([row, positions, vocab]).
+LOGIT_BLOCK_ELEMENTS = 2**24
+# Fewest (row, position) pairs scored at once, so the matmul takes the full pass's kernel.
+_MIN_SCORED = 16
+
+
+def _score_in_blocks(score, width: int, n_rows: int, vocab: int, final: Tensor, targets: Tensor):
+    """Final-position logits and the target's rank at every position, one block of positions at a time.
+
+    `score(start, stop)` gives the logits `[row, stop - start, vocab]`; `vocab` only sizes the
+    blocks. Blocks are of near-equal size and never tiny: a matmul over a handful of rows may take
+    another kernel (a matrix-vector product) whose rounding differs from the full forward pass's.
+    """
+    n_blocks = -(-width * n_rows * vocab // LOGIT_BLOCK_ELEMENTS)
+    size = max(-(-width // max(1, n_blocks)), -(-_MIN_SCORED // n_rows))
+    final_logits, ranks = None, []
+    for start in range(0, width, size):
+        stop = min(start + size, width)
+        logits = score(start, stop)  # [row, block, vocab]
+        answer = logits.gather(-1, targets.to(logits.device)[:, None, None].expand(-1, stop - start, 1))
+        ranks.append((logits > answer).sum(-1).cpu())
+        if final_logits is None:
+            final_logits = logits.new_empty(n_rows, logits.shape[-1])
+        here = ((final >= start) & (final < stop)).nonzero()[:, 0]
+        final_logits[here] = logits[here, final[here] - start]
+        del logits
+    return final_logits, torch.cat(ranks, 1)
 
 
 def run_forward(model, rows: list[Row]) -> Forward:
@@ -239,21 +275,53 @@ def run_forward(model, rows: list[Row]) -> Forward:
             at_final = kept[batch, :, final] if alias.endswith("hook_pattern") else kept[batch, final]
             final_store[alias] = at_final.unsqueeze(2 if alias.endswith("hook_pattern") else 1)
 
-    with torch.no_grad():
-        logits = model.run_with_hooks(
-            tokens.to(device),
-            fwd_hooks=[(name, keep) for name in aliases],
-            return_type="logits",
-        )
+    # The pass stops at the unembedding's input, and the trace scores positions in blocks with the
+    # model's own unembedding module: the full logits would be the largest tensor of the trace.
+    unembed = getattr(getattr(model, "unembed", None), "original_component", None)
+    point = model.hook_dict.get("unembed.hook_in")
+    hidden: dict[str, Tensor] = {}
+
+    def stop(act: Tensor, hook) -> None:
+        hidden["in"] = act.detach()
+        raise _Unembedding
+
+    hooks = [(name, keep) for name in aliases]
+    if unembed is not None and point is not None:
+        hooks.append((point.name, stop))
+    logits = None
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        try:
+            logits = model(tokens.to(device), return_type="logits")
+        except _Unembedding:
+            pass
     missing = set(wanted) - set(final_store)
     if missing:
         raise RuntimeError(f"These hooks did not fire, so this architecture is not supported: {sorted(missing)[:5]}")
+    if logits is not None:  # no unembedding hook: slice the blocks from the model's logits
+
+        def score(start: int, stop: int) -> Tensor:
+            return logits[:, start:stop]
+    else:
+
+        def score(start: int, stop: int) -> Tensor:
+            with torch.no_grad():
+                return unembed(hidden["in"][:, start:stop])
+
+    final_logits, answer_rank = _score_in_blocks(
+        score,
+        tokens.shape[1],
+        len(rows),
+        model.cfg.d_vocab,
+        final,
+        torch.tensor([row.target for row in rows]),
+    )
     return Forward(
         tokens=tokens,
         lengths=lengths,
         final=ActivationCache(final_store, model),
         full=ActivationCache(full_store, model),
-        logits=logits,
+        final_logits=final_logits,
+        answer_rank=answer_rank,
     )
 
 
