@@ -22,7 +22,7 @@ VERDICTS = ("written at the final position", "copied from an operand", "assemble
 # Where the answer is not the model's own top prediction, the verdicts above would explain a
 # prediction the model does not make.
 NOT_PREDICTED = "not predicted (rank {rank})"
-# Elements of the largest intermediate made at once by the per-position head DLA.
+# Elements of the largest intermediate made at once by the per-position analyses.
 BLOCK_ELEMENTS = 2**24
 
 
@@ -170,26 +170,43 @@ class Positions:
 
 
 def compute_positions(model, fwd, rows, distractors: list[list[int]], heads, metric: str) -> Positions:
-    """The per-position grid and lens from the trace's full-position cache."""
+    """The per-position grid and lens from the trace's full-position cache, a block of positions at a time.
+
+    Each block is a small `ActivationCache` (`position_block`), so TransformerLens's own
+    `decompose_resid`, `accumulated_resid` and `apply_ln_to_stack` compute every number, and no
+    `[entry, row, pos, d_model]` stack of the whole prompt ever exists.
+    """
     from tracelib.attribution import compute_dtype, scaled_directions
 
     targets = [row.target for row in rows]
     scale = fwd.full["ln_final.hook_scale"]
     dtype = compute_dtype(scale)
     u = scaled_directions(model, scale.to(dtype), targets, distractors, metric)  # [row, pos, d_model]
-    stack, labels = fwd.full.decompose_resid(apply_ln=False, pos_slice=None, return_labels=True)
-    grid = torch.einsum("crpd,rpd->rpc", stack.to(dtype), u).cpu()
-
-    resid, lens_labels = fwd.full.accumulated_resid(
-        layer=None, incl_mid=True, apply_ln=False, pos_slice=None, return_labels=True
-    )
-    normalised = fwd.full.apply_ln_to_stack(resid, layer=None, recompute_ln=True).to(dtype)  # [entry, row, pos, d]
     W_U, b_U = model.W_U.to(dtype), model.b_U.to(dtype)
-    lens = []
-    for r, (target, rivals) in enumerate(zip(targets, distractors)):
-        cols = W_U[:, [target] + rivals]
-        logits = normalised[:, r] @ cols + b_U[[target] + rivals]  # [entry, pos, 1 + n]
-        lens.append((logits[..., 0] - logits[..., 1:].mean(-1)).cpu())
+    n_rows, width = fwd.tokens.shape
+    entries = 2 * model.cfg.n_layers + 3  # the larger stack: accumulated_resid with the mids, or the decomposition
+    block = max(1, BLOCK_ELEMENTS // (entries * n_rows * model.cfg.d_model))
+    grids, lens_blocks = [], []
+    for start in range(0, width, block):
+        stop = min(start + block, width)
+        cache = position_block(model, fwd, start, stop)
+        stack, labels = cache.decompose_resid(apply_ln=False, pos_slice=None, return_labels=True)
+        grids.append(torch.einsum("crpd,rpd->rpc", stack.to(dtype), u[:, start:stop]).cpu())
+        del stack
+        resid, lens_labels = cache.accumulated_resid(
+            layer=None, incl_mid=True, apply_ln=False, pos_slice=None, return_labels=True
+        )
+        normalised = cache.apply_ln_to_stack(resid, layer=None, recompute_ln=True).to(dtype)  # [entry, row, pos, d]
+        del resid
+        diffs = []
+        for r, (target, rivals) in enumerate(zip(targets, distractors)):
+            cols = W_U[:, [target] + rivals]
+            logits = normalised[:, r] @ cols + b_U[[target] + rivals]  # [entry, pos, 1 + n]
+            diffs.append((logits[..., 0] - logits[..., 1:].mean(-1)).cpu())
+        lens_blocks.append(diffs)
+        del normalised, cache
+    grid = torch.cat(grids, 1)
+    lens = [torch.cat([diffs[r] for diffs in lens_blocks], 1) for r in range(n_rows)]
 
     heads_by_pos, head_bias = _heads_at_every_position(model, fwd, u)
 
@@ -215,6 +232,41 @@ def compute_positions(model, fwd, rows, distractors: list[list[int]], heads, met
         operand_share=operand_share,
         self_share=self_share,
     )
+
+
+def position_block(model, fwd, start: int, stop: int):
+    """The trace's cache at positions `[start, stop)`, with the residual stream rebuilt from its sums.
+
+    The trace keeps the residual stream at every position only entering layer 0 (and leaving the
+    last layer); every other `resid_pre` and `resid_mid` is rebuilt here by the same additions the
+    model makes (`resid_mid = resid_pre + attn_out`, `resid_post = resid_mid + mlp_out`), so the
+    values are the model's own, bit for bit, and the cache keeps 3 fewer `[pos, d_model]` per layer.
+    """
+    from transformer_lens import ActivationCache
+
+    full = fwd.full.cache_dict
+    store = {
+        name: full[name][:, start:stop]
+        for name in ("hook_embed", "hook_pos_embed", "ln_final.hook_scale")
+        if name in full
+    }
+    pre = full["blocks.0.hook_resid_pre"][:, start:stop]
+    for layer in range(model.cfg.n_layers):
+        attn = full[f"blocks.{layer}.hook_attn_out"][:, start:stop]
+        mlp = full[f"blocks.{layer}.hook_mlp_out"][:, start:stop]
+        mid = pre + attn
+        post = mid + mlp
+        store.update(
+            {
+                f"blocks.{layer}.hook_resid_pre": pre,
+                f"blocks.{layer}.hook_attn_out": attn,
+                f"blocks.{layer}.hook_resid_mid": mid,
+                f"blocks.{layer}.hook_mlp_out": mlp,
+                f"blocks.{layer}.hook_resid_post": post,
+            }
+        )
+        pre = post
+    return ActivationCache(store, model)
 
 
 def _heads_at_every_position(model, fwd, u: Float[Tensor, "row pos d_model"]):

@@ -145,19 +145,26 @@ FULL, FINAL = "full", "final"
 def hook_names(model) -> dict[str, str]:
     """Every hook a trace reads, and whether it is kept at every position or only the final one.
 
-    Kept at every position (for the position and source analyses): embeddings, residual stream,
-    sublayer outputs, the final norm's scale, values and head outputs `z`; all of them grow
-    linearly with the prompt. Kept at the final position only: MLP activations, and the attention
-    patterns' final row (`[row, head, 1, src]`, what the source decomposition reads), since a full
-    pattern grows with the square of the prompt. Attention views recompute the few patterns they
-    show (`tl.attention_patterns`).
+    Kept at every position (for the position and source analyses): embeddings, the residual
+    stream entering the first layer and leaving the last, sublayer outputs, the final norm's
+    scale, values and head outputs `z`; all of them grow linearly with the prompt. Kept at the
+    final position only: the rest of the residual stream (rebuilt from its sums where needed), MLP
+    activations, and the attention patterns' final row (`[row, head, 1, src]`, what the source
+    decomposition reads), since a full pattern grows with the square of the prompt. Attention
+    views recompute the few patterns they show (`tl.attention_patterns`).
     """
     names = {"hook_embed": FULL, "ln_final.hook_scale": FULL}
     if model.cfg.positional_embedding_type == "standard":
         names["hook_pos_embed"] = FULL
+    last = model.cfg.n_layers - 1
     for layer in range(model.cfg.n_layers):
-        for hook in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"):
+        for hook in ("hook_attn_out", "hook_mlp_out"):
             names[f"blocks.{layer}.{hook}"] = FULL
+        # The residual stream is the running sum of the sublayer outputs: kept whole only where it
+        # starts and ends; `positions.position_block` rebuilds the rest, exactly, a block at a time.
+        names[f"blocks.{layer}.hook_resid_pre"] = FULL if layer == 0 else FINAL
+        names[f"blocks.{layer}.hook_resid_mid"] = FINAL
+        names[f"blocks.{layer}.hook_resid_post"] = FULL if layer == last else FINAL
         names[f"blocks.{layer}.attn.hook_v"] = FULL
         names[f"blocks.{layer}.attn.hook_pattern"] = FINAL
         names[f"blocks.{layer}.attn.hook_z"] = FULL
