@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib
 import json
@@ -78,6 +79,10 @@ def test_attention_view_with_model_weakref_and_neither(tiny):
     # circuitsvis HTML has random ids: only check that it builds.
     assert tr.heads.attention_view(row=1) is not None  # the model the trace was made with
     assert tr.heads.attention_view([(0, 1)], row=0, model=tiny) is not None
+    copied = copy.deepcopy(tr.heads)  # the weak reference is not copied
+    torch.testing.assert_close(copied.sources, tr.heads.sources)
+    with pytest.raises(ValueError, match="model="):
+        copied.attention_view()
 
 
 def test_attention_view_without_a_model_says_to_pass_one(tmp_path):

@@ -238,6 +238,12 @@ class Heads:
         """
         object.__setattr__(self, "_model_ref", weakref.ref(model))
 
+    def __getstate__(self) -> dict:
+        # A weak reference cannot be pickled or deep-copied; a copy simply has no model.
+        state = dict(self.__dict__)
+        state.pop("_model_ref", None)
+        return state
+
     def __repr__(self) -> str:
         top = self.top(3)
         parts = ", ".join(f"{h} {v:+.3f} ({s})" for h, v, s in zip(top["head"], top["value"], top["reads_from"]))
