@@ -270,13 +270,31 @@ def run_forward(model, rows: list[Row]) -> Forward:
     wanted = hook_names(model)
     aliases = real_hook_points(model, wanted, "trace")
 
+    # Hooks kept at every position in every layer are copied into one buffer per hook, all layers
+    # together: a buffer that large is its own memory mapping, so the model's per-layer
+    # activations are freed and reused as in a plain forward pass, rather than pinning scattered
+    # pieces of the heap that the process cannot give back.
+    stacked = {
+        name.split(".", 2)[2]
+        for name in wanted
+        if name.startswith("blocks.")
+        and all(wanted.get(f"blocks.{layer}.{name.split('.', 2)[2]}") == FULL for layer in range(model.cfg.n_layers))
+    }
+    buffers: dict[str, Tensor] = {}
+
     def keep(act: Tensor, hook) -> None:
         # Returning None leaves the activation untouched; returning any other tensor object makes
         # the bridge rebuild its output from the hooked values (at float-rounding cost).
         kept = act.detach()
         for alias in aliases[hook.name]:
             if wanted[alias] == FULL:
-                full_store[alias] = kept
+                _, layer, suffix = alias.split(".", 2) if alias.startswith("blocks.") else (None, None, None)
+                if suffix in stacked:
+                    if suffix not in buffers:
+                        buffers[suffix] = kept.new_empty((model.cfg.n_layers, *kept.shape))
+                    full_store[alias] = buffers[suffix][int(layer)].copy_(kept)
+                else:
+                    full_store[alias] = kept
             # Patterns are [row, head, dst, src]: the final position is a destination. Indexing
             # copies the final rows out, so the full pattern is freed as soon as the layer is done.
             at_final = kept[batch, :, final] if alias.endswith("hook_pattern") else kept[batch, final]
