@@ -327,8 +327,9 @@ def attention_patterns(
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)
     points: dict[str, int] = {}
+    hook_dict = model.hook_dict  # the bridge rebuilds it on every read
     for layer in by_layer:
-        point = model.hook_dict.get(f"blocks.{layer}.attn.hook_pattern")
+        point = hook_dict.get(f"blocks.{layer}.attn.hook_pattern")
         if point is None:
             raise RuntimeError(f"This model has no hook blocks.{layer}.attn.hook_pattern, so patterns cannot be read.")
         points[point.name] = layer

@@ -303,7 +303,7 @@ def run_forward(model, rows: list[Row]) -> Forward:
     # The pass stops at the unembedding's input, and the trace scores positions in blocks with the
     # model's own unembedding module: the full logits would be the largest tensor of the trace.
     unembed = getattr(getattr(model, "unembed", None), "original_component", None)
-    point = model.hook_dict.get("unembed.hook_in")
+    point = getattr(getattr(model, "unembed", None), "hook_in", None)  # not hook_dict: the bridge rebuilds it per read
     hidden: dict[str, Tensor] = {}
 
     def stop(act: Tensor, hook) -> None:
@@ -311,7 +311,7 @@ def run_forward(model, rows: list[Row]) -> Forward:
         raise _Unembedding
 
     hooks = [(name, keep) for name in aliases]
-    if unembed is not None and point is not None:
+    if unembed is not None and getattr(point, "name", None):
         hooks.append((point.name, stop))
     logits = None
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
