@@ -104,8 +104,8 @@ def test_the_scan_skips_padding_and_goes_in_forward_order(tiny):
     pad = int(fwd.lengths[short])  # first padding position of the shorter row
     fwd.full["hook_embed"][short, pad] = torch.inf  # padding: nothing traced reads it
     assert first_nonfinite(tiny, fwd) is None
-    fwd.full["blocks.2.hook_resid_post"][short, 3] = torch.nan
-    fwd.full["blocks.1.attn.hook_pattern"][short, 0, 2, 1] = torch.nan  # earlier in the forward pass
-    assert first_nonfinite(tiny, fwd) == ("blocks.1.attn.hook_pattern", short, 2)
+    fwd.full["blocks.2.hook_mlp_out"][short, 3] = torch.nan
+    fwd.full["blocks.1.attn.hook_z"][short, 2, 0, 1] = torch.nan  # earlier in the forward pass
+    assert first_nonfinite(tiny, fwd) == ("blocks.1.attn.hook_z", short, 2)
     fwd.final["blocks.0.mlp.hook_post"][short, 0, 7] = torch.inf  # kept at the final position only
     assert first_nonfinite(tiny, fwd) == ("blocks.0.mlp.hook_post", short, pad - 1)

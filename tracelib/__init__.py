@@ -13,7 +13,7 @@ from tracelib.answers import (
 )
 from tracelib.attribution import Attribution, Reconstruction, ReconstructionWarning, direct_logit_attribution
 from tracelib.compare import Comparison, align_tokens, compare
-from tracelib.heads import Heads, HeadSources
+from tracelib.heads import Heads, HeadSources, attention_patterns
 from tracelib.lens import LensCurve, LogitLens, ModelGoneError, logit_lens
 from tracelib.margin import Margin, logit_margin
 from tracelib.models import (
@@ -86,6 +86,7 @@ __all__ = [
     "UnknownModelError",
     "align_tokens",
     "answer_direction",
+    "attention_patterns",
     "attribution_patch",
     "chat_prompt",
     "compare",

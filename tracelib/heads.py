@@ -17,11 +17,12 @@ to 1), so per head there is no bias term left: it sits in each layer's bias rema
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelib.margin import check_k
@@ -117,8 +118,9 @@ class Heads:
         values: per-head DLA, `[layer, head, row]` (the same numbers as `trace.dla.heads`).
         sources: per-head, per-source contributions, `[layer, head, src, row]`; zero past a row's end.
         attention: attention from the final position, `[layer, head, src, row]`.
-        patterns: full attention patterns of every head, one `[layer, head, dst, src]` per row, for
-            the attention views.
+        tokens: each row's token ids, `[pos]`, so that the attention views can recompute the full
+            patterns of the heads they show (a full pattern of every head would grow with the
+            square of the prompt).
     """
 
     row_labels: list[str]
@@ -127,12 +129,17 @@ class Heads:
     values: Float[Tensor, "layer head row"]
     sources: Float[Tensor, "layer head src row"]
     attention: Float[Tensor, "layer head src row"]
-    patterns: list[Float[Tensor, "layer head dst src"]]
+    tokens: list[Int[Tensor, " pos"]]
 
     def __post_init__(self) -> None:
         n_layers, n_heads, n_rows = self.values.shape
-        if n_rows != len(self.row_labels) or len(self.str_tokens) != n_rows or len(self.patterns) != n_rows:
-            raise ValueError(f"Heads needs {n_rows} rows of labels, tokens and patterns")
+        if n_rows != len(self.row_labels) or len(self.str_tokens) != n_rows or len(self.tokens) != n_rows:
+            raise ValueError(f"Heads needs {n_rows} rows of labels, str_tokens and tokens")
+        for r, (ids, strs) in enumerate(zip(self.tokens, self.str_tokens)):
+            if tuple(ids.shape) != (len(strs),):
+                raise ValueError(
+                    f"row {r}: tokens must be [{len(strs)}] (one id per str_token), got {tuple(ids.shape)}"
+                )
         if self.sources.shape[:2] != (n_layers, n_heads) or self.sources.shape != self.attention.shape:
             raise ValueError("sources and attention must be [layer, head, src, row] like values")
 
@@ -194,18 +201,48 @@ class Heads:
             self.values[:, :, row], **{"title": f"DLA by head: {self.row_labels[row]}", **layout}
         )
 
-    def attention_view(self, heads: list[tuple[int, int]] | None = None, row: int = 0):
-        """circuitsvis attention patterns for the chosen (layer, head) pairs (default: the top 4)."""
+    def attention_view(self, heads: list[tuple[int, int]] | None = None, row: int = 0, model=None):
+        """circuitsvis attention patterns for the chosen (layer, head) pairs (default: the top 4).
+
+        The patterns are recomputed (`attention_patterns`, one forward pass of the row), for the
+        shown heads only.
+
+        Args:
+            heads: (layer, head) pairs; default the 4 with the largest DLA.
+            row: which traced row.
+            model: the model to recompute with. Default: the model the trace was made with (or
+                that `tl.load_reference(path, model)` was given), if it still exists.
+        """
         import circuitsvis as cv
 
+        if model is None:
+            model = self._model_ref() if getattr(self, "_model_ref", None) is not None else None
+        if model is None:
+            raise ValueError(
+                "attention_view() recomputes the patterns it shows, so it needs the model: this Heads has none "
+                "(a loaded reference, or the trace's model was deleted). Pass it: attention_view(model=model)."
+            )
         if heads is None:
             heads = [tuple(int(x) for x in h[1:].split("H")) for h in self.top(4, row)["head"]]
-        pattern = torch.stack([self.patterns[row][layer, head] for layer, head in heads])
+        pattern = attention_patterns(model, self.tokens[row], heads)
         return cv.attention.attention_heads(
             attention=pattern,
             tokens=self.str_tokens[row],
             attention_head_names=[f"L{layer}H{head}" for layer, head in heads],
         )
+
+    def remember_model(self, model) -> None:
+        """Keep a weak reference to `model`, for `attention_view` to recompute patterns with.
+
+        Weak, so a result never keeps a model alive; it is not a field, so it is never saved.
+        """
+        object.__setattr__(self, "_model_ref", weakref.ref(model))
+
+    def __getstate__(self) -> dict:
+        # A weak reference cannot be pickled or deep-copied; a copy simply has no model.
+        state = dict(self.__dict__)
+        state.pop("_model_ref", None)
+        return state
 
     def __repr__(self) -> str:
         top = self.top(3)
@@ -231,30 +268,92 @@ def compute_heads(model, fwd, u: Float[Tensor, "row d_model"], rows) -> Heads:
     n_heads = cfg.n_heads
     n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
     kv_of_head = torch.arange(n_heads, device=u.device) // (n_heads // n_kv)
-    batch = torch.arange(len(rows), device=u.device)
-    final = (fwd.lengths - 1).to(u.device)
     sources, attention = [], []
     for layer in range(cfg.n_layers):
         W_O_u = torch.einsum("hem,rm->rhe", layer_weight(model, "attn.W_O", layer).to(dtype), u)  # [row, head, d_head]
         v = fwd.full[f"blocks.{layer}.attn.hook_v"].to(dtype)  # [row, src, kv_head, d_head]
         v = v[:, :, kv_of_head]  # GQA: each query head reads its KV head
-        pattern = fwd.full[f"blocks.{layer}.attn.hook_pattern"][batch, :, final].to(dtype)  # [row, head, src]
+        # The trace keeps only each row's final pattern row: [row, head, 1, src].
+        pattern = fwd.final[f"blocks.{layer}.attn.hook_pattern"][:, :, 0].to(dtype)  # [row, head, src]
         per_src = torch.einsum("rshe,rhe->rhs", v, W_O_u)  # [row, head, src]
         sources.append((pattern * per_src).permute(1, 2, 0))
         attention.append(pattern.permute(1, 2, 0))
     sources_t = torch.stack(sources).cpu()
     str_tokens = [row.str_tokens for row in rows]
-    return Heads(
+    heads = Heads(
         row_labels=[row.label for row in rows],
         str_tokens=str_tokens,
         operand_positions=[operand_positions(t) for t in str_tokens],
         values=sources_t.sum(2),
         sources=sources_t,
         attention=torch.stack(attention).cpu(),
-        patterns=[
-            torch.stack(
-                [fwd.full[f"blocks.{layer}.attn.hook_pattern"][r, :, :n, :n] for layer in range(cfg.n_layers)]
-            ).cpu()
-            for r, n in enumerate(fwd.lengths.tolist())
-        ],
+        tokens=[row.tokens.detach().cpu().clone() for row in rows],
     )
+    heads.remember_model(model)
+    return heads
+
+
+class _Done(Exception):
+    """Raised by the last pattern hook: nothing after that layer is needed."""
+
+
+def attention_patterns(
+    model, tokens: Int[Tensor, " pos"], heads: list[tuple[int, int]]
+) -> Float[Tensor, "head dst src"]:
+    """The full attention patterns of only the given (layer, head) pairs, for one prompt.
+
+    One forward pass with a hook on those layers' patterns that copies out the requested heads at
+    once, so no layer's full `[head, dst, src]` outlives its hook, and the pass stops after the
+    last layer needed.
+
+    Args:
+        model: a loaded model.
+        tokens: the prompt's token ids, `[pos]` (`trace.heads.tokens[row]`, or `row.tokens`).
+        heads: (layer, head) pairs, in the order wanted.
+
+    Returns:
+        `[len(heads), pos, pos]`: each head's pattern, destination by source, on the CPU.
+    """
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    if not heads:
+        raise ValueError("attention_patterns() needs at least one (layer, head) pair.")
+    for layer, head in heads:
+        if not (0 <= layer < model.cfg.n_layers and 0 <= head < model.cfg.n_heads):
+            raise ValueError(
+                f"No head L{layer}H{head}: this model has {model.cfg.n_layers} layers of {model.cfg.n_heads} heads."
+            )
+    tokens = torch.as_tensor(tokens).reshape(1, -1)
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    points: dict[str, int] = {}
+    hook_dict = model.hook_dict  # the bridge rebuilds it on every read
+    for layer in by_layer:
+        point = hook_dict.get(f"blocks.{layer}.attn.hook_pattern")
+        if point is None:
+            raise RuntimeError(f"This model has no hook blocks.{layer}.attn.hook_pattern, so patterns cannot be read.")
+        points[point.name] = layer
+    last = max(by_layer)
+    got: dict[int, Tensor] = {}
+
+    def keep(act: Tensor, hook) -> None:
+        layer = points[hook.name]
+        # Advanced indexing copies the wanted heads, so the full pattern is not kept alive.
+        got[layer] = act[0, by_layer[layer]].detach().cpu().clone()
+        if layer == last:
+            raise _Done
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(name, keep) for name in points]):
+        try:
+            model(tokens.to(model.cfg.device), return_type=None)
+        except _Done:
+            pass
+    missing = set(by_layer) - set(got)
+    if missing:
+        raise RuntimeError(f"The pattern hooks of layers {sorted(missing)} did not fire.")
+    seen = {layer: 0 for layer in by_layer}
+    out = []
+    for layer, _ in heads:
+        out.append(got[layer][seen[layer]])
+        seen[layer] += 1
+    return torch.stack(out)

@@ -22,6 +22,8 @@ VERDICTS = ("written at the final position", "copied from an operand", "assemble
 # Where the answer is not the model's own top prediction, the verdicts above would explain a
 # prediction the model does not make.
 NOT_PREDICTED = "not predicted (rank {rank})"
+# Elements of the largest intermediate made at once by the per-position analyses.
+BLOCK_ELEMENTS = 2**24
 
 
 @dataclass(frozen=True)
@@ -168,26 +170,43 @@ class Positions:
 
 
 def compute_positions(model, fwd, rows, distractors: list[list[int]], heads, metric: str) -> Positions:
-    """The per-position grid and lens from the trace's full-position cache."""
+    """The per-position grid and lens from the trace's full-position cache, a block of positions at a time.
+
+    Each block is a small `ActivationCache` (`position_block`), so TransformerLens's own
+    `decompose_resid`, `accumulated_resid` and `apply_ln_to_stack` compute every number, and no
+    `[entry, row, pos, d_model]` stack of the whole prompt ever exists.
+    """
     from tracelib.attribution import compute_dtype, scaled_directions
 
     targets = [row.target for row in rows]
     scale = fwd.full["ln_final.hook_scale"]
     dtype = compute_dtype(scale)
     u = scaled_directions(model, scale.to(dtype), targets, distractors, metric)  # [row, pos, d_model]
-    stack, labels = fwd.full.decompose_resid(apply_ln=False, pos_slice=None, return_labels=True)
-    grid = torch.einsum("crpd,rpd->rpc", stack.to(dtype), u).cpu()
-
-    resid, lens_labels = fwd.full.accumulated_resid(
-        layer=None, incl_mid=True, apply_ln=False, pos_slice=None, return_labels=True
-    )
-    normalised = fwd.full.apply_ln_to_stack(resid, layer=None, recompute_ln=True).to(dtype)  # [entry, row, pos, d]
     W_U, b_U = model.W_U.to(dtype), model.b_U.to(dtype)
-    lens = []
-    for r, (target, rivals) in enumerate(zip(targets, distractors)):
-        cols = W_U[:, [target] + rivals]
-        logits = normalised[:, r] @ cols + b_U[[target] + rivals]  # [entry, pos, 1 + n]
-        lens.append((logits[..., 0] - logits[..., 1:].mean(-1)).cpu())
+    n_rows, width = fwd.tokens.shape
+    entries = 2 * model.cfg.n_layers + 3  # the larger stack: accumulated_resid with the mids, or the decomposition
+    block = max(1, BLOCK_ELEMENTS // (entries * n_rows * model.cfg.d_model))
+    grids, lens_blocks = [], []
+    for start in range(0, width, block):
+        stop = min(start + block, width)
+        cache = position_block(model, fwd, start, stop)
+        stack, labels = cache.decompose_resid(apply_ln=False, pos_slice=None, return_labels=True)
+        grids.append(torch.einsum("crpd,rpd->rpc", stack.to(dtype), u[:, start:stop]).cpu())
+        del stack
+        resid, lens_labels = cache.accumulated_resid(
+            layer=None, incl_mid=True, apply_ln=False, pos_slice=None, return_labels=True
+        )
+        normalised = cache.apply_ln_to_stack(resid, layer=None, recompute_ln=True).to(dtype)  # [entry, row, pos, d]
+        del resid
+        diffs = []
+        for r, (target, rivals) in enumerate(zip(targets, distractors)):
+            cols = W_U[:, [target] + rivals]
+            logits = normalised[:, r] @ cols + b_U[[target] + rivals]  # [entry, pos, 1 + n]
+            diffs.append((logits[..., 0] - logits[..., 1:].mean(-1)).cpu())
+        lens_blocks.append(diffs)
+        del normalised, cache
+    grid = torch.cat(grids, 1)
+    lens = [torch.cat([diffs[r] for diffs in lens_blocks], 1) for r in range(n_rows)]
 
     heads_by_pos, head_bias = _heads_at_every_position(model, fwd, u)
 
@@ -198,9 +217,7 @@ def compute_positions(model, fwd, rows, distractors: list[list[int]], heads, met
         total = mag.sum().item() or 1.0
         operand_share.append(mag[:, :, heads.operand_positions[r]].sum().item() / total)
         self_share.append(mag[:, :, n - 1].sum().item() / total)
-    logits = fwd.logits
-    answer_logit = logits[torch.arange(len(rows), device=logits.device), :, torch.tensor(targets, device=logits.device)]
-    final_rank = (logits > answer_logit[..., None]).sum(-1).cpu()
+    final_rank = fwd.answer_rank  # [row, pos], scored in blocks by the trace's forward pass
     return Positions(
         row_labels=[row.label for row in rows],
         str_tokens=[row.str_tokens for row in rows],
@@ -217,24 +234,61 @@ def compute_positions(model, fwd, rows, distractors: list[list[int]], heads, met
     )
 
 
+def position_block(model, fwd, start: int, stop: int):
+    """The trace's cache at positions `[start, stop)`, with the residual stream rebuilt from its sums.
+
+    The trace keeps the residual stream at every position only entering layer 0 (and leaving the
+    last layer); every other `resid_pre` and `resid_mid` is rebuilt here by the same additions the
+    model makes (`resid_mid = resid_pre + attn_out`, `resid_post = resid_mid + mlp_out`), so the
+    values are the model's own, bit for bit, and the cache keeps 3 fewer `[pos, d_model]` per layer.
+    """
+    from transformer_lens import ActivationCache
+
+    full = fwd.full.cache_dict
+    store = {
+        name: full[name][:, start:stop]
+        for name in ("hook_embed", "hook_pos_embed", "ln_final.hook_scale")
+        if name in full
+    }
+    pre = full["blocks.0.hook_resid_pre"][:, start:stop]
+    for layer in range(model.cfg.n_layers):
+        attn = full[f"blocks.{layer}.hook_attn_out"][:, start:stop]
+        mlp = full[f"blocks.{layer}.hook_mlp_out"][:, start:stop]
+        mid = pre + attn
+        post = mid + mlp
+        store.update(
+            {
+                f"blocks.{layer}.hook_resid_pre": pre,
+                f"blocks.{layer}.hook_attn_out": attn,
+                f"blocks.{layer}.hook_resid_mid": mid,
+                f"blocks.{layer}.hook_mlp_out": mlp,
+                f"blocks.{layer}.hook_resid_post": post,
+            }
+        )
+        pre = post
+    return ActivationCache(store, model)
+
+
 def _heads_at_every_position(model, fwd, u: Float[Tensor, "row pos d_model"]):
     """Every head's DLA at every destination position, projected first: `z . (W_O @ u_pos)`.
 
-    `z` is rebuilt from the cached pattern and values (`z = A @ v`, GQA-expanded) because the trace
-    keeps `hook_z` only at the final position.
+    `z` is the trace's cached head output at every position. `W_O[h] @ u_pos` is `[head, d_head]`
+    per position, so no `[head, pos, d_model]` ever exists, and positions go in blocks of about
+    `BLOCK_ELEMENTS` elements, so the intermediates stay bounded however long the prompt.
     """
     from tracelib.attribution import _bias, layer_weight
 
     cfg = model.cfg
-    n_heads = cfg.n_heads
-    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
-    kv_of_head = torch.arange(n_heads, device=u.device) // (n_heads // n_kv)
-    heads, biases = [], []
+    n_rows, n_pos, _ = u.shape
+    block = max(1, BLOCK_ELEMENTS // max(1, n_rows * cfg.n_heads * cfg.d_head))
+    heads = torch.empty(n_rows, n_pos, cfg.n_layers, cfg.n_heads, dtype=u.dtype)
+    biases = []
     for layer in range(cfg.n_layers):
-        v = fwd.full[f"blocks.{layer}.attn.hook_v"].to(u.dtype)[:, :, kv_of_head]  # [row, src, head, d_head]
-        pattern = fwd.full[f"blocks.{layer}.attn.hook_pattern"].to(u.dtype)  # [row, head, dst, src]
-        z = torch.einsum("rhps,rshe->rphe", pattern, v)
-        W_O_u = torch.einsum("hem,rpm->rphe", layer_weight(model, "attn.W_O", layer).to(u.dtype), u)
-        heads.append((z * W_O_u).sum(-1))  # [row, pos, head]
+        W_O = layer_weight(model, "attn.W_O", layer).to(u.dtype)  # [head, d_head, d_model]
+        z = fwd.full[f"blocks.{layer}.attn.hook_z"]  # [row, pos, head, d_head]
+        for start in range(0, n_pos, block):
+            stop = min(start + block, n_pos)
+            W_O_u = torch.einsum("hem,rpm->rphe", W_O, u[:, start:stop])
+            heads[:, start:stop, layer] = (z[:, start:stop].to(u.dtype) * W_O_u).sum(-1).cpu()  # [row, pos, head]
         biases.append(_bias(model, "b_O", layer, u.reshape(-1, u.shape[-1]), u.dtype).reshape(u.shape[:2]))
-    return torch.stack(heads, 2).cpu(), torch.stack(biases, 2).cpu()
+    return heads, torch.stack(biases, 2).cpu()

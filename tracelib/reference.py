@@ -46,7 +46,9 @@ import torch
 from torch import Tensor
 
 FORMAT = "tracelib-reference"
-FORMAT_VERSION = 1
+# Version 2: `Heads` keeps each row's token ids (`tokens`) instead of every head's full attention
+# pattern (`patterns`); version-1 references are upgraded on load (`_upgrade_v1`).
+FORMAT_VERSION = 2
 META_FILE = "reference.json"
 TENSOR_FILE = "tensors.safetensors"
 # Config fields that change what a model computes; hashed into the weights fingerprint.
@@ -463,9 +465,44 @@ def load_reference(path, model=None):
     tensors = _read_tensors(path, meta)
     if model is not None:
         check_model(meta, model)
-    trace = _decode(meta["trace"], tensors)
+    tree = meta["trace"]
+    if meta["format_version"] == 1:
+        tree = _upgrade_v1(tree, path)
+    trace = _decode(tree, tensors)
     from tracelib.trace import Trace
 
     if not isinstance(trace, Trace):
         raise ReferenceFormatError(f"{path / META_FILE} holds a {type(trace).__name__}, not a Trace.")
+    if model is not None:
+        trace.heads.remember_model(model)  # so attention_view() needs no model= either
     return trace
+
+
+_HEADS = "tracelib.heads:Heads"
+
+
+def _upgrade_v1(tree, path: Path):
+    """A version-1 trace tree as version 2: `Heads.patterns` dropped, `Heads.tokens` filled in.
+
+    The token ids are recovered exactly: every saved `Row` holds its `tokens` (the ids the trace
+    ran), and `Heads` has one row per `Row`, in order, so `tokens` points at the same saved tensors.
+    Re-tokenising `str_tokens` would not be exact (a byte fragment's string is not its token).
+    The dropped patterns stay in the tensor file, unread.
+    """
+    if not (isinstance(tree, dict) and isinstance(tree.get("fields"), dict)):
+        raise ReferenceFormatError(f"{path / META_FILE} holds no trace to upgrade from format version 1.")
+    fields = dict(tree["fields"])
+    heads = fields.get("heads")
+    rows = fields.get("rows")
+    if not (isinstance(heads, dict) and heads.get("__dataclass__") == _HEADS and isinstance(rows, list)):
+        return tree
+    try:
+        tokens = [row["fields"]["tokens"] for row in rows]
+    except (KeyError, TypeError) as err:
+        raise ReferenceFormatError(
+            f"{path / META_FILE} (format version 1) has rows without token ids, so its heads cannot be upgraded."
+        ) from err
+    head_fields = {k: v for k, v in heads["fields"].items() if k != "patterns"}
+    head_fields["tokens"] = tokens
+    fields["heads"] = {**heads, "fields": head_fields}
+    return {**tree, "fields": fields}

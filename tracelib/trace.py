@@ -153,19 +153,29 @@ FULL, FINAL = "full", "final"
 def hook_names(model) -> dict[str, str]:
     """Every hook a trace reads, and whether it is kept at every position or only the final one.
 
-    Kept at every position (for the position and source analyses): embeddings, residual stream,
-    sublayer outputs, the final norm's scale, values and attention patterns. Kept at the final
-    position only: head outputs `z` and MLP activations, the two that would cost the most.
+    Kept at every position (for the position and source analyses): embeddings, the residual
+    stream entering the first layer and leaving the last, sublayer outputs, the final norm's
+    scale, values and head outputs `z`; all of them grow linearly with the prompt. Kept at the
+    final position only: the rest of the residual stream (rebuilt from its sums where needed), MLP
+    activations, and the attention patterns' final row (`[row, head, 1, src]`, what the source
+    decomposition reads), since a full pattern grows with the square of the prompt. Attention
+    views recompute the few patterns they show (`tl.attention_patterns`).
     """
     names = {"hook_embed": FULL, "ln_final.hook_scale": FULL}
     if model.cfg.positional_embedding_type == "standard":
         names["hook_pos_embed"] = FULL
+    last = model.cfg.n_layers - 1
     for layer in range(model.cfg.n_layers):
-        for hook in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"):
+        for hook in ("hook_attn_out", "hook_mlp_out"):
             names[f"blocks.{layer}.{hook}"] = FULL
+        # The residual stream is the running sum of the sublayer outputs: kept whole only where it
+        # starts and ends; `positions.position_block` rebuilds the rest, exactly, a block at a time.
+        names[f"blocks.{layer}.hook_resid_pre"] = FULL if layer == 0 else FINAL
+        names[f"blocks.{layer}.hook_resid_mid"] = FINAL
+        names[f"blocks.{layer}.hook_resid_post"] = FULL if layer == last else FINAL
         names[f"blocks.{layer}.attn.hook_v"] = FULL
-        names[f"blocks.{layer}.attn.hook_pattern"] = FULL
-        names[f"blocks.{layer}.attn.hook_z"] = FINAL
+        names[f"blocks.{layer}.attn.hook_pattern"] = FINAL
+        names[f"blocks.{layer}.attn.hook_z"] = FULL
         names[f"blocks.{layer}.mlp.hook_post"] = FINAL
     return names
 
@@ -194,19 +204,56 @@ class Forward:
     Attributes:
         tokens: the right-padded batch, `[row, pos]`; `lengths` gives each row's real length.
         final: an ActivationCache of every hook at each row's final position (`[row, 1, ...]`).
-        full: an ActivationCache of the FULL hooks at every position (`[row, pos, ...]`).
-        logits: the model's logits at every position, `[row, pos, vocab]`.
+        full: an ActivationCache of the FULL hooks at every position (`[row, pos, ...]`); attention
+            patterns are never here (see `hook_names`).
+        final_logits: the model's logits at each row's final position, `[row, vocab]`.
+        answer_rank: the rank of each row's target in the model's own prediction at every
+            position, `[row, pos]` (0: the top prediction).
+
+    The logits at every position (`[row, pos, vocab]`, 1.2 GB for 2,048 tokens of Qwen2.5's
+    vocabulary) are never kept: the unembedding runs on a block of positions at a time, and only
+    these two are read from each block.
     """
 
     tokens: Int[Tensor, "row pos"]
     lengths: Int[Tensor, " row"]
     final: object
     full: object
-    logits: Float[Tensor, "row pos vocab"]
+    final_logits: Float[Tensor, "row vocab"]
+    answer_rank: Int[Tensor, "row pos"]
 
-    @property
-    def final_logits(self) -> Float[Tensor, "row vocab"]:
-        return self.logits[torch.arange(len(self.lengths)), self.lengths - 1]
+
+class _Unembedding(Exception):
+    """Raised at the unembedding's input: the trace scores positions in blocks itself."""
+
+
+# Elements of the largest logits block scored at once ([row, positions, vocab]).
+LOGIT_BLOCK_ELEMENTS = 2**24
+# Fewest (row, position) pairs scored at once, so the matmul takes the full pass's kernel.
+_MIN_SCORED = 16
+
+
+def _score_in_blocks(score, width: int, n_rows: int, vocab: int, final: Tensor, targets: Tensor):
+    """Final-position logits and the target's rank at every position, one block of positions at a time.
+
+    `score(start, stop)` gives the logits `[row, stop - start, vocab]`; `vocab` only sizes the
+    blocks. Blocks are of near-equal size and never tiny: a matmul over a handful of rows may take
+    another kernel (a matrix-vector product) whose rounding differs from the full forward pass's.
+    """
+    n_blocks = -(-width * n_rows * vocab // LOGIT_BLOCK_ELEMENTS)
+    size = max(-(-width // max(1, n_blocks)), -(-_MIN_SCORED // n_rows))
+    final_logits, ranks = None, []
+    for start in range(0, width, size):
+        stop = min(start + size, width)
+        logits = score(start, stop)  # [row, block, vocab]
+        answer = logits.gather(-1, targets.to(logits.device)[:, None, None].expand(-1, stop - start, 1))
+        ranks.append((logits > answer).sum(-1).cpu())
+        if final_logits is None:
+            final_logits = logits.new_empty(n_rows, logits.shape[-1])
+        here = ((final >= start) & (final < stop)).nonzero()[:, 0]
+        final_logits[here] = logits[here, final[here] - start]
+        del logits
+    return final_logits, torch.cat(ranks, 1)
 
 
 def run_forward(model, rows: list[Row]) -> Forward:
@@ -233,32 +280,83 @@ def run_forward(model, rows: list[Row]) -> Forward:
     wanted = hook_names(model)
     aliases = real_hook_points(model, wanted, "trace")
 
+    # Hooks kept at every position in every layer are copied into one buffer per hook, all layers
+    # together: a buffer that large is its own memory mapping, so the model's per-layer
+    # activations are freed and reused as in a plain forward pass, rather than pinning scattered
+    # pieces of the heap that the process cannot give back.
+    stacked = {
+        name.split(".", 2)[2]
+        for name in wanted
+        if name.startswith("blocks.")
+        and all(wanted.get(f"blocks.{layer}.{name.split('.', 2)[2]}") == FULL for layer in range(model.cfg.n_layers))
+    }
+    buffers: dict[str, Tensor] = {}
+
     def keep(act: Tensor, hook) -> None:
         # Returning None leaves the activation untouched; returning any other tensor object makes
         # the bridge rebuild its output from the hooked values (at float-rounding cost).
         kept = act.detach()
         for alias in aliases[hook.name]:
             if wanted[alias] == FULL:
-                full_store[alias] = kept
-            # Patterns are [row, head, dst, src]: the final position is a destination.
+                _, layer, suffix = alias.split(".", 2) if alias.startswith("blocks.") else (None, None, None)
+                if suffix in stacked:
+                    if suffix not in buffers:
+                        buffers[suffix] = kept.new_empty((model.cfg.n_layers, *kept.shape))
+                    full_store[alias] = buffers[suffix][int(layer)].copy_(kept)
+                else:
+                    full_store[alias] = kept
+            # Patterns are [row, head, dst, src]: the final position is a destination. Indexing
+            # copies the final rows out, so the full pattern is freed as soon as the layer is done.
             at_final = kept[batch, :, final] if alias.endswith("hook_pattern") else kept[batch, final]
             final_store[alias] = at_final.unsqueeze(2 if alias.endswith("hook_pattern") else 1)
 
-    with torch.no_grad():
-        logits = model.run_with_hooks(
-            tokens.to(device),
-            fwd_hooks=[(name, keep) for name in aliases],
-            return_type="logits",
-        )
+    # The pass stops at the unembedding's input, and the trace scores positions in blocks with the
+    # model's own unembedding module: the full logits would be the largest tensor of the trace.
+    unembed = getattr(getattr(model, "unembed", None), "original_component", None)
+    point = getattr(getattr(model, "unembed", None), "hook_in", None)  # not hook_dict: the bridge rebuilds it per read
+    hidden: dict[str, Tensor] = {}
+
+    def stop(act: Tensor, hook) -> None:
+        hidden["in"] = act.detach()
+        raise _Unembedding
+
+    hooks = [(name, keep) for name in aliases]
+    if unembed is not None and getattr(point, "name", None):
+        hooks.append((point.name, stop))
+    logits = None
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        try:
+            logits = model(tokens.to(device), return_type="logits")
+        except _Unembedding:
+            pass
     missing = set(wanted) - set(final_store)
     if missing:
         raise RuntimeError(f"These hooks did not fire, so this architecture is not supported: {sorted(missing)[:5]}")
+    if logits is not None:  # no unembedding hook: slice the blocks from the model's logits
+
+        def score(start: int, stop: int) -> Tensor:
+            return logits[:, start:stop]
+    else:
+
+        def score(start: int, stop: int) -> Tensor:
+            with torch.no_grad():
+                return unembed(hidden["in"][:, start:stop])
+
+    final_logits, answer_rank = _score_in_blocks(
+        score,
+        tokens.shape[1],
+        len(rows),
+        model.cfg.d_vocab,
+        final,
+        torch.tensor([row.target for row in rows]),
+    )
     return Forward(
         tokens=tokens,
         lengths=lengths,
         final=ActivationCache(final_store, model),
         full=ActivationCache(full_store, model),
-        logits=logits,
+        final_logits=final_logits,
+        answer_rank=answer_rank,
     )
 
 
@@ -305,11 +403,9 @@ def first_nonfinite(model, fwd: Forward) -> tuple[str, int, int] | None:
     for name in forward_order(model):
         if name in fwd.full.cache_dict:
             act = fwd.full[name]
-            if name.endswith("hook_pattern"):
-                act = act.transpose(1, 2)  # [row, dst, head, src]: a position is a destination
             bad = ~act.isfinite().reshape(*act.shape[:2], -1).all(-1).cpu() & real  # [row, pos]
         else:  # kept at the final position only: [row, 1, ...]
-            act = fwd.final[name]
+            act = fwd.final[name]  # a pattern's final row too: [row, head, 1, src]
             bad = ~act.isfinite().reshape(act.shape[0], -1).all(-1).cpu()  # [row]
             bad = torch.zeros_like(real).scatter(1, (fwd.lengths - 1)[:, None], bad[:, None])
         if bad.any():
