@@ -39,7 +39,18 @@ def _eager_readout(model, curve_kind: str, tr) -> tuple[torch.Tensor, ...]:
     return tuple(torch.stack(x, dim=1) for x in out)
 
 
-def test_lens_equals_the_full_vocabulary_readout_exactly(tiny):
+@pytest.fixture
+def one_thread():
+    """One BLAS thread. The bit-for-bit claims hold for the CPU's single-threaded kernels; with
+    more threads a matmul splits its sums by thread, so another width may round differently (the
+    tests without this fixture hold those cases to float rounding)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_lens_equals_the_full_vocabulary_readout_exactly(tiny, one_thread):
     tr = tl.trace(tiny, PROMPTS, ANSWERS)
     for kind in ("standard", "dla"):
         curve = getattr(tr.lens, kind)
@@ -50,7 +61,18 @@ def test_lens_equals_the_full_vocabulary_readout_exactly(tiny):
         assert curve.is_materialised
 
 
-def test_narrow_unembedding_matches_the_wide_one_bit_for_bit():
+def test_lens_equals_the_full_vocabulary_readout_with_any_threads(tiny):
+    tr = tl.trace(tiny, PROMPTS, ANSWERS)
+    for kind in ("standard", "dla"):
+        curve = getattr(tr.lens, kind)
+        logit, diff, prob, rank = _eager_readout(tiny, kind, tr)
+        torch.testing.assert_close(curve.logit, logit, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(curve.logit_diff, diff, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(curve.prob, prob, rtol=1e-5, atol=1e-7)
+        assert torch.equal(curve.rank, rank)
+
+
+def test_narrow_unembedding_matches_the_wide_one_bit_for_bit(one_thread):
     """`_readout` reads only a few W_U columns; at `_MIN_COLUMNS` wide the matmul sums in the same
     order as the full-vocabulary one, on realistic widths (Qwen2.5-0.5B and -1.5B). This holds for
     the CPU's BLAS; on a GPU the tests elsewhere hold the lens to float rounding."""
@@ -159,7 +181,7 @@ def _assert_same(a, b, path="trace", close=()):
         assert a == b, path
 
 
-def test_batched_trace_equals_one_batch_bit_for_bit_at_equal_lengths(tiny):
+def test_batched_trace_equals_one_batch_bit_for_bit_at_equal_lengths(tiny, one_thread):
     """At equal lengths every batch runs the same forward pass, so the margin and the lenses are
     equal bit for bit. The attributions multiply `[row, ...]` activations, and BLAS sums a
     matmul of another row count in another order: equal there to float rounding."""

@@ -288,7 +288,8 @@ def _readout(
     Every row is unembedded against the union of all rows' answer and distractor columns, in one
     matmul. That union is padded to at least `_MIN_COLUMNS` columns: BLAS kernels sum a narrow
     matmul in another order than a wide one, and at this width the values equal, bit for bit, the
-    same columns of the full `[entry, vocab]` logits (tests/test_lazy_lens.py checks it).
+    same columns of the full `[entry, vocab]` logits with one CPU thread (tests/test_lazy_lens.py
+    checks it); with more threads, or on a GPU, they equal them to float rounding.
     """
     wanted = sorted({int(t) for t in targets.tolist()} | {d for ds in distractors for d in ds})
     column = {token: i for i, token in enumerate(wanted)}
