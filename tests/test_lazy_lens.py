@@ -252,3 +252,40 @@ def test_hook_dict_is_read_once_per_trace(tiny, monkeypatch):
     reads.clear()
     tl.trace(tiny, PROMPTS[:3], ANSWERS[:3])
     assert len(reads) == by_run_with_hooks + 1
+
+
+def test_bench_scale_table_judges_each_target_on_its_own_shape():
+    # scripts/bench.py's issue-10 table (no timing here): a verdict only where the target is set.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("tracelib_bench_scale", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    m = {"peak_rss": 2**30, "peak_over_before": 0}
+    one = {"forward": {**m, "time_s": 1.0}, "run_with_cache": {**m, "time_s": 1.0}, "trace": {**m, "time_s": 1.5}}
+    batch = {
+        "trace_batch": {**m, "time_s": 1.0},
+        "trace_single": {**m, "time_s": 12.0},
+        "run_with_cache_batch": {**m, "time_s": 1.0},
+    }
+    long = {}
+    for length, (t, f) in {128: (3.0, 2.0), 2048: (4.0, 3.9)}.items():
+        common = {"length": length, "tokens": length, "time_s": 1.0, "gpu_peak": 0}
+        long[f"trace_long@{length}"] = {**common, "peak_rss": t * 2**30, "peak_over_before": 0}
+        long[f"forward_long@{length}"] = {**common, "peak_rss": f * 2**30, "peak_over_before": 0}
+    rows = bench.scale_rows(
+        {"tiny": {"steps": {**one, **batch}}, "qwen05": {"steps": {**one, **batch, **long}}, "qwen": {"steps": one}}
+    )
+    verdicts = {(name, key.split(",")[0], detail.split(";")[0]): met for name, key, detail, _, _, met in rows}
+    assert verdicts[("tiny", "trace / run_with_cache", "12 tokens")] is None  # no target on the bundled model
+    assert verdicts[("qwen05", "trace / run_with_cache", "12 tokens")] is False  # 1.5 > 1.2
+    assert verdicts[("qwen", "trace / run_with_cache", "12 tokens")] is False
+    assert verdicts[("tiny", "one call per prompt / one batched call (>=)", "100 prompts")] is True  # 12 >= 10
+    assert verdicts[("qwen05", "one call per prompt / one batched call (>=)", "100 prompts")] is None
+    assert verdicts[("qwen05", "batched trace / batched run_with_cache", "100 prompts")] is True
+    assert verdicts[("qwen05", "trace peak / forward peak", "128 tokens")] is None  # 1.5, but the target is at 2,048
+    assert verdicts[("qwen05", "trace peak / forward peak", "2048 tokens")] is True  # 4.0 / 3.9
+    table = bench.render({"qwen05": {"layers": 24, "steps": {**one, **long}}})
+    assert "| 1.50 | 1.2 | ✗ |" in table and "| 1.50 | — | (for information) |" in table
