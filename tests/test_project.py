@@ -48,17 +48,54 @@ def test_notebooks_are_stored_without_outputs():
                 assert not cell["outputs"] and cell["execution_count"] is None, path.name
 
 
+REPOSITORY = PYPROJECT["project"]["urls"]["Repository"]
+
+
+def colab_url(notebook: str) -> str:
+    """The Colab address that opens `notebooks/<notebook>` from the repository's main branch."""
+    owner_repo = re.fullmatch(r"https://github\.com/([\w.-]+/[\w.-]+?)(?:\.git)?/?", REPOSITORY)
+    assert owner_repo, f"[project.urls] Repository is not a GitHub repository URL: {REPOSITORY}"
+    return f"https://colab.research.google.com/github/{owner_repo.group(1)}/blob/main/notebooks/{notebook}"
+
+
+def test_notebooks_open_with_a_colab_badge_for_themselves():
+    # Every notebook, present and future, opens with the badge; its address is derived from the one
+    # repository URL in pyproject.toml and from the notebook's own file name.
+    for path in NOTEBOOKS:
+        first = json.loads(path.read_text())["cells"][0]
+        assert first["cell_type"] == "markdown", path.name
+        badge = "".join(first["source"]).splitlines()[0]
+        expected = (
+            f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url(path.name)})"
+        )
+        assert badge == expected, path.name
+
+
 def test_notebooks_start_with_the_same_setup_cell():
-    url = PYPROJECT["project"]["urls"]["Repository"]
     first_cells = set()
     for path in NOTEBOOKS:
         code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
         source = "".join(code[0]["source"])
         assert source.startswith("# NBVAL_IGNORE_OUTPUT"), path.name
-        assert f'%pip install -q "git+{url}"' in source, path.name
         assert "tl.setup_notebook(seed=0)" in source and "MODEL = " in source, path.name
         first_cells.add(source)
     assert len(first_cells) == 1, "the setup cell must be identical in every notebook"
+    (source,) = first_cells
+    pip_lines = [line.strip() for line in source.splitlines() if "%pip" in line]
+    # One install, from the repository itself (the name "tracelib" on PyPI is a stranger's package).
+    assert pip_lines == [f'%pip install -q "git+{REPOSITORY}"'], pip_lines
+    assert 'if "google.colab" in sys.modules:' in source
+
+
+def test_colab_install_pins_nothing_colab_already_ships():
+    # Reinstalling torch or numpy on Colab breaks its CUDA build and forces a runtime restart.
+    (source,) = {
+        "".join(next(c for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "code")["source"])
+        for p in NOTEBOOKS
+    }
+    pip_line = next(line for line in source.splitlines() if "%pip" in line)
+    for shipped in ("torch", "numpy", "--force-reinstall", "--upgrade", "-U "):
+        assert shipped not in pip_line.replace(REPOSITORY, ""), pip_line
 
 
 def test_package_data_ships_the_bundled_weights():
