@@ -121,3 +121,38 @@ def test_patching_tab_matches_patch(app, tiny):
     injected = tl.inject(tiny, PROMPT, "junk", "after", answer=ANSWER)
     direct = tl.patch(tiny, PROMPT, injected.prompt, ANSWER, what="resid_pre", alignment=injected.alignment)
     torch.testing.assert_close(result.values, direct.values, equal_nan=True)
+
+
+def test_nonfinite_shows_the_message():
+    broken = tl.load_model("tiny-arith")  # its own copy: the session's `tiny` stays intact
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("inf"))
+    app = tl.explore(broken)
+    submit(app)
+    assert "NonFiniteError" in app.error.value and "overflowed" in app.error.value
+    assert app.current is None
+
+
+def test_references_as_traces_and_a_list(tiny, tmp_path):
+    first = tl.trace(tiny, PROMPT, ANSWER)
+    first.save(tmp_path / "a", tiny)
+    second = tl.trace(tiny, "what is 2 + 3", " 5")
+    viewer = tl.explore(tiny, reference=[tmp_path / "a", second])
+    labels = [value for _, value in viewer.reference_select.options if value]
+    assert len(labels) == 2 and viewer.n_traces == 0
+    viewer.reference_select.value = labels[1]
+    assert viewer.current is second and viewer.current_model is None
+    viewer.reference_select.value = labels[0]
+    torch.testing.assert_close(viewer.current.margin.logit, first.margin.logit)
+    submit(viewer)  # a model was given too: submitting still traces
+    assert viewer.n_traces == 1 and viewer.current_model is tiny and not viewer.patch_button.disabled
+
+
+def test_grid_click_selects_the_head(app):
+    submit(app)
+
+    class Points:  # what plotly passes to a heatmap's on_click: the clicked cell's tick labels
+        xs, ys = ["H1"], ["L2"]
+
+    app._on_grid_click(None, Points(), None)
+    assert app.selected_head == (2, 1)

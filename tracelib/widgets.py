@@ -51,10 +51,8 @@ def _references(reference) -> dict:
 
 def _table(frame) -> str:
     """A DataFrame as a small HTML table, token columns shown with repr so " 1" and "1" differ."""
-    frame = frame.copy()
-    for column in frame.columns:
-        if frame[column].dtype == object and column in ("token", "reads_from"):
-            frame[column] = frame[column].map(repr) if column == "token" else frame[column]
+    if "token" in frame.columns:
+        frame = frame.assign(token=frame["token"].map(repr))
     return frame.to_html(index=False, float_format=lambda v: f"{v:+.3f}", border=0)
 
 
