@@ -369,7 +369,8 @@ class Explorer:
         if self.current is None or self.current_model is None:
             self._fail(ValueError("Patching runs the model: submit a prompt with a model first."))
             return None
-        model, prompt, answer = self.current_model, self._prompt_used, self.answer.value
+        # What was traced, not what the boxes hold now: they may have been edited since.
+        model, prompt, answer = self.current_model, self._prompt_used, self._resolved.typed_answer
         self.patch_progress.value = 0
         self.patch_button.disabled = True
         try:
