@@ -50,6 +50,7 @@ from tracelib.reference import (
     load_reference,
 )
 from tracelib.trace import NonFiniteError, Trace, default_distractors, trace
+from tracelib.widgets import Explorer, explore
 
 __version__ = "0.1.0"
 
@@ -61,6 +62,7 @@ __all__ = [
     "Comparison",
     "DamageReport",
     "EmptyInputError",
+    "Explorer",
     "HeadSources",
     "Heads",
     "Injection",
@@ -92,6 +94,7 @@ __all__ = [
     "compare",
     "compare_patching",
     "damage_report",
+    "explore",
     "default_distractors",
     "direct_logit_attribution",
     "find_undertrained_tokens",

@@ -1,0 +1,472 @@
+"""The ipywidgets explorer: type a prompt and an answer, see every step of the trace in tabs.
+
+`tl.explore(model)` returns an `Explorer`; end a notebook cell with it (or with `app.widget`) to
+show it. Every widget is a plain ipywidgets or plotly `FigureWidget`, so it runs in JupyterLab,
+Notebook 7 and Colab (after `tl.setup_notebook()` enabled Colab's widget manager), and can be
+driven from code: set `app.prompt.value`, call `app.submit()`, read `app.current`.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+
+TAB_TITLES = ("Margin", "Lens", "DLA", "Heads", "Neurons", "Positions", "Patching")
+DLA_UNITS = ("component", "layer", "head", "neuron")
+# Errors the library raises on bad input; anything else is a bug and should surface as one.
+_INPUT_ERRORS = (ValueError, TypeError, FloatingPointError, OSError)
+
+
+def _models(models) -> dict:
+    """A name -> model dict from one model, a list of models, or a dict."""
+    from tracelib.models import model_name
+
+    if models is None:
+        return {}
+    if isinstance(models, dict):
+        return dict(models)
+    if isinstance(models, (list, tuple)):
+        return {model_name(m): m for m in models}
+    return {model_name(models): models}
+
+
+def _references(reference) -> dict:
+    """A label -> loaded Trace dict from a path, a Trace, or a list of either."""
+    from tracelib.reference import load_reference
+    from tracelib.trace import Trace
+
+    if reference is None:
+        return {}
+    if isinstance(reference, (str, Path, Trace)):
+        reference = [reference]
+    out = {}
+    for ref in reference:
+        if isinstance(ref, Trace):
+            out[f"{ref.model_name}: {ref.rows[0].label}"] = ref
+        else:
+            out[str(ref)] = load_reference(ref)
+    return out
+
+
+def _table(frame) -> str:
+    """A DataFrame as a small HTML table, token columns shown with repr so " 1" and "1" differ."""
+    if "token" in frame.columns:
+        frame = frame.assign(token=frame["token"].map(repr))
+    return frame.to_html(index=False, float_format=lambda v: f"{v:+.3f}", border=0)
+
+
+def _figure(fig):
+    """A widget showing a plotly figure: a `FigureWidget` (clickable) when plotly can make one.
+
+    plotly 6 builds `FigureWidget` on anywidget, which is optional; without it the figure is
+    displayed into an `Output` widget, which looks the same but takes no clicks. Either way the
+    figure is kept as `.figure`.
+    """
+    import ipywidgets as w
+    import plotly.graph_objects as go
+
+    try:
+        widget = go.FigureWidget(fig)
+    except ImportError:
+        widget = w.Output()
+        from IPython import get_ipython
+
+        if get_ipython() is not None:  # outside a kernel, display() would print to stdout
+            with widget:
+                fig.show()
+    widget.figure = fig
+    return widget
+
+
+_ONLINE: list[bool] = []
+
+
+def _pattern_source(view) -> str:
+    """circuitsvis's HTML: loading its script from the CDN when online (1 kB), inlined when offline (1.3 MB).
+
+    circuitsvis decides the same way for `_repr_html_`, but asks the network every time; the
+    explorer asks once per session, since every head selection sends the HTML to the browser.
+    """
+    if not _ONLINE:
+        from circuitsvis.utils.render import internet_on
+
+        _ONLINE.append(internet_on())
+    return view.cdn_src if _ONLINE[0] else view.local_src
+
+
+class Explorer:
+    """An ipywidgets app over `tl.trace`: one trace per new input, cached, shown in tabs.
+
+    Attributes:
+        widget: the top container; display it (or the `Explorer`) to show the app.
+        prompt, answer, distractors: the input `Text` widgets.
+        model_select, chat, reference_select, submit_button: the other inputs.
+        prediction: a `Label` with the model's top prediction (repr of the token).
+        resolution: an `HTML` with the answer's resolution (prompt tokens, answer split).
+        status: a `Label` that says "tracing..." while busy, then what was done.
+        error: an `HTML` with the library's message in red; its value is '' when all is well.
+        tabs: the `Tab` of results, titled as `TAB_TITLES`.
+        current: the `Trace` on show (None before the first submit).
+        current_model: the model of `current`, None for a saved reference.
+        n_traces: how many times `tl.trace` ran (cached inputs do not run it again).
+        selected_head: the (layer, head) on show in the Heads tab.
+        head_source, head_pattern: the selected head's source decomposition (a `FigureWidget` in a
+            `Box`) and its circuitsvis attention pattern (an `HTML`).
+        head_sources: the selected head's `tl.HeadSources`.
+        patch_result: the last `tl.PatchingResult` of the Patching tab.
+    """
+
+    def __init__(self, models=None, reference=None):
+        import ipywidgets as w
+
+        self.models = _models(models)
+        self.references = _references(reference)
+        if not self.models and not self.references:
+            raise ValueError("explore() needs a model (or a dict or list of them), or a saved reference to open.")
+        self._cache: dict[tuple, object] = {}
+        self.n_traces = 0
+        self.current = None
+        self.current_model = None
+        self.selected_head = None
+        self.head_sources = None
+        self.patch_result = None
+        self._resolved = None
+        self._prompt_used = None
+
+        text = dict(layout=w.Layout(width="100%"))
+        self.prompt = w.Text(value="", description="Prompt", placeholder="what is 1 + 1", **text)
+        self.answer = w.Text(value="", description="Answer", placeholder='" 2" (leading space kept)', **text)
+        self.distractors = w.Text(value="", description="Distractors", placeholder="comma-separated, optional", **text)
+        names = list(self.models)
+        self.model_select = w.Dropdown(options=names, value=names[0] if names else None, description="Model")
+        self.chat = w.Checkbox(value=False, description="chat template", indent=False)
+        self.reference_select = w.Dropdown(
+            options=[("(none)", "")] + [(k, k) for k in self.references], value="", description="Reference"
+        )
+        self.submit_button = w.Button(description="Submit", button_style="primary", icon="play")
+        self.status = w.Label(value="")
+        self.prediction = w.Label(value="")
+        self.resolution = w.HTML(value="")
+        self.error = w.HTML(value="")
+        self.save_path = w.Text(value="", description="Save to", placeholder="folder for trace.save()")
+        self.save_button = w.Button(description="Save reference", icon="save")
+        self.save_status = w.Label(value="")
+
+        self.submit_button.on_click(lambda _: self.submit())
+        self.save_button.on_click(lambda _: self.save())
+        self.model_select.observe(lambda _: self._update_chat(), names="value")
+        self.reference_select.observe(lambda change: self.open_reference(change["new"]), names="value")
+        self._update_chat()
+        if not self.models:
+            self.submit_button.disabled = True
+
+        # Tabs: each holds a Box whose children are replaced on every update.
+        self.margin_box = w.VBox()
+        self.lens_box = w.VBox()
+        self.dla_unit = w.Dropdown(options=DLA_UNITS, value="component", description="DLA by")
+        self.dla_unit.observe(lambda _: self._render_dla(), names="value")
+        self.dla_box = w.VBox()
+        self.head_layer = w.Dropdown(options=[0], value=0, description="Layer")
+        self.head_head = w.Dropdown(options=[0], value=0, description="Head")
+        for dropdown in (self.head_layer, self.head_head):
+            dropdown.observe(self._on_head_dropdown, names="value")
+        self.heads_grid = w.Box()
+        self.head_source = w.Box()
+        self.head_pattern = w.HTML(value="")
+        self.neurons_box = w.HTML(value="")
+        self.positions_box = w.VBox()
+        from tracelib.ood import KINDS, WHERES
+
+        self.patch_kind = w.Dropdown(options=KINDS, value="junk", description="Inject")
+        self.patch_where = w.Dropdown(options=WHERES, value="after", description="Where")
+        self.patch_button = w.Button(description="Run patching", icon="play")
+        self.patch_button.on_click(lambda _: self.run_patching())
+        self.patch_progress = w.IntProgress(value=0, min=0, max=2, description="")
+        self.patch_note = w.HTML(
+            value="Injects OOD tokens into the prompt, then patches the clean residual stream "
+            "(<code>resid_pre</code>) into the injected run, layer by position. 1 = clean margin recovered."
+        )
+        self.patch_box = w.VBox()
+
+        self._head_syncing = False
+        self.tabs = w.Tab(
+            children=[
+                self.margin_box,
+                self.lens_box,
+                w.VBox([self.dla_unit, self.dla_box]),
+                w.VBox(
+                    [
+                        w.HTML("Click a cell of the grid, or pick a layer and head."),
+                        self.heads_grid,
+                        w.HBox([self.head_layer, self.head_head]),
+                        self.head_source,
+                        self.head_pattern,
+                    ]
+                ),
+                self.neurons_box,
+                self.positions_box,
+                w.VBox(
+                    [
+                        self.patch_note,
+                        w.HBox([self.patch_kind, self.patch_where, self.patch_button, self.patch_progress]),
+                        self.patch_box,
+                    ]
+                ),
+            ]
+        )
+        for i, title in enumerate(TAB_TITLES):
+            self.tabs.set_title(i, title)
+
+        self.widget = w.VBox(
+            [
+                self.prompt,
+                self.answer,
+                self.distractors,
+                w.HBox([self.model_select, self.chat, self.reference_select]),
+                w.HBox([self.submit_button, self.status]),
+                self.error,
+                w.HBox([w.Label("Prediction:"), self.prediction]),
+                self.resolution,
+                self.tabs,
+                w.HBox([self.save_path, self.save_button, self.save_status]),
+            ]
+        )
+
+    # Display ------------------------------------------------------------------------------------
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+    def __repr__(self) -> str:
+        shown = (
+            f"{self.current.model_name}: {self.current.rows[0].label}" if self.current is not None else "nothing yet"
+        )
+        return f"Explorer({len(self.models)} model(s), {len(self.references)} reference(s); showing {shown})"
+
+    # Inputs -------------------------------------------------------------------------------------
+
+    @property
+    def model(self):
+        """The model chosen in the dropdown (None when only references were given)."""
+        return self.models.get(self.model_select.value)
+
+    def _update_chat(self) -> None:
+        model = self.model
+        has_template = model is not None and bool(getattr(model.tokenizer, "chat_template", None))
+        self.chat.disabled = not has_template
+        if not has_template:
+            self.chat.value = False
+
+    def _distractor_list(self) -> list[str] | None:
+        """Comma-separated distractors, each written the way the answer is (a leading space if it has one)."""
+        pieces = [p.strip() for p in self.distractors.value.split(",") if p.strip()]
+        if not pieces:
+            return None
+        lead = self.answer.value[: len(self.answer.value) - len(self.answer.value.lstrip())]
+        return [lead + p for p in pieces]
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error.value = f'<span style="color:#b00020"><b>{type(exc).__name__}</b>: {html.escape(str(exc))}</span>'
+        self.status.value = "failed"
+
+    # Actions ------------------------------------------------------------------------------------
+
+    def submit(self) -> None:
+        """Trace the inputs (or take them from the cache) and update every tab: the Submit button."""
+        from tracelib.answers import chat_prompt, resolve_answer
+        from tracelib.trace import trace
+
+        self.error.value = ""
+        model, name = self.model, self.model_select.value
+        if model is None:
+            self._fail(ValueError("No model to trace with: explore() was given saved references only."))
+            return
+        start = time.perf_counter()
+        self.status.value = "tracing..."
+        self.submit_button.disabled = True
+        try:
+            prompt = self.prompt.value
+            if self.chat.value:
+                prompt = chat_prompt(model, prompt)
+            distractors = self._distractor_list()
+            resolved = resolve_answer(model, prompt, self.answer.value, single_token=True)
+            key = (name, prompt, self.answer.value, tuple(distractors or ()), self.chat.value)
+            cached = key in self._cache
+            if not cached:
+                self._cache[key] = trace(model, prompt, self.answer.value, distractors)
+                self.n_traces += 1
+            self._resolved, self._prompt_used = resolved, prompt
+            self._show(self._cache[key], model)
+            self.status.value = f"{'from cache' if cached else 'traced'} in {time.perf_counter() - start:.2f} s"
+        except _INPUT_ERRORS as exc:
+            self._fail(exc)
+        finally:
+            self.submit_button.disabled = not self.models
+
+    def open_reference(self, label: str) -> None:
+        """Show a saved reference's tabs, with no model (the Reference dropdown)."""
+        if not label:
+            return
+        self.error.value = ""
+        self._resolved, self._prompt_used = None, None
+        self._show(self.references[label], None)
+        self.status.value = f"opened reference {label}"
+
+    def select_head(self, layer: int, head: int) -> None:
+        """Show one head's source decomposition and attention pattern (a grid click, or the dropdowns)."""
+        if self.current is None:
+            return
+        self.selected_head = (int(layer), int(head))
+        self._head_syncing = True
+        try:
+            self.head_layer.value, self.head_head.value = int(layer), int(head)
+        finally:
+            self._head_syncing = False
+        self.head_sources = self.current.heads.source(int(layer), int(head))
+        self.head_source.children = [_figure(self.head_sources.plot())]
+        if self.current_model is None:
+            self.head_pattern.value = (
+                "<i>The attention pattern is recomputed with the model; a saved reference has none.</i>"
+            )
+            return
+        try:
+            view = self.current.heads.attention_view(heads=[(int(layer), int(head))], model=self.current_model)
+        except _INPUT_ERRORS as exc:
+            self._fail(exc)
+            return
+        # circuitsvis needs its script to run: an iframe's srcdoc runs it where innerHTML would not.
+        self.head_pattern.value = (
+            f'<iframe srcdoc="{html.escape(_pattern_source(view))}" style="width:100%;height:420px;border:0"></iframe>'
+        )
+
+    def save(self, path=None) -> Path | None:
+        """Save the trace on show as a reference folder: the Save reference button."""
+        self.error.value = ""
+        path = path if path is not None else self.save_path.value.strip()
+        try:
+            if self.current is None:
+                raise ValueError("Nothing to save yet: submit a prompt first.")
+            if self.current_model is None:
+                raise ValueError("This trace is a loaded reference; saving needs the model it was traced with.")
+            if not path:
+                raise ValueError("Type a folder to save the reference to.")
+            out = self.current.save(path, self.current_model)
+        except _INPUT_ERRORS as exc:
+            self._fail(exc)
+            return None
+        self.save_status.value = f"saved to {out}"
+        return out
+
+    def run_patching(self):
+        """Inject OOD tokens of the chosen kind, then patch clean -> injected: the Run patching button."""
+        from tracelib.ood import inject
+        from tracelib.patching import patch
+
+        self.error.value = ""
+        if self.current is None or self.current_model is None:
+            self._fail(ValueError("Patching runs the model: submit a prompt with a model first."))
+            return None
+        # What was traced, not what the boxes hold now: they may have been edited since.
+        model, prompt, answer = self.current_model, self._prompt_used, self._resolved.typed_answer
+        self.patch_progress.value = 0
+        self.patch_button.disabled = True
+        try:
+            injected = inject(model, prompt, self.patch_kind.value, self.patch_where.value, answer=answer)
+            self.patch_progress.value = 1
+            result = patch(model, prompt, injected.prompt, answer, what="resid_pre", alignment=injected.alignment)
+            self.patch_progress.value = 2
+        except _INPUT_ERRORS as exc:
+            self._fail(exc)
+            return None
+        finally:
+            self.patch_button.disabled = False
+        self.patch_result = result
+        import ipywidgets as w
+
+        self.patch_box.children = [w.HTML(f"<code>{html.escape(repr(injected.prompt))}</code>"), _figure(result.plot())]
+        return result
+
+    # Rendering ----------------------------------------------------------------------------------
+
+    def _show(self, trace, model) -> None:
+        import ipywidgets as w
+
+        self.current, self.current_model = trace, model
+        m = trace.margin
+        self.prediction.value = repr(m.top_strs[0][0])
+        self.resolution.value = self._resolution_html(trace)
+        self.margin_box.children = [_figure(m.plot()), w.HTML(_table(m.top(5)))]
+        self.lens_box.children = [_figure(trace.lens.plot())]
+        self._render_dla()
+        grid = _figure(trace.heads.plot())
+        if hasattr(grid, "data"):  # a FigureWidget takes clicks; an Output does not
+            grid.data[0].on_click(self._on_grid_click)
+        self.heads_grid.children = [grid]
+        n_layers, n_heads = trace.heads.values.shape[:2]
+        self._head_syncing = True
+        try:
+            self.head_layer.options, self.head_head.options = list(range(n_layers)), list(range(n_heads))
+        finally:
+            self._head_syncing = False
+        self.neurons_box.value = "<b>Top neurons by |DLA|</b>" + _table(trace.dla.top(10, "neuron"))
+        self.positions_box.children = [_figure(trace.positions.plot())]
+        self.select_head(*trace.heads.strongest()[0])
+        self.patch_result, self.patch_box.children = None, []
+        self.patch_button.disabled = model is None
+        self.patch_note.value = (
+            "Injects OOD tokens into the prompt, then patches the clean residual stream (<code>resid_pre</code>) "
+            "into the injected run, layer by position. 1 = clean margin recovered."
+            if model is not None
+            else "<i>Patching runs the model; a saved reference has none. Submit with a model to patch.</i>"
+        )
+
+    def _render_dla(self) -> None:
+        if self.current is not None:
+            self.dla_box.children = [_figure(self.current.dla.plot(self.dla_unit.value))]
+
+    def _resolution_html(self, trace) -> str:
+        row = trace.rows[0]
+        tokens = " ".join(f"<code>{html.escape(repr(t))}</code>" for t in row.str_tokens)
+        lines = [f"<b>{len(row.str_tokens)} prompt tokens</b>: {tokens}"]
+        resolved = self._resolved
+        if resolved is not None:
+            split = ", ".join(html.escape(repr(t)) for t in resolved.answer_str_tokens)
+            lines.append(f"<b>answer tokens</b>: [{split}]")
+            if resolved.moved_whitespace:
+                lines.append(
+                    f"moved whitespace into the prompt: <code>{html.escape(repr(resolved.moved_whitespace))}</code>"
+                )
+            lines += [html.escape(note) for note in resolved.notes]
+        else:
+            lines.append(f"<b>answer</b>: <code>{html.escape(repr(row.target_str))}</code> (saved reference)")
+        distractors = ", ".join(html.escape(repr(d)) for d in trace.margin.distractor_strs[0])
+        lines.append(f"<b>distractors</b>: {distractors or '(the strongest rival)'}")
+        return "<br>".join(lines)
+
+    def _on_grid_click(self, trace, points, selector) -> None:
+        if not points.xs:
+            return
+        # Heatmap ticks are "L3" and "H1".
+        self.select_head(int(str(points.ys[0])[1:]), int(str(points.xs[0])[1:]))
+
+    def _on_head_dropdown(self, _change) -> None:
+        if not self._head_syncing:
+            self.select_head(self.head_layer.value, self.head_head.value)
+
+
+def explore(model_or_models=None, reference=None) -> Explorer:
+    """Open the explorer: type a prompt and an answer, and see the trace in tabs.
+
+    Args:
+        model_or_models: a loaded model, a list of them, or a dict name -> model (one Dropdown entry each).
+        reference: a saved reference to open without a model: a folder path, a loaded `Trace`,
+            or a list of them.
+
+    Returns:
+        An `Explorer`; end a cell with it to show it. Drive it from code with `app.prompt.value`,
+        `app.answer.value` and `app.submit()`.
+    """
+    return Explorer(model_or_models, reference)
