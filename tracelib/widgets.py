@@ -60,14 +60,14 @@ def _figure(fig):
     """A widget showing a plotly figure: a `FigureWidget` (clickable) when plotly can make one.
 
     plotly 6 builds `FigureWidget` on anywidget, which is optional; without it the figure is
-    displayed into an `Output` widget, which looks the same but takes no clicks. Either way the
-    figure is kept as `.figure`.
+    displayed into an `Output` widget, which looks the same but takes no clicks, and keeps the
+    figure as `.figure` (a `FigureWidget` is a figure itself).
     """
     import ipywidgets as w
     import plotly.graph_objects as go
 
     try:
-        widget = go.FigureWidget(fig)
+        return go.FigureWidget(fig)
     except ImportError:
         widget = w.Output()
         from IPython import get_ipython
@@ -75,8 +75,8 @@ def _figure(fig):
         if get_ipython() is not None:  # outside a kernel, display() would print to stdout
             with widget:
                 fig.show()
-    widget.figure = fig
-    return widget
+        widget.figure = fig
+        return widget
 
 
 _ONLINE: list[bool] = []
