@@ -48,21 +48,31 @@ RUN_ALL = """async () => {
   const panel = app.shell.currentWidget;
   await panel.context.ready;
   await panel.sessionContext.ready;
+  const t0 = Date.now();  // the kernel started and idle, so no cell is sent before it can run
+  while (!(panel.sessionContext.session && panel.sessionContext.session.kernel
+           && panel.sessionContext.session.kernel.status === 'idle') && Date.now() - t0 < 60000) {
+    await new Promise(r => setTimeout(r, 100));
+  }
   window.__run = {done: false};
   app.commands.execute('notebook:run-all-cells').then(
     ok => { window.__run = {done: true, ok}; },
     err => { window.__run = {done: true, ok: false, err: String(err)}; });
 }"""
-# The notebook is ready: its kernel is idle, and every code cell ran.
+# The run is over: its kernel is idle, and every code cell ran or one shows an error.
 IDLE = """() => {
   const panel = window.jupyterapp.shell.currentWidget;
   const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
-  return window.__run && window.__run.done && kernel && kernel.status === 'idle';
+  const cells = panel.content.widgets.filter(c => c.model.type === 'code');
+  const ran = cells.every(c => c.model.executionCount !== null);
+  const failed = cells.some(c => [...Array(c.model.outputs.length).keys()]
+    .some(j => c.model.outputs.get(j).type === 'error'));
+  return window.__run && window.__run.done && kernel && kernel.status === 'idle' && (ran || failed);
 }"""
 # What the notebook model holds: error outputs, and code cells that never ran.
 OUTCOME = """() => {
   const panel = window.jupyterapp.shell.currentWidget;
   const errors = [], unrun = [];
+  let plotly = 0;
   panel.content.widgets.forEach((cell, i) => {
     if (cell.model.type !== 'code') return;
     if (cell.model.executionCount === null) unrun.push(i);
@@ -70,9 +80,10 @@ OUTCOME = """() => {
     for (let j = 0; j < outputs.length; j++) {
       const out = outputs.get(j).toJSON();
       if (out.output_type === 'error') errors.push(`cell ${i}: ${out.ename}: ${out.evalue}`);
+      if (out.data && 'application/vnd.plotly.v1+json' in out.data) plotly += 1;
     }
   });
-  return {errors, unrun, ok: window.__run.ok};
+  return {errors, unrun, plotly, ok: window.__run.ok};
 }"""
 # Every plotly figure drawn: each .js-plotly-plot holds an svg.main-svg with something plotted.
 PLOTS = """() => [...document.querySelectorAll('.jp-Notebook .js-plotly-plot')].map(p => ({
@@ -145,7 +156,7 @@ def lab(tmp_path_factory):
         log.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def browser():
     if not CHROMIUM.exists():
         pytest.fail(
@@ -169,12 +180,14 @@ def browser():
 
 
 def _open_and_run(browser, lab, name):
-    """Open a notebook in JupyterLab, run all its cells, and wait for the kernel; returns (page, errors)."""
+    """Open a notebook in JupyterLab, run all its cells, wait for the kernel; returns (page, errors, plotly outputs)."""
     base, token = lab
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(f"{base}/lab/tree/{name}?token={token}", wait_until="domcontentloaded")
+    # A workspace of its own, reset: JupyterLab would otherwise reopen the notebooks of earlier pages.
+    workspace = name.removesuffix(".ipynb")
+    page.goto(f"{base}/lab/workspaces/{workspace}/tree/{name}?reset&token={token}", wait_until="domcontentloaded")
     page.wait_for_function(
         "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
         " && window.jupyterapp.shell.currentWidget.sessionContext",
@@ -184,7 +197,15 @@ def _open_and_run(browser, lab, name):
     page.wait_for_function(IDLE, timeout=RUN_TIMEOUT_MS, polling=250)
     outcome = page.evaluate(OUTCOME)
     assert outcome["ok"] and not outcome["errors"] and not outcome["unrun"], f"{name}: {outcome}"
-    return page, errors
+    return page, errors, outcome["plotly"]
+
+
+def _close(page):
+    """Shut the notebook's kernel down, then close the page: later notebooks get the CPU."""
+    try:
+        page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
+    finally:
+        page.close()
 
 
 def _screenshot(page, name):
@@ -232,7 +253,7 @@ def _submit(page, app, prompt, answer, expected):
 
 
 def test_explorer_renders_and_answers_in_the_browser(browser, lab):
-    page, errors = _open_and_run(browser, lab, EXPLORER)
+    page, errors, _ = _open_and_run(browser, lab, EXPLORER)
     try:
         tab_bar = page.locator(".jp-Notebook .widget-tab .lm-TabBar-tab")
         tab_bar.first.wait_for(timeout=30_000)
@@ -286,12 +307,12 @@ def test_explorer_renders_and_answers_in_the_browser(browser, lab):
         _no_widget_errors(page, EXPLORER)
         assert not errors, errors
     finally:
-        page.close()
+        _close(page)
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_and_draws_in_the_browser(browser, lab, name):
-    page, errors = _open_and_run(browser, lab, name)
+    page, errors, n_plotly = _open_and_run(browser, lab, name)
     try:
         page.wait_for_function(f"() => ({PLOTS})().every(p => p.svg && p.marks > 0)", timeout=30_000, polling=250)
         plots = page.evaluate(PLOTS)
@@ -299,8 +320,10 @@ def test_notebook_runs_and_draws_in_the_browser(browser, lab, name):
         tracebacks = [t[:300] for t in stderr.all_inner_texts() if "Traceback" in t]
         _no_widget_errors(page, name)
         _screenshot(page, name.removesuffix(".ipynb"))
-        print(f"\n{name}: {len(plots)} plotly figure(s) drawn")
+        print(f"\n{name}: {len(plots)} plotly figure(s) drawn, {n_plotly} plotly output(s)")
+        # Every plotly output the kernel sent is drawn by JupyterLab's plotly renderer, not shown as text.
+        assert len(plots) >= n_plotly, (len(plots), n_plotly)
         assert not tracebacks, tracebacks
         assert not errors, errors
     finally:
-        page.close()
+        _close(page)
