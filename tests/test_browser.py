@@ -211,8 +211,11 @@ def _close(page):
 def _screenshot(page, name):
     """The whole notebook: grow the viewport to the notebook's height (capped), then shoot."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    height = page.evaluate("() => document.querySelector('.jp-Notebook').scrollHeight") + 200
-    page.set_viewport_size({"width": 1280, "height": min(max(height, 1000), 6_000)})
+    height = page.evaluate(
+        "() => { const o = document.querySelector('.jp-Notebook .jp-WindowedPanel-outer')"
+        " || document.querySelector('.jp-Notebook'); return o.scrollHeight + o.getBoundingClientRect().top + 60; }"
+    )
+    page.set_viewport_size({"width": 1280, "height": min(max(int(height), 1000), 6_000)})
     page.wait_for_timeout(300)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
@@ -243,7 +246,9 @@ def _submit(page, app, prompt, answer, expected):
           button.click();
           while (performance.now() - t0 < 60000) {
             const text = label().textContent, done = /(traced|from cache) in|failed/.test(status.textContent);
-            if (done && text.replace(/\s/g, '').endsWith(expected)) return [performance.now() - t0, status.textContent];
+            if (done && text.replace(/\s/g, '').endsWith(expected)) {
+              return [performance.now() - t0, status.textContent.replace(/^Submit/, '')];
+            }
             await new Promise(r => setTimeout(r, 20));
           }
           return [`timed out: ${label().textContent} | ${status.textContent}`, ''];
@@ -297,6 +302,10 @@ def test_explorer_renders_and_answers_in_the_browser(browser, lab):
         new = next(o for o in options if o != head.input_value())
         head.select_option(label=new)
         heads.locator(".js-plotly-plot:not([data-old]) svg.main-svg .trace").first.wait_for(timeout=15_000)
+        # The new figure is the chosen head's: its title reads "L<layer>H<head> by source position".
+        heads.locator(".js-plotly-plot:not([data-old]) .gtitle", has_text=f"H{new} by source position").wait_for(
+            timeout=5_000
+        )
         fresh = heads.locator("iframe:not([data-old])")
         fresh.wait_for(timeout=15_000)
         assert heads.locator("iframe[data-old]").count() == 0
