@@ -146,13 +146,3 @@ def test_references_as_traces_and_a_list(tiny, tmp_path):
     torch.testing.assert_close(viewer.current.margin.logit, first.margin.logit)
     submit(viewer)  # a model was given too: submitting still traces
     assert viewer.n_traces == 1 and viewer.current_model is tiny and not viewer.patch_button.disabled
-
-
-def test_grid_click_selects_the_head(app):
-    submit(app)
-
-    class Points:  # what plotly passes to a heatmap's on_click: the clicked cell's tick labels
-        xs, ys = ["H1"], ["L2"]
-
-    app._on_grid_click(None, Points(), None)
-    assert app.selected_head == (2, 1)

@@ -1,7 +1,7 @@
 """The ipywidgets explorer: type a prompt and an answer, see every step of the trace in tabs.
 
 `tl.explore(model)` returns an `Explorer`; end a notebook cell with it (or with `app.widget`) to
-show it. Every widget is a plain ipywidgets or plotly `FigureWidget`, so it runs in JupyterLab,
+show it. Every widget is a plain ipywidgets widget (figures go into `Output`s), so it runs in JupyterLab,
 Notebook 7 and Colab (after `tl.setup_notebook()` enabled Colab's widget manager), and can be
 driven from code: set `app.prompt.value`, call `app.submit()`, read `app.current`.
 """
@@ -57,26 +57,22 @@ def _table(frame) -> str:
 
 
 def _figure(fig):
-    """A widget showing a plotly figure: a `FigureWidget` (clickable) when plotly can make one.
+    """A widget showing a plotly figure: an `Output` that displays it through the notebook's renderer.
 
-    plotly 6 builds `FigureWidget` on anywidget, which is optional; without it the figure is
-    displayed into an `Output` widget, which looks the same but takes no clicks, and keeps the
-    figure as `.figure` (a `FigureWidget` is a figure itself).
+    Not a `FigureWidget`: on plotly 6 and later each one ships its own copy of plotly.js (5 MB) to
+    the browser, so a submit that rebuilds six figures took 8-10 s in JupyterLab (measured by
+    tests/test_browser.py) against well under 1 s of work in the kernel. Heads are picked with the
+    layer and head dropdowns instead of a click on the grid. The figure is kept as `.figure`.
     """
     import ipywidgets as w
-    import plotly.graph_objects as go
+    from IPython import get_ipython
 
-    try:
-        return go.FigureWidget(fig)
-    except ImportError:
-        widget = w.Output()
-        from IPython import get_ipython
-
-        if get_ipython() is not None:  # outside a kernel, display() would print to stdout
-            with widget:
-                fig.show()
-        widget.figure = fig
-        return widget
+    widget = w.Output()
+    if get_ipython() is not None:  # outside a kernel, display() would print to stdout
+        with widget:
+            fig.show()
+    widget.figure = fig
+    return widget
 
 
 _ONLINE: list[bool] = []
@@ -111,7 +107,7 @@ class Explorer:
         current_model: the model of `current`, None for a saved reference.
         n_traces: how many times `tl.trace` ran (cached inputs do not run it again).
         selected_head: the (layer, head) on show in the Heads tab.
-        head_source, head_pattern: the selected head's source decomposition (a `FigureWidget` in a
+        head_source, head_pattern: the selected head's source decomposition (an `Output` in a
             `Box`) and its circuitsvis attention pattern (an `HTML`).
         head_sources: the selected head's `tl.HeadSources`.
         patch_result: the last `tl.PatchingResult` of the Patching tab.
@@ -316,7 +312,7 @@ class Explorer:
         self.status.value = f"opened reference {label}"
 
     def select_head(self, layer: int, head: int) -> None:
-        """Show one head's source decomposition and attention pattern (a grid click, or the dropdowns)."""
+        """Show one head's source decomposition and attention pattern (the layer and head dropdowns)."""
         if self.current is None:
             return
         self.selected_head = (int(layer), int(head))
@@ -401,10 +397,7 @@ class Explorer:
         self.margin_box.children = [_figure(m.plot()), w.HTML(_table(m.top(5)))]
         self.lens_box.children = [_figure(trace.lens.plot())]
         self._render_dla()
-        grid = _figure(trace.heads.plot())
-        if hasattr(grid, "data"):  # a FigureWidget takes clicks; an Output does not
-            grid.data[0].on_click(self._on_grid_click)
-        self.heads_grid.children = [grid]
+        self.heads_grid.children = [_figure(trace.heads.plot())]
         n_layers, n_heads = trace.heads.values.shape[:2]
         self._head_syncing = True
         try:
@@ -445,12 +438,6 @@ class Explorer:
         distractors = ", ".join(html.escape(repr(d)) for d in trace.margin.distractor_strs[0])
         lines.append(f"<b>distractors</b>: {distractors or '(the strongest rival)'}")
         return "<br>".join(lines)
-
-    def _on_grid_click(self, trace, points, selector) -> None:
-        if not points.xs:
-            return
-        # Heatmap ticks are "L3" and "H1".
-        self.select_head(int(str(points.ys[0])[1:]), int(str(points.xs[0])[1:]))
 
     def _on_head_dropdown(self, _change) -> None:
         if not self._head_syncing:
