@@ -33,7 +33,7 @@ RUN_TIMEOUT_MS = 180_000
 # Click to prediction. The kernel traces in under a second, but every submit builds six plotly
 # FigureWidgets, each sending plotly.js (5 MB, anywidget's `_esm`) to the browser: about 9 s on two
 # busy cores. The bound catches a hang, not a slowdown; the measured time is saved and printed.
-SUBMIT_LIMIT_MS = 30_000
+SUBMIT_LIMIT_MS = 5_000
 
 # Settings a fresh user would have, except that every cell stays in the DOM (JupyterLab 4 windows
 # notebooks by default, detaching cells scrolled out of view) and nothing is fetched from the network.

@@ -193,7 +193,7 @@ class Explorer:
                 w.VBox([self.dla_unit, self.dla_box]),
                 w.VBox(
                     [
-                        w.HTML("Click a cell of the grid, or pick a layer and head."),
+                        w.HTML("Pick a layer and a head to see where it reads from."),
                         self.heads_grid,
                         w.HBox([self.head_layer, self.head_head]),
                         self.head_source,
