@@ -209,15 +209,35 @@ def _close(page):
 
 
 def _screenshot(page, name):
-    """The whole notebook: grow the viewport to the notebook's height (capped), then shoot."""
+    """The whole notebook, from its top: a tall viewport (capped), then one shot per screenful.
+
+    The notebook scrolls inside its own panel (left at the end by Run All), so a page screenshot
+    alone shows only the last screen: scroll that panel to the top, then down a screen at a time.
+    Files: NAME.png, then NAME-2.png, ... when the notebook is taller than the cap.
+    """
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob(f"{name}-*.png"):
+        old.unlink()
+    scroller = (
+        "(document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-WindowedPanel-outer')"
+        " || document.querySelector('.jp-WindowedPanel-outer') || document.querySelector('.jp-Notebook'))"
+    )
     height = page.evaluate(
-        "() => { const o = document.querySelector('.jp-Notebook .jp-WindowedPanel-outer')"
-        " || document.querySelector('.jp-Notebook'); return o.scrollHeight + o.getBoundingClientRect().top + 60; }"
+        f"() => {{ const o = {scroller}; return o.scrollHeight + o.getBoundingClientRect().top + 60; }}"
     )
     page.set_viewport_size({"width": 1280, "height": min(max(int(height), 1000), 6_000)})
     page.wait_for_timeout(300)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+    for shot in range(1, 11):
+        more = page.evaluate(
+            f"""(shot) => {{ const o = {scroller};
+                 o.scrollTop = (shot - 1) * o.clientHeight;
+                 return (shot - 1) * o.clientHeight < o.scrollHeight; }}""",
+            shot,
+        )
+        if not more:
+            break
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(ARTIFACTS / (f"{name}.png" if shot == 1 else f"{name}-{shot}.png")))
 
 
 def _no_widget_errors(page, name):
