@@ -45,13 +45,35 @@ def test_the_lenses_differ_before_the_end(tiny):
     assert not torch.allclose(tr.lens.standard.logit[:-1, 0], tr.lens.dla.logit[:-1, 0])
 
 
-def test_readable_from_is_first_entry_of_a_top1_run(tiny):
+def test_readable_from_is_the_first_entry_of_a_run_above_half_the_probability(any_model):
+    """Readable = the lens gives the answer p > 0.5 (so top-1), from that entry to the end; None if not at the end."""
+    tr = tl.trace(any_model, PROMPT, ANSWER)
+    for curve in (tr.lens.standard, tr.lens.dla):
+        label, prob = curve.readable_from(), curve.prob[:, 0]
+        if label is None:
+            assert prob[-1] <= 0.5
+            continue
+        i = curve.labels.index(label)
+        assert (prob[i:] > 0.5).all() and (i == 0 or prob[i - 1] <= 0.5)
+        assert (curve.rank[i:, 0] == 0).all()
+
+
+def test_a_top1_guess_below_half_is_not_readable(tiny):
+    """On the bundled model the standard lens ranks the answer first before it is readable: a lean, not a prediction."""
     tr = tl.trace(tiny, PROMPT, ANSWER)
-    label = tr.lens.readable_from()
-    assert label is not None
-    i = tr.lens.labels.index(label)
-    ranks = tr.lens.standard.rank[:, 0]
-    assert (ranks[i:] == 0).all() and (i == 0 or ranks[i - 1] != 0)
+    first = tr.lens.labels.index(tr.lens.readable_from())
+    top1_early = (tr.lens.standard.rank[:first, 0] == 0) & (tr.lens.standard.prob[:first, 0] <= 0.5)
+    assert top1_early.any()
+
+
+def test_lens_figure_marks_where_the_answer_becomes_readable(tiny):
+    tr = tl.trace(tiny, PROMPT, ANSWER)
+    fig = tr.lens.plot(metric="prob")
+    at = tl.plotting.component_label(tr.lens.readable_from())
+    assert any(shape.x0 == at for shape in fig.layout.shapes)  # the vertical marker
+    assert any(shape.y0 == 0.5 == shape.y1 for shape in fig.layout.shapes)  # the p = 0.5 line
+    assert f"readable from {at}" in [a.text for a in fig.layout.annotations]
+    assert f"from {at}" in fig.layout.title.text and "'2' - mean('1', '3')" in tr.lens.plot().layout.title.text
 
 
 def test_per_layer_view_drops_sublayers(tiny):

@@ -240,7 +240,7 @@ def test_damage_of_a_trace_against_itself_is_none(traced):
 
 def test_damage_readable_shift_when_the_answer_is_never_readable(junk_damage):
     reference, corrupted, _ = junk_damage
-    lost = replace(corrupted.lens.standard, rank=corrupted.lens.standard.rank + 1)  # never top-1
+    lost = replace(corrupted.lens.standard, prob=corrupted.lens.standard.prob * 0)  # never readable
     report = damage_report(reference, replace(corrupted, lens=replace(corrupted.lens, standard=lost)))
     assert report.corrupted_readable[0] is None and report.readable_shift("standard") is None
     assert report.readable_shift("dla") == damage_report(reference, corrupted).readable_shift("dla")
@@ -331,8 +331,8 @@ def test_damage_report_refuses_mismatched_traces(junk_damage, tiny, gpt2):
         damage_report(reference, tl.trace(gpt2, "what is 1 + 1", ANSWER))
     with pytest.raises(ValueError, match="row 1 is out of range: the reference trace has 1 row"):
         damage_report(reference, corrupted, row=1)
-    with pytest.raises(ValueError, match="different DLA metrics \\('logit' in the reference, 'logit_diff'"):
-        damage_report(reference, tl.trace(tiny, "what is 1 + 1", ANSWER, metric="logit_diff"))
+    with pytest.raises(ValueError, match="different DLA metrics \\('logit_diff' in the reference, 'logit'"):
+        damage_report(reference, tl.trace(tiny, "what is 1 + 1", ANSWER, metric="logit"))
     with pytest.raises(ValueError, match="different distractors"):
         damage_report(reference, tl.trace(tiny, "what is 1 + 1", ANSWER, distractors=[" 4"]))
 

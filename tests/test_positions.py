@@ -21,14 +21,33 @@ def test_grid_shapes_follow_each_rows_own_length(positions):
         assert positions.lens_logit_diff[r].shape == (len(positions.lens_labels), len(tokens))
 
 
-def test_readable_only_where_the_answer_is_the_prediction(positions):
+def test_readable_means_more_than_half_the_probability(positions, any_model):
+    """Readable at a position = p(answer) > 0.5 in the model's own output there (so also its top-1)."""
     for r in range(len(positions.row_labels)):
-        for p, entry in enumerate(positions.readable_at(r)):
-            if int(positions.final_rank[r][p]) != 0:
-                assert entry is None
-            else:
-                i = positions.lens_labels.index(entry)
-                assert (positions.lens_logit_diff[r][i:, p] > 0).all()
+        readable = positions.readable_at(r)
+        assert readable == (positions.final_prob[r] > 0.5).tolist()
+        for p, ok in enumerate(readable):
+            if ok:
+                assert int(positions.final_rank[r][p]) == 0
+
+
+def test_final_prob_is_the_models_own_probability(any_model):
+    """The per-position probability equals a plain forward pass's softmax, position by position."""
+    import torch
+
+    resolved = tl.resolve_answer(any_model, "what is 1 + 1", " 2")
+    pos = tl.trace(any_model, "what is 1 + 1", " 2").positions
+    with torch.no_grad():
+        prob = any_model(resolved.prompt_tokens[None])[0].float().softmax(-1)[:, resolved.token].cpu()
+    torch.testing.assert_close(pos.final_prob[0].float(), prob, rtol=1e-4, atol=1e-6)
+
+
+def test_tiny_is_readable_only_at_the_final_position(tiny):
+    """The bundled model guesses a digit before each operand (p well under 0.5): not readable there."""
+    pos = tl.trace(tiny, "what is 1 + 1", " 2").positions
+    readable = pos.readable_at()
+    assert readable == [False] * (len(readable) - 1) + [True]
+    assert pos.first_readable_position() == len(readable) - 1
 
 
 def test_verdict_evidence_is_consistent(positions):

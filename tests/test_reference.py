@@ -115,7 +115,7 @@ def test_load_with_the_same_model_passes(tiny, clean, saved):
 
 def test_metadata_records_model_tokenizer_and_versions(tiny, tiny_chat, saved):
     meta = reference.read_metadata(saved)
-    assert meta["format"] == "tracelib-reference" and meta["format_version"] == 2
+    assert meta["format"] == "tracelib-reference" and meta["format_version"] == 3
     info = meta["metadata"]
     assert info["model_name"] == "tiny-arith"
     assert info["weights_fingerprint"] == reference.weights_fingerprint(tiny)  # deterministic
@@ -168,8 +168,8 @@ def test_shape_disagreeing_with_metadata_is_refused(saved):
 
 
 def test_future_format_version_is_refused(saved):
-    edit_json(saved, lambda meta: meta.update(format_version=3))
-    with pytest.raises(tl.ReferenceVersionError, match="format version 3; this tracelib reads up to version 2"):
+    edit_json(saved, lambda meta: meta.update(format_version=4))
+    with pytest.raises(tl.ReferenceVersionError, match="format version 4; this tracelib reads up to version 3"):
         tl.load_reference(saved)
 
 

@@ -141,12 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     ):
         demo = name == "demo"
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--model", default="tiny-arith", help="bundled name, local folder or Hub name")
+        p.add_argument("--model", default="tiny-arith", help="bundled name, local folder, .gguf file or Hub name")
         # trace has no defaults here: a forgotten --answer must not silently explain the demo's answer.
         p.add_argument("--prompt", required=not demo, default="what is 1 + 1" if demo else None)
         p.add_argument("--answer", required=not demo, default=" 2" if demo else None, help='e.g. " 2"')
         p.add_argument("--distractors", nargs="*", default=None, help="tokens the answer should beat")
-        p.add_argument("--metric", choices=["logit", "logit_diff"], default="logit")
+        p.add_argument("--metric", choices=["logit_diff", "logit"], default="logit_diff")
         p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
         p.add_argument("--json", action="store_true", help="print the JSON summary (strict: NaN becomes null)")
         p.add_argument("--html", default="report.html" if demo else None, help="write an offline HTML report")

@@ -1,8 +1,11 @@
 """Answer resolution: turn what the user typed into the tokens the model really predicts.
 
-The same answer string tokenises differently across models. On GPT-2 `" 2"` is one token and a BOS
-is prepended to the prompt; on Qwen2.5 (and the bundled `tiny-arith`) a space before a digit is its
-own token, so `" 2"` is `[" ", "2"]`, and there is no BOS. Tracing `" "` would explain the wrong
+The same answer string tokenises differently across models. On GPT-2 `" 2"` is one token; on
+Qwen2.5 (and the bundled `tiny-arith`) a space before a digit is its own token, so `" 2"` is
+`[" ", "2"]`. A BOS token starts the prompt only where the model's own tokenizer adds one
+(`tokenizer(prompt)`), as `transformers` would feed it: GPT-2's, Qwen2.5's and SmolLM2's add none,
+Llama-2's does. TransformerLens prepends one by default; tracelib follows the tokenizer instead, so
+the prediction it explains is the one the model really makes. `prepend_bos=` overrides the rule. Tracing `" "` would explain the wrong
 prediction, so `resolve_answer` moves such whitespace into the prompt and traces the rest.
 """
 
@@ -55,11 +58,12 @@ class ResolvedAnswer:
     Attributes:
         prompt: the prompt actually traced (with any whitespace moved in from the answer).
         answer: the answer actually traced (without that whitespace).
-        prompt_tokens: token ids of `prompt`, BOS included when the model prepends one.
+        prompt_tokens: token ids of `prompt`, as `tokenizer(prompt)` gives them (BOS included where it adds one).
         prompt_str_tokens: the same as strings.
         answer_tokens: token ids of `answer`, in the context of the prompt.
         answer_str_tokens: the same as strings.
-        prepended_bos: whether a BOS token starts `prompt_tokens`.
+        prepended_bos: whether a BOS token starts `prompt_tokens` (where the tokenizer adds one,
+            or `prepend_bos=True` asked for it).
         moved_whitespace: whitespace taken from the front of the typed answer ('' if none).
         notes: plain-language remarks on every adjustment made.
         typed_prompt, typed_answer: what the user passed in.
@@ -142,8 +146,36 @@ def _check_text(value, what: str) -> str:
     return value
 
 
-def _prepends_bos(model) -> bool:
-    return bool(model.cfg.default_prepend_bos) and model.tokenizer.bos_token_id is not None
+@functools.lru_cache(maxsize=32)
+def _tokenizer_adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("1 + 1")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def prepends_bos(model, prepend_bos: bool | None = None) -> bool:
+    """Whether a prompt's tokens start with a BOS token: where the model's tokenizer adds one.
+
+    Args:
+        model: a loaded model.
+        prepend_bos: None follows the tokenizer (`tokenizer(prompt)` starts with its BOS or not);
+            True or False overrides it.
+
+    Raises:
+        ValueError: `prepend_bos=True` for a tokenizer that has no BOS token; a non-bool value.
+    """
+    if prepend_bos is None:
+        return _tokenizer_adds_bos(model.tokenizer)
+    if not isinstance(prepend_bos, bool):
+        raise TypeError(f"prepend_bos must be True, False or None (follow the tokenizer), got {prepend_bos!r}")
+    if prepend_bos and model.tokenizer.bos_token_id is None:
+        raise ValueError(
+            f"prepend_bos=True, but this model's tokenizer ({type(model.tokenizer).__name__}) has no BOS token. "
+            "Leave prepend_bos=None to follow the tokenizer."
+        )
+    return prepend_bos
 
 
 def _ids(model, text: str, prepend_bos: bool) -> list[int]:
@@ -260,7 +292,13 @@ def _token_str(model, token: int) -> str:
 
 
 def resolve_answer(
-    model, prompt: str, answer: str, *, single_token: bool = False, allow_byte_fragments: bool = False
+    model,
+    prompt: str,
+    answer: str,
+    *,
+    single_token: bool = False,
+    allow_byte_fragments: bool = False,
+    prepend_bos: bool | None = None,
 ) -> ResolvedAnswer:
     """Resolve a prompt and an answer into the token(s) the model must predict.
 
@@ -279,6 +317,8 @@ def resolve_answer(
         single_token: raise `MultiTokenAnswerError` unless the answer is one token.
         allow_byte_fragments: trace an answer whose tokens are pieces of a UTF-8 character (a
             byte-level tokenizer's `"é"` -> `[<0xC3>, <0xA9>]`), one byte per step. Off by default.
+        prepend_bos: None (the default) starts the prompt with a BOS token only where the model's
+            tokenizer adds one; True or False overrides it.
 
     Returns:
         A `ResolvedAnswer`; multi-token answers carry teacher-forced `steps`.
@@ -294,7 +334,7 @@ def resolve_answer(
             f"The prompt ends in whitespace, so the answer's leading whitespace was dropped: "
             f"{typed_answer!r} -> {answer!r}."
         )
-    bos = _prepends_bos(model)
+    bos = prepends_bos(model, prepend_bos)
     prompt_ids = _ids(model, prompt, bos)
     full_ids = _ids(model, prompt + answer, bos)
     if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):

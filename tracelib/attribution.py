@@ -15,14 +15,16 @@ No `[components, d_model]` stack of heads or neurons is ever built.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tracelib.formats import check_metric
 from tracelib.margin import check_k
+from tracelib.models import value_bias_convention
 
 UNITS = ("component", "layer", "head", "neuron")
 # How far the reconstruction may be off, relative to max(1, |actual|), before a warning; keyed by
@@ -80,18 +82,27 @@ class Reconstruction:
 
 @dataclass(frozen=True)
 class Attribution:
-    """DLA of one metric (the answer's logit, or its difference to the distractors) for each row.
+    """DLA of one metric (the answer's logit difference to its distractors, or its raw logit) for each row.
 
     Attributes:
-        metric: `"logit"` or `"logit_diff"`.
+        metric: `"logit_diff"` (the answer against its distractors) or `"logit"` (the raw logit,
+            which also counts what lifts every candidate alike).
         row_labels: one label per row.
         component_labels: `"embed"` (and `"pos_embed"`), then `"L_attn_out"`, `"L_mlp_out"` per layer.
         components: `[component, row]`; sums to the metric minus its `b_U` term.
-        heads: `[layer, head, row]`; each layer's heads plus `head_bias` sum to its `attn_out`.
-        head_bias: `[layer, row]`, the attention output bias (with value biases folded in).
+        heads: `[layer, head, row]`; each layer's heads plus `head_bias` sum to its `attn_out`. With
+            `value_biases="heads"` a head's value includes its own value-bias write
+            (`b_V[h] @ W_O[h]`), as the model computes the head's output.
+        head_bias: `[layer, row]`, the attention output bias: the true `b_O` with
+            `value_biases="heads"`; with `"folded"` (TransformerLens's convention) every head's
+            value-bias write is added in.
         neurons: `[layer, neuron, row]`; each layer's neurons plus `neuron_bias` sum to `mlp_out`.
         neuron_bias: `[layer, row]`, the MLP output bias (zero where the MLP has none).
         reconstruction: the check that everything adds up to the model's own value.
+        value_biases: `"heads"` (each head owns its value bias, `tl.load_model`'s default) or
+            `"folded"` (folded into the layer's bias row, `load_model(..., fold_value_biases=True)`).
+        metric_labels: per row, what the metric measures in words, distractors named
+            (`formats.metric_phrase`); figure titles use it.
     """
 
     metric: str
@@ -103,6 +114,8 @@ class Attribution:
     neurons: Float[Tensor, "layer neuron row"]
     neuron_bias: Float[Tensor, "layer row"]
     reconstruction: Reconstruction
+    value_biases: str = "folded"
+    metric_labels: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n_rows, n_layers = len(self.row_labels), self.heads.shape[0]
@@ -116,8 +129,17 @@ class Attribution:
                 raise ValueError(f"Attribution.{name} must be {shape}, got {tuple(getattr(self, name).shape)}")
         if self.heads.shape[2] != n_rows or self.neurons.shape[::2] != (n_layers, n_rows):
             raise ValueError("heads and neurons must be [layer, unit, row] with the same layers and rows")
-        if self.metric not in ("logit", "logit_diff"):
-            raise ValueError(f"metric must be 'logit' or 'logit_diff', got {self.metric!r}")
+        check_metric(self.metric)
+        if self.value_biases not in ("heads", "folded"):
+            raise ValueError(f"value_biases must be 'heads' or 'folded', got {self.value_biases!r}")
+        if self.metric_labels and len(self.metric_labels) != n_rows:
+            raise ValueError(f"metric_labels must have one entry per row ({n_rows})")
+
+    def metric_label(self, row: int = 0) -> str:
+        """What this row's metric measures, in words (names the distractors)."""
+        if self.metric_labels:
+            return self.metric_labels[row]
+        return "logit difference against the distractors" if self.metric == "logit_diff" else "raw logit"
 
     @property
     def n_layers(self) -> int:
@@ -179,8 +201,7 @@ class Attribution:
         and for neurons the strongest ten of each sign across all layers."""
         from tracelib import plotting
 
-        what = "logit" if self.metric == "logit" else "logit difference"
-        title = f"DLA of the answer's {what} by {unit}: {self.row_labels[row]}"
+        title = f"DLA by {unit}: {self.row_labels[row]}<br><sub>{self.metric_label(row)}</sub>"
         layout = {"title": title, **layout}
         if unit == "head":
             return plotting.head_heatmap(self.heads[:, :, row], **layout)
@@ -253,10 +274,11 @@ def compute_attribution(
     targets: list[int],
     distractors: list[list[int]],
     row_labels: list[str],
-    metric: str = "logit",
+    metric: str = "logit_diff",
     u: Float[Tensor, "row d_model"] | None = None,
     *,
     warn: bool = True,
+    metric_labels: list[str] | None = None,
 ) -> Attribution:
     """DLA of every unit from a final-position cache (position axis of length 1).
 
@@ -264,8 +286,7 @@ def compute_attribution(
     With `warn`, a reconstruction off by more than its tolerance raises a `ReconstructionWarning`
     (`trace` turns it off and calls `warn_if_off` itself, after its check for inf and NaN).
     """
-    if metric not in ("logit", "logit_diff"):
-        raise ValueError(f"metric must be 'logit' or 'logit_diff', got {metric!r}")
+    check_metric(metric)
     cfg = model.cfg
     dtype = compute_dtype(logits)
     if u is None:
@@ -314,6 +335,8 @@ def compute_attribution(
         neurons=torch.stack(neurons).cpu(),
         neuron_bias=torch.stack(neuron_bias).cpu(),
         reconstruction=reconstruction,
+        value_biases=value_bias_convention(model),
+        metric_labels=list(metric_labels or []),
     )
 
 
@@ -359,8 +382,8 @@ def _bias(model, name: str, layer: int, u: Tensor, dtype) -> Tensor:
     return u @ bias.to(dtype)
 
 
-def direct_logit_attribution(model, prompt, answer, distractors=None, metric: str = "logit") -> Attribution:
-    """DLA of the answer's logit (or logit difference) by component, layer, head and neuron.
+def direct_logit_attribution(model, prompt, answer, distractors=None, metric: str = "logit_diff") -> Attribution:
+    """DLA of the answer's logit difference (or raw logit) by component, layer, head and neuron.
 
     The `.dla` of `tl.trace`; see `Attribution` for the units and the reconstruction check.
     """

@@ -11,14 +11,18 @@ on the answer direction, so the terms add up to the head's DLA exactly.
 RoPE does not enter this path: rotary embeddings rotate queries and keys only, so they shape `A`
 but never the values `v` or `W_O` (the OV circuit). With grouped-query attention (Qwen2.5-1.5B:
 12 query heads share 2 KV heads), query head `h` reads KV head `h // (n_heads / n_kv_heads)`.
-Compatibility mode folds the value biases `b_V` into the output bias `b_O` (the softmax weights sum
-to 1), so per head there is no bias term left: it sits in each layer's bias remainder, kept apart.
+
+Value biases: `tl.load_model` keeps each head's value bias `b_V` in its values (the default), so a
+head's DLA includes its own bias write `b_V[h] @ W_O[h] @ u`, as the model computes it; the
+softmax weights sum to 1, so that write is split over the sources by attention weight and the
+sources still add up to the head. With `load_model(..., fold_value_biases=True)`
+(TransformerLens's convention) the biases sit in each layer's bias row instead.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -121,6 +125,7 @@ class Heads:
         tokens: each row's token ids, `[pos]`, so that the attention views can recompute the full
             patterns of the heads they show (a full pattern of every head would grow with the
             square of the prompt).
+        metric_labels: per row, what the DLA measures in words (names the distractors).
     """
 
     row_labels: list[str]
@@ -130,6 +135,7 @@ class Heads:
     sources: Float[Tensor, "layer head src row"]
     attention: Float[Tensor, "layer head src row"]
     tokens: list[Int[Tensor, " pos"]]
+    metric_labels: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n_layers, n_heads, n_rows = self.values.shape
@@ -197,8 +203,9 @@ class Heads:
         """The layer x head DLA grid (RdBu, centred at 0)."""
         from tracelib import plotting
 
+        metric = f"<br><sub>{self.metric_labels[row]}</sub>" if self.metric_labels else ""
         return plotting.head_heatmap(
-            self.values[:, :, row], **{"title": f"DLA by head: {self.row_labels[row]}", **layout}
+            self.values[:, :, row], **{"title": f"DLA by head: {self.row_labels[row]}{metric}", **layout}
         )
 
     def attention_view(self, heads: list[tuple[int, int]] | None = None, row: int = 0, model=None):
@@ -255,7 +262,7 @@ def operand_positions(str_tokens: list[str]) -> list[int]:
     return [i for i, tok in enumerate(str_tokens[:-1]) if any(ch.isdigit() for ch in tok)]
 
 
-def compute_heads(model, fwd, u: Float[Tensor, "row d_model"], rows) -> Heads:
+def compute_heads(model, fwd, u: Float[Tensor, "row d_model"], rows, metric_labels: list[str] | None = None) -> Heads:
     """Source decomposition of every head at each row's final position, from the trace's cache.
 
     Projects first: `W_O[h] @ u` is `[head, d_head, row]`, then each source's value is dotted with
@@ -288,6 +295,7 @@ def compute_heads(model, fwd, u: Float[Tensor, "row d_model"], rows) -> Heads:
         sources=sources_t,
         attention=torch.stack(attention).cpu(),
         tokens=[row.tokens.detach().cpu().clone() for row in rows],
+        metric_labels=list(metric_labels or []),
     )
     heads.remember_model(model)
     return heads

@@ -16,13 +16,14 @@ right tool for "what would be predicted"; the DLA lens for "how much has been wr
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tracelib.formats import READABLE_PROB
 from tracelib.margin import check_k
 
 LENS_NAMES = {"standard": "standard logit lens (re-normalised)", "dla": "cached-scale DLA lens"}
@@ -174,24 +175,40 @@ class LensCurve:
         self.__dict__["_prob"], self.__dict__["_rank"] = prob, rank
         del self.__dict__["_pending"]
 
+    def readable(self, row: int = 0) -> list[bool]:
+        """Per entry: whether the lens gives the answer more than half of the probability there.
+
+        That is what "readable" means everywhere in tracelib (`formats.READABLE_PROB`): the answer
+        is the top prediction and more likely than every other token together. A guess among the
+        digits before the model has seen the operands (p about 0.1 to 0.3 each) does not count.
+        """
+        return (self.prob[:, row] > READABLE_PROB).tolist()
+
     def readable_from(self, row: int = 0) -> str | None:
-        """The first entry from which the answer is top-1 and stays top-1 to the end (None if never)."""
-        top1 = (self.rank[:, row] == 0).tolist()
-        if not top1[-1]:
+        """The first entry from which the answer is readable (p > 0.5) at every later entry; None if
+        it is not readable at the last entry."""
+        ok = self.readable(row)
+        if not ok[-1]:
             return None
-        first = len(top1) - 1
-        while first > 0 and top1[first - 1]:
+        first = len(ok) - 1
+        while first > 0 and ok[first - 1]:
             first -= 1
         return self.labels[first]
 
 
 @dataclass(frozen=True)
 class LogitLens:
-    """Both lenses on the same rows. Per layer and per sublayer (`*_mid` entries)."""
+    """Both lenses on the same rows. Per layer and per sublayer (`*_mid` entries).
+
+    `answer_strs` and `distractor_strs` (per row) name what the logit difference compares, for
+    figure titles; references saved before format 3 have none.
+    """
 
     row_labels: list[str]
     standard: LensCurve
     dla: LensCurve
+    answer_strs: list[str] = field(default_factory=list)
+    distractor_strs: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.standard.labels != self.dla.labels:
@@ -218,7 +235,7 @@ class LogitLens:
         return [i for i, label in enumerate(self.labels) if not label.endswith("_mid")]
 
     def readable_from(self, row: int = 0, lens: str = "standard") -> str | None:
-        """First entry from which the answer is top-1 and stays so, by the chosen lens."""
+        """First entry from which the answer is readable (p > 0.5) and stays so, by the chosen lens."""
         return getattr(self, lens).readable_from(row)
 
     def to_frame(self) -> pd.DataFrame:
@@ -325,7 +342,15 @@ def _full_readout(model, normalised: Tensor, targets: Tensor, device) -> tuple[T
     return torch.cat(prob, dim=1), torch.cat(rank, dim=1)
 
 
-def compute_lens(model, cache, targets: Tensor, distractors: list[list[int]], row_labels: list[str]) -> LogitLens:
+def compute_lens(
+    model,
+    cache,
+    targets: Tensor,
+    distractors: list[list[int]],
+    row_labels: list[str],
+    answer_strs: list[str] | None = None,
+    distractor_strs: list[list[str]] | None = None,
+) -> LogitLens:
     """Both lenses from a final-position cache (position axis of length 1); `prob` and `rank` lazy."""
     stack, labels = cache.accumulated_resid(
         layer=None, incl_mid=True, apply_ln=False, pos_slice=None, return_labels=True
@@ -338,7 +363,9 @@ def compute_lens(model, cache, targets: Tensor, distractors: list[list[int]], ro
         logit, diff = _readout(normalised, W_U, b_U, targets, distractors)
         pending = _Pending(model, normalised, targets)
         curves[kind] = LensCurve.lazy(kind, list(labels), logit, diff, pending)
-    return LogitLens(list(row_labels), curves["standard"], curves["dla"])
+    return LogitLens(
+        list(row_labels), curves["standard"], curves["dla"], list(answer_strs or []), list(distractor_strs or [])
+    )
 
 
 def logit_lens(model, prompt, answer, distractors=None) -> LogitLens:

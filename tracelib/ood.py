@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tracelib.answers import _check_text, _prepends_bos, resolve_answer, token_str
+from tracelib.answers import _check_text, prepends_bos, resolve_answer, token_str
 from tracelib.margin import check_k
 
 KINDS = ("random", "undertrained", "junk", "typo", "repeat")
@@ -204,7 +204,15 @@ def find_undertrained_tokens(model, threshold: float | None = None) -> Undertrai
 
 
 def inject(
-    model, prompt: str, kind: str, where: str, n: int = 1, seed: int = 0, *, answer: str | None = None
+    model,
+    prompt: str,
+    kind: str,
+    where: str,
+    n: int = 1,
+    seed: int = 0,
+    *,
+    answer: str | None = None,
+    prepend_bos: bool | None = None,
 ) -> Injection:
     """Inject out-of-distribution tokens into a prompt, keeping its operands and final position.
 
@@ -224,6 +232,8 @@ def inject(
         seed: seeds every random choice; the same arguments give the same injection.
         answer: if given, the prompt is resolved with `resolve_answer` first, so whitespace moved in
             from the answer (Qwen's `" "` before a digit) stays the final position.
+        prepend_bos: None starts the prompt with a BOS token only where the model's tokenizer adds
+            one, as `trace()` and `patch()` do; True or False overrides it (pass the same to both).
 
     Returns:
         An `Injection`.
@@ -238,13 +248,13 @@ def inject(
         raise ValueError(f"Unknown where {where!r}; choose one of {', '.join(WHERES)}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer (how many to inject), got {n!r}")
+    bos = 1 if prepends_bos(model, prepend_bos) else 0
     if answer is not None:
-        resolved = resolve_answer(model, prompt, answer)
+        resolved = resolve_answer(model, prompt, answer, prepend_bos=prepend_bos)
         prompt, clean = resolved.prompt, resolved.prompt_tokens.tolist()
     else:
         _check_text(prompt, "prompt")
-        clean = _encode(model, prompt)
-    bos = 1 if _prepends_bos(model) else 0
+        clean = _encode(model, prompt, bos)
     if len(clean) - bos < 2:
         raise ValueError(f"The prompt {prompt!r} is too short to inject into: it needs two tokens besides any BOS")
     rng = random.Random(seed)
@@ -257,15 +267,15 @@ def inject(
         tokens = clean[:index] + new + clean[index:]
         if _round_trips(model, tokens, bos):
             alignment = list(range(index)) + [None] * len(new) + list(range(index, len(clean)))
-            return _result(model, prompt, clean, tokens, alignment, kind, where, n, seed)
+            return _result(model, prompt, clean, tokens, alignment, kind, where, n, seed, bos)
     raise ValueError(
         f"Could not inject {kind!r} tokens {where!r} in {prompt!r} without them merging with their neighbours "
         f"when the text is tokenised again ({MAX_TRIES} draws); try another seed or place"
     )
 
 
-def _encode(model, text: str) -> list[int]:
-    return model.to_tokens(text, prepend_bos=_prepends_bos(model), truncate=False)[0].tolist()
+def _encode(model, text: str, bos: int) -> list[int]:
+    return model.to_tokens(text, prepend_bos=bool(bos), truncate=False)[0].tolist()
 
 
 def _decode(model, tokens: list[int], bos: int) -> str:
@@ -275,7 +285,7 @@ def _decode(model, tokens: list[int], bos: int) -> str:
 def _round_trips(model, tokens: list[int], bos: int) -> bool:
     # Injected ids are only useful if the text written from them reads back as the same ids:
     # otherwise `resolve_answer` or `trace` on the corrupted prompt would see other tokens.
-    return _encode(model, _decode(model, tokens, bos)) == tokens
+    return _encode(model, _decode(model, tokens, bos), bos) == tokens
 
 
 def _has_digit(model, token: int) -> bool:
@@ -390,7 +400,7 @@ def _typo(model, prompt, clean, bos, operands, where, n, seed, rng) -> Injection
         tokens = clean[:i] + new + clean[i + 1 :]
         if typo != word and _round_trips(model, tokens, bos):
             alignment = list(range(i)) + [None] * len(new) + list(range(i + 1, len(clean)))
-            return _result(model, prompt, clean, tokens, alignment, "typo", where, n, seed)
+            return _result(model, prompt, clean, tokens, alignment, "typo", where, n, seed, bos)
     raise ValueError(f"Could not make a typo in {word!r} that reads back as tokens ({MAX_TRIES} draws)")
 
 
@@ -406,8 +416,7 @@ def _edit(word: str, rng: random.Random) -> str:
     return word[:j] + other + word[j + 1 :]
 
 
-def _result(model, prompt, clean, tokens, alignment, kind, where, n, seed) -> Injection:
-    bos = 1 if _prepends_bos(model) else 0
+def _result(model, prompt, clean, tokens, alignment, kind, where, n, seed, bos: int) -> Injection:
     return Injection(
         prompt=_decode(model, tokens, bos),
         tokens=torch.tensor(tokens, dtype=torch.long),

@@ -9,13 +9,14 @@ at the final position (computed there).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tracelib.formats import READABLE_PROB
 from tracelib.margin import check_k
 
 VERDICTS = ("written at the final position", "copied from an operand", "assembled gradually")
@@ -44,6 +45,10 @@ class Positions:
             at each position (the standard lens's last entry).
         operand_share, self_share: per row, the share of the final position's head DLA (absolute)
             that heads read from operand positions, and from the final position itself.
+        final_prob: one `[pos]` vector per row: the answer's probability in the model's own
+            prediction at each position; the answer is *readable* at a position where it is above
+            `formats.READABLE_PROB` (0.5), the same rule as the lens's.
+        metric_labels: per row, what the DLA measures in words (names the distractors).
     """
 
     row_labels: list[str]
@@ -58,6 +63,8 @@ class Positions:
     final_rank: list[Tensor]
     operand_share: list[float]
     self_share: list[float]
+    final_prob: list[Tensor] = field(default_factory=list)
+    metric_labels: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for r, grid in enumerate(self.values):
@@ -67,26 +74,24 @@ class Positions:
             if tuple(self.lens_logit_diff[r].shape) != (len(self.lens_labels), shape[0]):
                 raise ValueError(f"row {r}: lens_logit_diff must be [entry, pos]")
 
-    def readable_at(self, row: int = 0) -> list[str | None]:
-        """Per position: None unless the answer is the model's top prediction there; else the first
-        lens entry from which it beats its distractors and keeps beating them."""
-        out = []
-        grid = self.lens_logit_diff[row]
-        for p in range(grid.shape[1]):
-            ahead = (grid[:, p] > 0).tolist()
-            if int(self.final_rank[row][p]) != 0 or not ahead[-1]:
-                out.append(None)
-                continue
-            first = len(ahead) - 1
-            while first > 0 and ahead[first - 1]:
-                first -= 1
-            out.append(self.lens_labels[first])
-        return out
+    def readable_at(self, row: int = 0) -> list[bool]:
+        """Per position: whether the answer is readable there, by the one rule tracelib uses
+        (`formats.READABLE_PROB`): the model's own prediction at that position gives it more than
+        half of the probability. A guess of "some digit comes next" before an operand does not count.
+        """
+        if not self.final_prob:
+            raise ValueError(
+                "This Positions has no final_prob (a reference saved by tracelib before format 3), so "
+                "readability per position is unknown; trace the prompt again."
+            )
+        return (self.final_prob[row] > READABLE_PROB).tolist()
 
     def first_readable_position(self, row: int = 0) -> int | None:
-        """The earliest position at which the answer is the model's top prediction."""
-        readable = self.readable_at(row)
-        return next((p for p, entry in enumerate(readable) if entry is not None), None)
+        """The earliest position at which the answer is readable (p > 0.5); None if none is, or if
+        this is a reference saved before readability per position was recorded."""
+        if not self.final_prob:
+            return None
+        return next((p for p, ok in enumerate(self.readable_at(row)) if ok), None)
 
     def verdict(self, row: int = 0) -> tuple[str, dict[str, float | int | None]]:
         """Written at the final position, copied from an operand, or assembled gradually, with
@@ -169,7 +174,9 @@ class Positions:
         )
 
 
-def compute_positions(model, fwd, rows, distractors: list[list[int]], heads, metric: str) -> Positions:
+def compute_positions(
+    model, fwd, rows, distractors: list[list[int]], heads, metric: str, metric_labels: list[str] | None = None
+) -> Positions:
     """The per-position grid and lens from the trace's full-position cache, a block of positions at a time.
 
     Each block is a small `ActivationCache` (`position_block`), so TransformerLens's own
@@ -231,6 +238,8 @@ def compute_positions(model, fwd, rows, distractors: list[list[int]], heads, met
         final_rank=[final_rank[r, :n] for r, n in enumerate(lengths)],
         operand_share=operand_share,
         self_share=self_share,
+        final_prob=[fwd.answer_prob[r, :n] for r, n in enumerate(lengths)],
+        metric_labels=list(metric_labels or []),
     )
 
 

@@ -45,10 +45,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from tracelib.models import value_bias_convention
+
 FORMAT = "tracelib-reference"
 # Version 2: `Heads` keeps each row's token ids (`tokens`) instead of every head's full attention
 # pattern (`patterns`); version-1 references are upgraded on load (`_upgrade_v1`).
-FORMAT_VERSION = 2
+# Version 3: the DLA records its value-bias convention, the lens its answer and distractors, the
+# positions the answer's probability at every position (what "readable" reads), and the results
+# their metric in words. Older references load with defaults: folded value biases (all they had),
+# and no per-position readability.
+FORMAT_VERSION = 3
 META_FILE = "reference.json"
 TENSOR_FILE = "tensors.safetensors"
 # Config fields that change what a model computes; hashed into the weights fingerprint.
@@ -174,6 +180,7 @@ def model_metadata(model) -> dict:
     return {
         "model_name": model_name(model),
         "weights_fingerprint": weights_fingerprint(model),
+        "value_biases": value_bias_convention(model),
         "tokenizer_hash": tokenizer_hash(model.tokenizer),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "compatibility_mode": getattr(model, "compatibility_mode", None),
@@ -424,6 +431,12 @@ def check_model(meta: dict, model) -> None:
         if getattr(model, "compatibility_mode", None) != saved.get("compatibility_mode"):
             also.append(
                 f"compatibility mode {saved.get('compatibility_mode')} vs {getattr(model, 'compatibility_mode', None)}"
+            )
+        convention = saved.get("value_biases", "folded")  # references before format 3 were all folded
+        if convention != value_bias_convention(model):
+            also.append(
+                f"value biases {convention} vs {value_bias_convention(model)}; load the model with "
+                f"tl.load_model(NAME, fold_value_biases={convention == 'folded'}) to check this reference"
             )
         raise ReferenceModelMismatchError(
             f"The reference was saved from {saved.get('model_name')} "

@@ -19,7 +19,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelib.answers import ResolvedAnswer, resolve_answer, token_str
+from tracelib.formats import READABLE_RULE, check_metric, metric_phrase
 from tracelib.margin import check_k
+from tracelib.plotting import readable_positions_sentence
 
 _DIGITS = "0123456789"
 
@@ -98,7 +100,15 @@ def _distractor_ids(model, distractors, resolved: ResolvedAnswer) -> list[int] |
     return out
 
 
-def build_rows(model, prompts, answer, distractors=None, *, allow_byte_fragments: bool = False) -> list[Row]:
+def build_rows(
+    model,
+    prompts,
+    answer,
+    distractors=None,
+    *,
+    allow_byte_fragments: bool = False,
+    prepend_bos: bool | None = None,
+) -> list[Row]:
     """Resolve every prompt's answer and unroll multi-token answers into teacher-forced rows.
 
     `prompts` and `answer` may each be one string or any iterable of them (read once, so a
@@ -116,7 +126,9 @@ def build_rows(model, prompts, answer, distractors=None, *, allow_byte_fragments
         resolved = (
             ans
             if isinstance(ans, ResolvedAnswer)
-            else resolve_answer(model, prompt, ans, allow_byte_fragments=allow_byte_fragments)
+            else resolve_answer(
+                model, prompt, ans, allow_byte_fragments=allow_byte_fragments, prepend_bos=prepend_bos
+            )
         )
         chosen = _distractor_ids(model, distractors, resolved)
         for step in resolved.steps:
@@ -209,6 +221,8 @@ class Forward:
         final_logits: the model's logits at each row's final position, `[row, vocab]`.
         answer_rank: the rank of each row's target in the model's own prediction at every
             position, `[row, pos]` (0: the top prediction).
+        answer_prob: the target's probability in the model's own prediction at every position,
+            `[row, pos]`.
 
     The logits at every position (`[row, pos, vocab]`, 1.2 GB for 2,048 tokens of Qwen2.5's
     vocabulary) are never kept: the unembedding runs on a block of positions at a time, and only
@@ -221,6 +235,7 @@ class Forward:
     full: object
     final_logits: Float[Tensor, "row vocab"]
     answer_rank: Int[Tensor, "row pos"]
+    answer_prob: Float[Tensor, "row pos"]
 
 
 class _Unembedding(Exception):
@@ -234,7 +249,7 @@ _MIN_SCORED = 16
 
 
 def _score_in_blocks(score, width: int, n_rows: int, vocab: int, final: Tensor, targets: Tensor):
-    """Final-position logits and the target's rank at every position, one block of positions at a time.
+    """Final-position logits, and the target's rank and probability at every position, a block of positions at a time.
 
     `score(start, stop)` gives the logits `[row, stop - start, vocab]`; `vocab` only sizes the
     blocks. Blocks are of near-equal size and never tiny: a matmul over a handful of rows may take
@@ -242,18 +257,19 @@ def _score_in_blocks(score, width: int, n_rows: int, vocab: int, final: Tensor, 
     """
     n_blocks = -(-width * n_rows * vocab // LOGIT_BLOCK_ELEMENTS)
     size = max(-(-width // max(1, n_blocks)), -(-_MIN_SCORED // n_rows))
-    final_logits, ranks = None, []
+    final_logits, ranks, probs = None, [], []
     for start in range(0, width, size):
         stop = min(start + size, width)
         logits = score(start, stop)  # [row, block, vocab]
         answer = logits.gather(-1, targets.to(logits.device)[:, None, None].expand(-1, stop - start, 1))
         ranks.append((logits > answer).sum(-1).cpu())
+        probs.append((answer[..., 0].float() - logits.float().logsumexp(-1)).exp().cpu())
         if final_logits is None:
             final_logits = logits.new_empty(n_rows, logits.shape[-1])
         here = ((final >= start) & (final < stop)).nonzero()[:, 0]
         final_logits[here] = logits[here, final[here] - start]
         del logits
-    return final_logits, torch.cat(ranks, 1)
+    return final_logits, torch.cat(ranks, 1), torch.cat(probs, 1)
 
 
 def run_forward(model, rows: list[Row]) -> Forward:
@@ -342,7 +358,7 @@ def run_forward(model, rows: list[Row]) -> Forward:
             with torch.no_grad():
                 return unembed(hidden["in"][:, start:stop])
 
-    final_logits, answer_rank = _score_in_blocks(
+    final_logits, answer_rank, answer_prob = _score_in_blocks(
         score,
         tokens.shape[1],
         len(rows),
@@ -357,6 +373,7 @@ def run_forward(model, rows: list[Row]) -> Forward:
         full=ActivationCache(full_store, model),
         final_logits=final_logits,
         answer_rank=answer_rank,
+        answer_prob=answer_prob,
     )
 
 
@@ -574,9 +591,9 @@ class Trace:
                 f"prediction  {m.top_strs[r][0]!r} (p={m.top_probs[r, 0].item():.3f}); answer {row.target_str!r} "
                 f"rank {int(m.rank[r])}, p={m.prob[r].item():.3f}, logit {m.logit[r].item():+.3f}",
                 f"margin      logit diff {m.logit_diff[r].item():+.3f} against {m.distractor_strs[r]}",
-                f"readable    from {readable or 'never (not top-1 at the end)'} by the standard lens; "
-                f"from {self.lens.dla.readable_from(r) or 'never'} by the cached-scale DLA lens",
-                f"DLA of the answer's {dla.metric}:",
+                f"readable    from {readable or 'never'} by the standard lens; from "
+                f"{self.lens.dla.readable_from(r) or 'never'} by the cached-scale DLA lens ({READABLE_RULE})",
+                f"DLA of the {dla.metric_label(r)}:",
             ]
             for unit in ("component", "head", "neuron"):
                 top = dla.top(k, unit, r)
@@ -589,11 +606,10 @@ class Trace:
                 )
             )
             verdict, evidence = self.positions.verdict(r)
-            first = evidence["first readable position"]
             out.append(
                 f"positions   {verdict} (computed in place {evidence['computed-in-place share']:.0%}, carried from "
-                f"operands {evidence['attention-from-operands share']:.0%} of the final position's DLA; "
-                + (f"first readable at position {first})" if first is not None else "never the top prediction)")
+                f"operands {evidence['attention-from-operands share']:.0%} of the final position's DLA); "
+                + readable_positions_sentence(self.positions, r)
             )
             rec = dla.reconstruction.to_dict(r)
             out.append(
@@ -620,11 +636,12 @@ def trace(
     answer,
     distractors=None,
     *,
-    metric: str = "logit",
+    metric: str = "logit_diff",
     k: int = 5,
     allow_byte_fragments: bool = False,
     batch_size: int | None = None,
     progress: bool | None = None,
+    prepend_bos: bool | None = None,
 ) -> Trace:
     """Trace why the model predicts `answer` after each prompt, from exactly one forward pass.
 
@@ -636,7 +653,10 @@ def trace(
             teacher-forced, each step a row.
         distractors: tokens the answer should beat. Default: a digit's neighbouring digits,
             otherwise the model's strongest competitor.
-        metric: what DLA explains: `"logit"` (sums to logit - b_U) or `"logit_diff"`.
+        metric: what every attribution explains. `"logit_diff"` (the default): the answer's logit
+            minus the mean of its distractors' logits, "why this answer rather than its rivals".
+            `"logit"`: the raw answer logit, which also counts whatever lifts every candidate
+            alike (e.g. "a digit comes next"). Either sums to the metric minus its `b_U` term.
         k: how many top tokens the margin keeps (a positive integer).
         allow_byte_fragments: trace answers whose tokens are pieces of a UTF-8 character (see
             `resolve_answer`). Off by default.
@@ -644,6 +664,9 @@ def trace(
             batches' results are joined into one `Trace`, as if all rows ran at once.
         progress: show a tqdm bar over the batches; default only with more than 4 batches and
             never under pytest or nbval.
+        prepend_bos: None (the default) starts each prompt with a BOS token only where the model's
+            tokenizer adds one (`tokenizer(prompt)`), so the traced prediction is the one the model
+            makes in `transformers`; True or False overrides it.
 
     Returns:
         A `Trace` with `.margin`, `.lens`, `.dla`, and `.to_dict()`. The lenses' `prob` and `rank`
@@ -658,13 +681,14 @@ def trace(
     from tracelib.models import model_name
     from tracelib.patching import auto_batch_size, progress_bar
 
-    if metric not in ("logit", "logit_diff"):
-        raise ValueError(f"metric must be 'logit' or 'logit_diff', got {metric!r}")
+    check_metric(metric)
     k = check_k(k)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     with decoding_once():
-        rows = build_rows(model, prompts, answer, distractors, allow_byte_fragments=allow_byte_fragments)
+        rows = build_rows(
+            model, prompts, answer, distractors, allow_byte_fragments=allow_byte_fragments, prepend_bos=prepend_bos
+        )
         size = batch_size or auto_batch_size(model, max(len(row.tokens) for row in rows), len(rows))
         starts = range(0, len(rows), size)
         parts = [
@@ -702,15 +726,21 @@ def _trace_rows(model, rows: list[Row], metric: str, k: int, first_row: int) -> 
         margin = compute_margin(
             logits, targets, rivals, labels, lambda ids: "".join(token_str(model, t) for t in ids), k
         )
-        lens = compute_lens(model, cache, torch.tensor(targets), rivals, labels)
+        rival_strs = [[token_str(model, t) for t in rival] for rival in rivals]
+        lens = compute_lens(
+            model, cache, torch.tensor(targets), rivals, labels, [row.target_str for row in rows], rival_strs
+        )
         scale = cache["ln_final.hook_scale"][:, 0]
         u = scaled_directions(model, scale.to(compute_dtype(logits)), targets, rivals, metric)  # [row, d_model]
-        dla = compute_attribution(model, cache, logits, targets, rivals, labels, metric, u=u, warn=False)
+        metric_labels = [metric_phrase(metric, row.target_str, strs) for row, strs in zip(rows, rival_strs)]
+        dla = compute_attribution(
+            model, cache, logits, targets, rivals, labels, metric, u=u, warn=False, metric_labels=metric_labels
+        )
         parts = (dla.components, dla.heads, dla.head_bias, dla.neurons, dla.neuron_bias)
         if not (dla.reconstruction.finite and all(bool(t.isfinite().all()) for t in parts)):
             raise _nonfinite_error(model, fwd, rows, "the attributions", first_row)
-        heads = compute_heads(model, fwd, u, rows)
-        positions = compute_positions(model, fwd, rows, rivals, heads, metric)
+        heads = compute_heads(model, fwd, u, rows, metric_labels)
+        positions = compute_positions(model, fwd, rows, rivals, heads, metric, metric_labels)
     return rivals, margin, lens, dla, heads, positions
 
 
