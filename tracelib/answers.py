@@ -167,7 +167,10 @@ def prepends_bos(model, prepend_bos: bool | None = None) -> bool:
         ValueError: `prepend_bos=True` for a tokenizer that has no BOS token; a non-bool value.
     """
     if prepend_bos is None:
-        return _tokenizer_adds_bos(model.tokenizer)
+        # `tl.load_model` records what the checkpoint's own tokenizer does (TransformerLens's copy
+        # of it is set to always add a BOS); for other models, ask the tokenizer we have.
+        adds = getattr(model, "tracelib_adds_bos", None)
+        return _tokenizer_adds_bos(model.tokenizer) if adds is None else adds
     if not isinstance(prepend_bos, bool):
         raise TypeError(f"prepend_bos must be True, False or None (follow the tokenizer), got {prepend_bos!r}")
     if prepend_bos and model.tokenizer.bos_token_id is None:
