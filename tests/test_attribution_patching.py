@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
@@ -12,6 +14,10 @@ import tracelib as tl
 from tracelib.patching import WHATS, logit_diff, prepare, run_cached
 
 CLEAN, CORRUPTED, ANSWER = "what is 1 + 1", "what is 3 + 1", " 2"
+# As in test_patching.py: the random-init models' swap is a weak effect by design; their invariants
+# hold regardless, so their sweeps turn the check off. Any other weak-corruption warning is an error.
+QUIET = {"min_effect": 0.0}
+pytestmark = pytest.mark.filterwarnings("error::tracelib.WeakCorruptionWarning")
 
 
 @pytest.fixture(params=["tiny", "gpt2", "qwen"], scope="module")
@@ -25,7 +31,7 @@ def any_model(request):
 @pytest.fixture(scope="module")
 def estimates(any_model):
     return any_model, {
-        (what, d): tl.attribution_patch(any_model, CLEAN, CORRUPTED, ANSWER, what=what, direction=d)
+        (what, d): tl.attribution_patch(any_model, CLEAN, CORRUPTED, ANSWER, what=what, direction=d, **QUIET)
         for what in WHATS
         for d in ("denoise", "noise")
     }
@@ -84,7 +90,7 @@ def test_estimate_is_the_true_first_order_term(any_model):
     # eager attention takes its softmax in float32 even in a float64 model.)
     model = any_model
     for what, hook in [("resid_pre", "hook_resid_pre"), ("mlp_out", "hook_mlp_out"), ("attn_out", "hook_attn_out")]:
-        estimate = tl.attribution_patch(model, CLEAN, CORRUPTED, ANSWER, what=what)
+        estimate = tl.attribution_patch(model, CLEAN, CORRUPTED, ANSWER, what=what, **QUIET)
         span = estimate.clean_metric - estimate.corrupted_metric
         for layer in (0, model.cfg.n_layers - 1):
             name = f"blocks.{layer}.{hook}"
@@ -135,7 +141,9 @@ def test_unchanged_tokens_at_layer_0_give_zero(estimates):
 def test_result_matches_exact_patching_layout(estimates):
     model, est = estimates
     for (what, d), result in est.items():
-        exact = tl.patch(model, CLEAN, CORRUPTED, ANSWER, what=what, direction=d) if what == "resid_pre" else None
+        exact = (
+            tl.patch(model, CLEAN, CORRUPTED, ANSWER, what=what, direction=d, **QUIET) if what == "resid_pre" else None
+        )
         assert result.method == "attribution" and result.what == what and result.direction == d
         assert torch.isfinite(result.values).all()
         if exact is not None:
@@ -170,13 +178,13 @@ def test_two_forwards_and_one_backward(tiny, monkeypatch):
 
 def test_insertion_is_aligned_and_nan(any_model):
     injection = tl.inject(any_model, CLEAN, "junk", "between", n=1, seed=0, answer=ANSWER)
-    est = tl.attribution_patch(any_model, CLEAN, injection.prompt, ANSWER, alignment=injection.alignment)
-    exact = tl.patch(any_model, CLEAN, injection.prompt, ANSWER, alignment=injection.alignment)
+    # One junk token barely moves the answer (a weak effect, see the tests at the end); NaNs are the point here.
+    aligned = dict(alignment=injection.alignment, min_effect=0.0)
+    est = tl.attribution_patch(any_model, CLEAN, injection.prompt, ANSWER, **aligned)
+    exact = tl.patch(any_model, CLEAN, injection.prompt, ANSWER, **aligned)
     assert est.values.isnan().equal(exact.values.isnan())
     assert est.no_counterpart == list(injection.injected)
-    noise = tl.attribution_patch(
-        any_model, CLEAN, injection.prompt, ANSWER, direction="noise", alignment=injection.alignment
-    )
+    noise = tl.attribution_patch(any_model, CLEAN, injection.prompt, ANSWER, direction="noise", **aligned)
     assert not noise.values.isnan().any()  # every clean position has a counterpart
 
 
@@ -256,4 +264,103 @@ def test_readable_vs_causal(tiny):
     with pytest.raises(ValueError, match="different models"):
         import dataclasses
 
-        tl.readable_vs_causal(trace, dataclasses.replace(mlp, values=mlp.values[:2], labels=(mlp.labels[0][:2],)))
+        short = dict(values=mlp.values[:2], raw_change=mlp.raw_change[:2], labels=(mlp.labels[0][:2],))
+        tl.readable_vs_causal(trace, dataclasses.replace(mlp, **short))
+
+
+WEAK_PROMPT, WEAK_ANSWER = "what is 2 + 3", " 5"
+
+
+@pytest.fixture(scope="module")
+def weak(tiny):
+    """Junk after the operands of "what is 2 + 3": the seed whose effect is smallest, measured, not stored."""
+
+    def share(injection):
+        layers = tl.patch(
+            tiny,
+            WEAK_PROMPT,
+            injection.prompt,
+            WEAK_ANSWER,
+            "resid_pre_all_pos",
+            alignment=injection.alignment,
+            **QUIET,
+        )
+        return abs(layers.delta) / abs(layers.clean_metric)
+
+    injections = [tl.inject(tiny, WEAK_PROMPT, "junk", "after", n=2, seed=s, answer=WEAK_ANSWER) for s in range(8)]
+    injection = min(injections, key=share)
+    assert share(injection) < tl.patching.MIN_EFFECT
+    return injection
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_weak_corruption_warns_and_keeps_the_raw_change(tiny, weak, direction):
+    with pytest.warns(tl.WeakCorruptionWarning, match="barely changes the answer") as caught:
+        est = tl.attribution_patch(
+            tiny, WEAK_PROMPT, weak.prompt, WEAK_ANSWER, direction=direction, alignment=weak.alignment
+        )
+    assert f"Δ = {est.delta:+.3f}" in str(caught[0].message)
+    assert est.weak_effect and est.method == "attribution"
+    torch.testing.assert_close(
+        est.values.double() * est.delta, est.raw_change.double(), atol=1e-6, rtol=1e-5, equal_nan=True
+    )
+    # The estimate of patched - corrupted: at layer 0, before the junk, nothing differs, so nothing
+    # moves when denoising, and noising leaves the clean run's own delta.
+    before = list(range(weak.injected[0]))
+    expected = 0.0 if direction == "denoise" else est.delta
+    torch.testing.assert_close(
+        est.raw_change[0, before].double(), torch.full((len(before),), expected, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+    assert "not recovery" in est.plot().layout.title.text
+
+
+def test_min_effect_is_checked(tiny):
+    for bad in (-1, math.nan, "10%", [0.1]):
+        with pytest.raises(ValueError, match="min_effect"):
+            tl.attribution_patch(tiny, CLEAN, CORRUPTED, ANSWER, min_effect=bad)
+    assert not tl.attribution_patch(tiny, CLEAN, CORRUPTED, ANSWER).weak_effect  # strong: no warning (an error here)
+
+
+def test_compare_patching_carries_a_weak_effect(tiny, weak):
+    exact = tl.patch(tiny, CLEAN, CORRUPTED, ANSWER, what="head")
+    strong = tl.compare_patching(exact, tl.attribution_patch(tiny, CLEAN, CORRUPTED, ANSWER, what="head"))
+    assert not strong.weak_effect and "weak effect" not in repr(strong)
+    assert strong.plot().layout.xaxis.title.text == "Exact recovery (patch)"
+    args = (tiny, WEAK_PROMPT, weak.prompt, WEAK_ANSWER, "resid_pre")
+    with pytest.warns(tl.WeakCorruptionWarning):
+        exact = tl.patch(*args, alignment=weak.alignment)
+    with pytest.warns(tl.WeakCorruptionWarning):
+        est = tl.attribution_patch(*args, alignment=weak.alignment)
+    agreement = tl.compare_patching(exact, est)
+    assert agreement.weak_effect and agreement.delta == exact.delta
+    text = repr(agreement)
+    assert "weak effect" in text and f"Δ = {exact.delta:+.3f}" in text and "raw change" in text
+    keep = ~exact.values.isnan().flatten()
+    frame = agreement.to_frame()
+    torch.testing.assert_close(torch.tensor(frame["exact_raw"].values), exact.raw_change.flatten()[keep].double())
+    torch.testing.assert_close(torch.tensor(frame["estimate_raw"].values), est.raw_change.flatten()[keep].double())
+    fig = agreement.plot()
+    assert fig.layout.xaxis.title.text == "Exact raw change (patch)" and "not recovery" in fig.layout.title.text
+    torch.testing.assert_close(
+        torch.tensor(fig.data[1].x, dtype=torch.float64), exact.raw_change.flatten()[keep].double()
+    )
+
+
+def test_readable_vs_causal_carries_a_weak_effect(tiny, weak):
+    trace = tl.trace(tiny, WEAK_PROMPT, WEAK_ANSWER)
+    sweeps = []
+    for what in ("head", "attn_out_all_pos", "mlp_out_all_pos"):
+        with pytest.warns(tl.WeakCorruptionWarning):
+            sweeps.append(tl.patch(tiny, WEAK_PROMPT, weak.prompt, WEAK_ANSWER, what, alignment=weak.alignment))
+    result = tl.readable_vs_causal(trace, *sweeps)
+    assert result.weak_effect and result.delta == sweeps[0].delta
+    text = repr(result)
+    assert "weak effect" in text and "raw change" in text and f"Δ = {result.delta:+.3f}" in text
+    frame = result.to_frame().set_index("unit")
+    last = tiny.cfg.n_heads - 1
+    assert frame.loc[f"L0H{last}", "raw_change"] == pytest.approx(sweeps[0].raw_change[0, last].item())
+    assert frame.loc["L1 MLP", "raw_change"] == pytest.approx(sweeps[2].raw_change[1].item())
+    fig = result.plot()
+    assert "not recovery" in fig.layout.title.text and fig.layout.yaxis.title.text.startswith("Patching raw change")
+    heads = [i for i, k in enumerate(result.kinds) if k == "head"]
+    torch.testing.assert_close(torch.tensor(fig.data[0].y, dtype=torch.float64), result.raw_change[heads].double())

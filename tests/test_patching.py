@@ -13,6 +13,12 @@ import tracelib as tl
 from tracelib.patching import Cell, SameMetricError, logit_diff, patch, prepare, run_patched
 
 CLEAN, CORRUPTED, ANSWER = "what is 1 + 1", "what is 3 + 1", " 2"
+# The random-init GPT-2 and Qwen models barely tell the two prompts apart (the operand swap moves
+# their logit difference by about 1% of itself: a weak effect by `patch`'s rule). The exact
+# invariants below hold all the same, so sweeps on them turn the weak-effect check off; the bundled
+# model's swap is strong and needs nothing. Any other weak-corruption warning fails the test.
+QUIET = {"min_effect": 0.0}
+pytestmark = pytest.mark.filterwarnings("error::tracelib.WeakCorruptionWarning")
 
 
 def _close(actual, expected, atol=1e-5):
@@ -36,12 +42,12 @@ def any_model(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resid_pre(any_model):
-    return any_model, patch(any_model, CLEAN, CORRUPTED, ANSWER, what="resid_pre")
+    return any_model, patch(any_model, CLEAN, CORRUPTED, ANSWER, what="resid_pre", **QUIET)
 
 
 def test_every_position_of_resid_pre_recovers_one(any_model):
     # Patching the whole residual stream entering a layer replaces everything the corrupted run knew.
-    result = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="resid_pre_all_pos")
+    result = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="resid_pre_all_pos", **QUIET)
     assert result.dims == ("layer",)
     _close(result.values, 1.0)
 
@@ -76,7 +82,7 @@ def test_clean_into_clean_is_refused_and_changes_nothing(any_model):
 
 
 def test_last_resid_post_at_final_position_recovers_one(any_model):
-    result = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="resid_post")
+    result = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="resid_post", **QUIET)
     assert abs(result.values[-1, -1].item() - 1.0) < 1e-5
     # Earlier positions of the last layer's output cannot reach the final logits any more.
     _close(result.values[-1, :-1], 0.0)
@@ -84,16 +90,16 @@ def test_last_resid_post_at_final_position_recovers_one(any_model):
 
 @pytest.mark.parametrize("what", ["resid_pre", "head"])
 def test_batched_equals_one_at_a_time(any_model, what):
-    one = patch(any_model, CLEAN, CORRUPTED, ANSWER, what=what, batch_size=1)
-    many = patch(any_model, CLEAN, CORRUPTED, ANSWER, what=what, batch_size=64)
+    one = patch(any_model, CLEAN, CORRUPTED, ANSWER, what=what, batch_size=1, **QUIET)
+    many = patch(any_model, CLEAN, CORRUPTED, ANSWER, what=what, batch_size=64, **QUIET)
     torch.testing.assert_close(one.values, many.values, atol=1e-5, rtol=0)
 
 
 def test_noising_keeps_one_for_clean(any_model):
     # Noising runs the clean prompt: the whole corrupted residual stream brings it to 0 (corrupted).
-    result = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="resid_pre_all_pos", direction="noise")
+    result = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="resid_pre_all_pos", direction="noise", **QUIET)
     _close(result.values, 0.0)
-    by_pos = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="resid_pre", direction="noise")
+    by_pos = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="resid_pre", direction="noise", **QUIET)
     assert by_pos.str_tokens == tl.resolve_answer(any_model, CLEAN, ANSWER).prompt_str_tokens
     corrupted = tl.resolve_answer(any_model, CORRUPTED, ANSWER).prompt_str_tokens
     same = torch.tensor([a == b for a, b in zip(corrupted, by_pos.str_tokens)])
@@ -119,7 +125,7 @@ def _insertion(model):
 
 def test_inserted_tokens_are_nan(any_model):
     prompt, inserted = _insertion(any_model)
-    result = patch(any_model, CLEAN, prompt, ANSWER, what="resid_pre")
+    result = patch(any_model, CLEAN, prompt, ANSWER, what="resid_pre", **QUIET)
     nan_positions = sorted(set(result.values.isnan().nonzero()[:, 1].tolist()))
     assert nan_positions == inserted
     assert result.values.isnan().sum() == len(inserted) * any_model.cfg.n_layers
@@ -159,7 +165,7 @@ def test_resid_pre_equals_transformer_lens(tiny):
 
 def test_float32_random_model_within_rounding(gpt2):
     # In float32 the random model's tiny gap leaves batch rounding visible, but only at rounding's size.
-    result = patch(gpt2, CLEAN, CORRUPTED, ANSWER, what="resid_pre_all_pos")
+    result = patch(gpt2, CLEAN, CORRUPTED, ANSWER, what="resid_pre_all_pos", **QUIET)
     gap = abs(result.clean_metric - result.corrupted_metric)
     _close(result.values, 1.0, atol=max(1e-5, 1e-6 / gap))
 
@@ -168,7 +174,7 @@ def test_result_object(tiny):
     result = patch(tiny, CLEAN, CORRUPTED, ANSWER, what="head")
     assert result.values.shape == (tiny.cfg.n_layers, tiny.cfg.n_heads)
     frame = result.to_frame()
-    assert isinstance(frame, pd.DataFrame) and list(frame.columns) == ["layer", "head", "value"]
+    assert isinstance(frame, pd.DataFrame) and list(frame.columns) == ["layer", "head", "value", "raw_change"]
     assert len(frame) == tiny.cfg.n_layers * tiny.cfg.n_heads
     top = result.top(3)
     assert len(top) == 3 and top["value"].abs().is_monotonic_decreasing
@@ -185,7 +191,7 @@ def test_result_object(tiny):
 
 
 def test_heads_by_position(any_model):
-    result = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="head_by_pos")
+    result = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="head_by_pos", **QUIET)
     cfg = any_model.cfg
     assert result.dims == ("layer", "head", "position")
     assert result.values.shape == (cfg.n_layers, cfg.n_heads, len(result.str_tokens))
@@ -196,7 +202,7 @@ def test_heads_by_position(any_model):
     assert result.plot().data[0].y[0] == "L0H0"
     # In the last layer no earlier position reaches the final logits any more, so a head patched at
     # every position (the "head" sweep) acts exactly as that head patched at the final position.
-    heads = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="head")
+    heads = patch(any_model, CLEAN, CORRUPTED, ANSWER, what="head", **QUIET)
     last = cfg.n_layers - 1
     torch.testing.assert_close(heads.values[last], result.values[last, :, -1], atol=1e-5, rtol=0)
 
@@ -211,7 +217,7 @@ def test_progress_is_quiet_under_pytest():
 def test_noising_with_insertion_patches_every_clean_position(any_model):
     # Noising runs the clean prompt; every clean token has a counterpart, the inserted ones are just unused.
     prompt, _ = _insertion(any_model)
-    result = patch(any_model, CLEAN, prompt, ANSWER, what="resid_pre_all_pos", direction="noise")
+    result = patch(any_model, CLEAN, prompt, ANSWER, what="resid_pre_all_pos", direction="noise", **QUIET)
     assert result.no_counterpart == [] and not result.values.isnan().any()
     assert len(result.str_tokens) == len(tl.resolve_answer(any_model, CLEAN, ANSWER).prompt_str_tokens)
     assert len(result.plot().data) == 1
@@ -300,3 +306,142 @@ def test_a_start_at_layer_that_goes_wrong_falls_back_to_full_runs(tiny, monkeypa
         result = patch(tiny, CLEAN, CORRUPTED, ANSWER, what="resid_pre")
     torch.testing.assert_close(result.values, expected.values, atol=1e-5, rtol=0)
     assert patching._START_CHECKED[tiny] is False
+
+
+# A weak corruption: on the bundled model, junk injected after the operands of "what is 2 + 3"
+# barely moves the answer's logit difference, so recovery, which divides by that move, is noise.
+WEAK_PROMPT, WEAK_ANSWER = "what is 2 + 3", " 5"
+
+
+@pytest.fixture(scope="module")
+def weak_injection(tiny):
+    """The junk injection (2 tokens after the operands) whose effect is smallest, with its share of |clean|.
+
+    Picked among seeds by measuring each, not by a stored seed or number, so a retrained bundled
+    model still gets its weakest case.
+    """
+    shares = {}
+    for seed in range(8):
+        injection = tl.inject(tiny, WEAK_PROMPT, "junk", "after", n=2, seed=seed, answer=WEAK_ANSWER)
+        layers = patch(
+            tiny,
+            WEAK_PROMPT,
+            injection.prompt,
+            WEAK_ANSWER,
+            "resid_pre_all_pos",
+            alignment=injection.alignment,
+            **QUIET,
+        )
+        shares[seed] = (injection, abs(layers.delta) / abs(layers.clean_metric))
+    injection, share = min(shares.values(), key=lambda pair: pair[1])
+    assert share < tl.patching.MIN_EFFECT  # the premise: the bundled model shrugs such junk off
+    return injection, share
+
+
+def _weak_patch(tiny, injection, **kw):
+    return patch(tiny, WEAK_PROMPT, injection.prompt, WEAK_ANSWER, alignment=injection.alignment, **kw)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_weak_corruption_warns_and_keeps_the_raw_change(tiny, weak_injection, direction):
+    injection, share = weak_injection
+    with pytest.warns(tl.WeakCorruptionWarning, match="barely changes the answer") as caught:
+        result = _weak_patch(tiny, injection, direction=direction)
+    message = str(caught[0].message)
+    for number in (result.clean_metric, result.corrupted_metric, result.delta):
+        assert f"{number:+.3f}" in message
+    assert f"{share:.1%}" in message and "operand" in message and "inject more tokens" in message
+    assert result.weak_effect and result.min_effect == tl.patching.MIN_EFFECT
+    assert "weak effect" in repr(result) and "raw_change" in repr(result)
+    # values stays recovery; raw_change is patched - corrupted, and recovery x delta gives it back.
+    assert result.raw_change.isnan().equal(result.values.isnan())
+    torch.testing.assert_close(
+        result.values.double() * result.delta, result.raw_change.double(), atol=1e-6, rtol=1e-5, equal_nan=True
+    )
+    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(tiny.cfg.n_layers)]
+    _, _, _, corr_metric, setup = prepare(
+        tiny, WEAK_PROMPT, injection.prompt, WEAK_ANSWER, direction, None, injection.alignment, hooks
+    )
+    aligned = [(i, j) for i, j in enumerate(setup.mapping) if j is not None]
+    cells = [Cell(h, (i,), (j,)) for h in hooks for i, j in aligned]
+    patched = run_patched(tiny, setup, cells).reshape(len(hooks), len(aligned))
+    raw = result.raw_change[:, [i for i, _ in aligned]].double()
+    torch.testing.assert_close(raw, patched - corr_metric, atol=1e-5, rtol=0)
+    frame = result.to_frame().dropna()
+    torch.testing.assert_close(
+        torch.tensor(frame["raw_change"].values),
+        torch.tensor(frame["value"].values) * result.delta,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_weak_corruption_figure_shows_the_raw_change(tiny, weak_injection):
+    injection, _ = weak_injection
+    with pytest.warns(tl.WeakCorruptionWarning):
+        result = _weak_patch(tiny, injection)
+    fig = result.plot()
+    title = fig.layout.title.text
+    assert "barely changes the answer" in title and f"Δ = {result.delta:+.3f}" in title
+    assert "raw change of the logit difference, not recovery" in title and "no counterpart" in title
+    heat = fig.data[0]
+    shown = torch.tensor([[math.nan if v is None else v for v in row] for row in heat.z], dtype=torch.float64)
+    torch.testing.assert_close(shown, result.raw_change.double(), equal_nan=True)
+    # Colours span the raw change, a logit difference, never the (far larger) noisy recovery.
+    largest = result.raw_change[~result.raw_change.isnan()].abs().max().item()
+    assert heat.zmax == pytest.approx(largest) and heat.zmin == -heat.zmax and heat.zmid == 0
+    assert result.values[~result.values.isnan()].abs().max().item() > heat.zmax
+    with pytest.warns(tl.WeakCorruptionWarning):
+        bars = _weak_patch(tiny, injection, what="resid_pre_all_pos").plot()
+    assert bars.layout.yaxis.title.text.startswith("Raw change") and "not recovery" in bars.layout.title.text
+
+
+def test_strong_corruption_does_not_warn(tiny):
+    # The module's filter turns a WeakCorruptionWarning into an error: none may come.
+    result = patch(tiny, CLEAN, CORRUPTED, ANSWER, what="resid_pre")
+    assert not result.weak_effect and abs(result.delta) >= tl.patching.MIN_EFFECT * abs(result.clean_metric)
+    torch.testing.assert_close(result.values.double() * result.delta, result.raw_change.double(), atol=1e-5, rtol=1e-5)
+    assert "weak effect" not in repr(result) and "recovery of" in result.plot().layout.title.text
+
+
+def test_min_effect_is_a_checked_per_call_threshold(tiny, weak_injection, monkeypatch):
+    injection, share = weak_injection
+    quiet = _weak_patch(tiny, injection, what="resid_pre_all_pos", min_effect=share / 2)  # below its share: no warning
+    assert not quiet.weak_effect and quiet.min_effect == share / 2
+    # Every operand swap is weak against a threshold above its own share of |clean|.
+    strong = patch(tiny, CLEAN, CORRUPTED, ANSWER, what="resid_pre_all_pos")
+    with pytest.warns(tl.WeakCorruptionWarning):
+        assert patch(
+            tiny, CLEAN, CORRUPTED, ANSWER, "resid_pre_all_pos", min_effect=2 * strong.delta / strong.clean_metric
+        ).weak_effect
+    # The default is read from the module constant when patch() runs.
+    monkeypatch.setattr(tl.patching, "MIN_EFFECT", 0.0)
+    assert not _weak_patch(tiny, injection, what="resid_pre_all_pos").weak_effect
+    for bad in (-0.1, math.nan, math.inf, "0.1", True, [0.1]):
+        with pytest.raises(ValueError, match="min_effect"):
+            patch(tiny, CLEAN, CORRUPTED, ANSWER, min_effect=bad)
+    # The exactly-equal case is still refused outright, weak check or not.
+    with pytest.raises(SameMetricError):
+        patch(tiny, CLEAN, CLEAN, ANSWER, min_effect=0.5)
+
+
+def test_recovery_colours_are_bounded(tiny):
+    import dataclasses
+
+    from tracelib.plotting import RECOVERY_COLOR_LIMIT
+
+    result = patch(tiny, CLEAN, CORRUPTED, ANSWER, what="resid_pre")
+    heat = result.plot().data[0]
+    # The largest |recovery| here is 1 (a whole position restored): the scale is exactly ±1.
+    assert heat.zmax == pytest.approx(max(1.0, result.values.abs().max().item())) and heat.zmin == -heat.zmax
+    # A ratio blown up by a near-zero divisor (3855 was seen) saturates the scale instead of stretching it.
+    values = result.values.clone()
+    values[2, 1] = 3855.0
+    blown = dataclasses.replace(result, values=values, raw_change=None)
+    fig = blown.plot()
+    assert fig.data[0].zmax == RECOVERY_COLOR_LIMIT and fig.data[0].zmin == -RECOVERY_COLOR_LIMIT
+    assert fig.data[0].z[2][1] == 3855.0  # the hover still shows the true value
+    assert "Colours stop at ±1.500: 1 cell(s)" in fig.layout.title.text
+    layers = patch(tiny, CLEAN, CORRUPTED, ANSWER, what="resid_pre_all_pos")
+    big = dataclasses.replace(layers, values=layers.values * 100, raw_change=None)
+    assert big.plot().data[0].marker.cmax == RECOVERY_COLOR_LIMIT

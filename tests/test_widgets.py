@@ -113,14 +113,44 @@ def test_save_and_open_reference(app, tiny, tmp_path):
     assert "Patching runs the model" in viewer.error.value
 
 
+@pytest.mark.filterwarnings("error::tracelib.WeakCorruptionWarning")  # none may escape the app
 def test_patching_tab_matches_patch(app, tiny):
     submit(app)
     app.patch_kind.value, app.patch_where.value = "junk", "after"
     result = app.run_patching()
     assert app.error.value == "" and app.patch_progress.value == app.patch_progress.max
     injected = tl.inject(tiny, PROMPT, "junk", "after", answer=ANSWER)
-    direct = tl.patch(tiny, PROMPT, injected.prompt, ANSWER, what="resid_pre", alignment=injected.alignment)
+    direct = tl.patch(
+        tiny, PROMPT, injected.prompt, ANSWER, what="resid_pre", alignment=injected.alignment, min_effect=0.0
+    )
     torch.testing.assert_close(result.values, direct.values, equal_nan=True)
+    torch.testing.assert_close(result.raw_change, direct.raw_change, equal_nan=True)
+    weak = abs(direct.delta) < tl.patching.MIN_EFFECT * abs(direct.clean_metric)
+    assert result.weak_effect == weak
+
+
+@pytest.mark.filterwarnings("error::tracelib.WeakCorruptionWarning")
+def test_patching_tab_says_when_there_is_nothing_to_recover(app, tiny, monkeypatch):
+    submit(app)
+    app.patch_kind.value, app.patch_where.value = "junk", "after"
+    injected = tl.inject(tiny, PROMPT, "junk", "after", answer=ANSWER)
+    layers = tl.patch(
+        tiny, PROMPT, injected.prompt, ANSWER, "resid_pre_all_pos", alignment=injected.alignment, min_effect=0
+    )
+    share = abs(layers.delta) / abs(layers.clean_metric)
+    assert share < tl.patching.MIN_EFFECT, "the premise: one junk token barely moves the bundled model's answer"
+    result = app.run_patching()
+    assert result.weak_effect and app.error.value == ""
+    note = app.patch_box.children[1].value
+    assert "barely changes the answer" in note and f"Δ = {result.delta:+.3f}" in note and "nothing to recover" in note
+    fig = app.patch_box.children[-1].figure
+    assert "not recovery" in fig.layout.title.text and fig.data[0].colorbar.title.text.startswith("raw change")
+    assert fig.data[0].zmax == pytest.approx(result.raw_change[~result.raw_change.isnan()].abs().max().item())
+    # With the check off (the module's default threshold at 0), the tab draws recovery and no note.
+    monkeypatch.setattr(tl.patching, "MIN_EFFECT", 0.0)
+    result = app.run_patching()
+    assert not result.weak_effect and len(app.patch_box.children) == 2
+    assert "recovery of" in app.patch_box.children[-1].figure.layout.title.text
 
 
 def test_nonfinite_shows_the_message():

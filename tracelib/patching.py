@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import numbers
 import os
 import sys
 import warnings
@@ -62,10 +63,19 @@ WHATS = {
 }
 DIRECTIONS = ("denoise", "noise")
 METHODS = ("exact", "attribution")
+# Recovery divides by clean - corrupted. A corruption that moves the clean logit difference by less
+# than this fraction of itself makes that divisor small enough for recovery to be noise: `patch()`
+# and `attribution_patch()` then warn and flag the result (`weak_effect`). Override per call with
+# `min_effect=`; 0 turns the check off.
+MIN_EFFECT = 0.1
 
 
 class SameMetricError(ValueError):
     """The clean and corrupted runs have the same logit difference, so recovery cannot be normalised."""
+
+
+class WeakCorruptionWarning(UserWarning):
+    """The corruption barely moves the logit difference, so normalised recovery is noise (see `MIN_EFFECT`)."""
 
 
 @dataclass(frozen=True)
@@ -379,6 +389,12 @@ def run_patched(
 class PatchingResult:
     """How much of the clean logit difference each patched cell recovers (1 = clean, 0 = corrupted).
 
+    Recovery is `raw_change / delta`: the change each patch makes, over the change the corruption
+    made. Where the corruption barely changes the answer (`weak_effect`), that divisor is small and
+    recovery is noise amplified, so `values` keeps recovery (its one meaning, whatever the flag) but
+    `repr`, `plot()`, `compare_patching`, `readable_vs_causal` and the explorer show `raw_change`
+    instead, and say why.
+
     Attributes:
         values: the recovery per cell, shaped by `dims`: `[layer, position]`, `[layer]`,
             `[layer, head]` or `[layer, head, position]`. NaN where the cell's position has no
@@ -394,6 +410,11 @@ class PatchingResult:
         alignment: for each of those positions, the position in the other run patched from, or None.
         method: "exact" (`patch()`: every cell a real patched run) or "attribution" (`attribution_patch()`:
             the first-order estimate of every cell from one backward pass).
+        raw_change: per cell, the patched run's logit difference minus the corrupted run's (in both
+            directions, so `values * delta == raw_change`; noising's unpatched run scores `delta`).
+            Kept whether or not the effect is weak; derived from `values` when not given.
+        min_effect: the fraction of |clean_metric| that |delta| had to reach for recovery to count
+            (`MIN_EFFECT` by default, 0 = no check).
     """
 
     values: Float[Tensor, "*shape"]
@@ -408,6 +429,8 @@ class PatchingResult:
     str_tokens: list[str]
     alignment: list = field(default_factory=list)
     method: str = "exact"
+    raw_change: Float[Tensor, "*shape"] | None = None
+    min_effect: float = MIN_EFFECT
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -417,6 +440,29 @@ class PatchingResult:
                 f"values have shape {tuple(self.values.shape)}, but dims {self.dims} have "
                 f"{[len(lab) for lab in self.labels]} labels"
             )
+        object.__setattr__(self, "min_effect", check_min_effect(self.min_effect))
+        if self.raw_change is None:
+            object.__setattr__(self, "raw_change", (self.values.double() * self.delta).float())
+        elif tuple(self.raw_change.shape) != tuple(self.values.shape):
+            raise ValueError(
+                f"raw_change has shape {tuple(self.raw_change.shape)} but values {tuple(self.values.shape)}; "
+                "pass both (or raw_change=None to derive it from values)"
+            )
+
+    @property
+    def delta(self) -> float:
+        """clean_metric - corrupted_metric: the change the corruption made, which recovery divides by."""
+        return self.clean_metric - self.corrupted_metric
+
+    @property
+    def weak_effect(self) -> bool:
+        """Whether |delta| is below `min_effect` of |clean_metric|: recovery is then noise, read `raw_change`."""
+        return is_weak(self.clean_metric, self.corrupted_metric, self.min_effect)
+
+    @property
+    def effect_note(self) -> str:
+        """Where the effect is weak, the line that says so (how small delta is, against what); else ''."""
+        return weak_note(self.clean_metric, self.corrupted_metric, self.min_effect) if self.weak_effect else ""
 
     @property
     def no_counterpart(self) -> list[int]:
@@ -424,14 +470,15 @@ class PatchingResult:
         return [i for i, j in enumerate(self.alignment) if j is None]
 
     def to_frame(self) -> pd.DataFrame:
-        """Long form: one row per cell, a column per axis plus `value`."""
+        """Long form: one row per cell, a column per axis plus `value` (recovery) and `raw_change`."""
         grids = torch.meshgrid(*[torch.arange(len(lab)) for lab in self.labels], indexing="ij")
         data = {dim: [self.labels[d][i] for i in grids[d].flatten().tolist()] for d, dim in enumerate(self.dims)}
         data["value"] = self.values.flatten().tolist()
+        data["raw_change"] = self.raw_change.flatten().tolist()
         return pd.DataFrame(data)
 
     def top(self, k: int = 5) -> pd.DataFrame:
-        """The k cells with the largest |value|, signs kept (NaN cells left out)."""
+        """The k cells with the largest |value| (equally, |raw_change|), signs kept (NaN cells left out)."""
         k = check_k(k)
         frame = self.to_frame().dropna(subset=["value"])
         return frame.reindex(frame["value"].abs().sort_values(ascending=False).index).head(k).reset_index(drop=True)
@@ -450,11 +497,18 @@ class PatchingResult:
         lines = [
             f"PatchingResult({self.what}, {self.direction}{estimate}, {tuple(self.values.shape)}; "
             f"{self.answer_str!r} vs {self.distractor_strs}: clean {self.clean_metric:+.3f}, "
-            f"corrupted {self.corrupted_metric:+.3f})",
-            f"  recovery 1 = clean, 0 = corrupted; max |value| {best['value']:+.3f}{where}"
-            if best is not None
-            else "  no cell could be patched",
+            f"corrupted {self.corrupted_metric:+.3f})"
         ]
+        if best is None:
+            lines.append("  no cell could be patched")
+        elif self.weak_effect:
+            lines += [
+                f"  weak effect: {self.effect_note}; recovery is noise here",
+                "  raw change (patched - corrupted logit difference): "
+                f"max |raw_change| {best['raw_change']:+.3f}{where}",
+            ]
+        else:
+            lines.append(f"  recovery 1 = clean, 0 = corrupted; max |value| {best['value']:+.3f}{where}")
         if self.no_counterpart:
             gap = ", ".join(f"{self.str_tokens[i]!r}@{i}" for i in self.no_counterpart)
             lines.append(f"  no counterpart (NaN by position, not patched): {gap}")
@@ -572,6 +626,7 @@ def patch(
     batch_size: int | None = None,
     *,
     progress: bool | None = None,
+    min_effect: float | None = None,
 ) -> PatchingResult:
     """Patch activations between a clean and a corrupted prompt and score each cell's recovery.
 
@@ -595,15 +650,26 @@ def patch(
         batch_size: patched runs per forward pass; default from free memory (`auto_batch_size`).
         progress: show a tqdm bar; default only with more than 4 batches and never under pytest or
             nbval (see `_is_quiet`).
+        min_effect: the smallest |clean - corrupted| worth normalising by, as a fraction of
+            |clean| (default `MIN_EFFECT`, 10%; 0 turns the check off). Below it recovery is noise:
+            a `WeakCorruptionWarning` says so, the result's `weak_effect` is True, and its plot
+            shows `raw_change` instead of recovery.
 
     Returns:
-        A `PatchingResult`.
+        A `PatchingResult`; `values` is recovery and `raw_change` the patched - corrupted logit
+        difference, whether or not the effect is weak.
 
     Raises:
         SameMetricError: the clean and corrupted logit differences are equal, so no recovery can be normalised.
+        ValueError: an unknown `what` or `direction`, a bad alignment, or a `min_effect` that is not a
+            finite number >= 0.
+
+    Warns:
+        WeakCorruptionWarning: the corruption changes the logit difference by less than `min_effect` of it.
     """
     if what not in WHATS:
         raise ValueError(f"what must be one of {sorted(WHATS)}, got {what!r}")
+    min_effect = check_min_effect(min_effect)
     hook = WHATS[what][0]
     hooks = [f"blocks.{layer}.{hook}" for layer in range(model.cfg.n_layers)]
     from tracelib.answers import token_str
@@ -612,10 +678,13 @@ def patch(
         model, clean_prompt, corrupted_prompt, answer, direction, distractors, alignment, hooks
     )
     span = _check_span(clean_metric, corr_metric)
+    _warn_if_weak(clean_metric, corr_metric, min_effect, clean.target_str)
     cells, flat, dims, shape = make_cells(model, what, setup.mapping)
     patched = run_patched(model, setup, cells, batch_size, progress)
-    values = torch.full((math.prod(shape),), math.nan)
-    values[torch.tensor(flat, dtype=torch.long)] = ((patched - corr_metric) / span).float()
+    values, raw = torch.full((math.prod(shape),), math.nan), torch.full((math.prod(shape),), math.nan)
+    index = torch.tensor(flat, dtype=torch.long)
+    values[index] = ((patched - corr_metric) / span).float()
+    raw[index] = (patched - corr_metric).float()
     base = corrupted if direction == "denoise" else clean
     from tracelib.plotting import token_labels
 
@@ -636,6 +705,8 @@ def patch(
         distractor_strs=[token_str(model, t) for t in setup.distractors],
         str_tokens=list(base.str_tokens),
         alignment=list(setup.mapping),
+        raw_change=raw.reshape(shape),
+        min_effect=min_effect,
     )
 
 
@@ -681,6 +752,52 @@ def _check_span(clean_metric: float, corr_metric: float) -> float:
     return span
 
 
+def check_min_effect(min_effect) -> float:
+    """`min_effect` as a float, checked: a finite fraction >= 0 (None reads the module's `MIN_EFFECT`)."""
+    if min_effect is None:
+        min_effect = MIN_EFFECT
+    if isinstance(min_effect, bool) or not isinstance(min_effect, numbers.Real):
+        raise ValueError(
+            f"min_effect must be a number (a fraction of the clean logit difference, e.g. 0.1), got {min_effect!r}"
+        )
+    value = float(min_effect)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"min_effect must be a finite fraction >= 0 of the clean logit difference (0 turns the check off), "
+            f"got {min_effect!r}"
+        )
+    return value
+
+
+def is_weak(clean_metric: float, corr_metric: float, min_effect: float) -> bool:
+    """Whether the corruption moves the clean logit difference by less than `min_effect` of itself."""
+    return abs(clean_metric - corr_metric) < min_effect * abs(clean_metric)
+
+
+def weak_note(clean_metric: float, corr_metric: float, min_effect: float) -> str:
+    """The one line every consumer shows for a weak effect: how small the change is, against what."""
+    delta = clean_metric - corr_metric
+    share = abs(delta) / abs(clean_metric) if clean_metric else math.inf
+    return (
+        f"this corruption barely changes the answer (Δ = {delta:+.3f}, {share:.1%} of the clean logit difference "
+        f"{clean_metric:+.3f}, below min_effect {min_effect:.1%})"
+    )
+
+
+def _warn_if_weak(clean_metric: float, corr_metric: float, min_effect: float, answer_str: str) -> None:
+    if not is_weak(clean_metric, corr_metric, min_effect):
+        return
+    warnings.warn(
+        f"For {answer_str!r}, {weak_note(clean_metric, corr_metric, min_effect)}: the corrupted run scores "
+        f"{corr_metric:+.3f}. Recovery divides by Δ, so here it is noise; the result is flagged "
+        "(weak_effect) and keeps raw_change (patched - corrupted logit difference), which its plot shows instead. "
+        'Use a stronger corruption: change an operand ("what is 1 + 1" -> "what is 3 + 1") or inject more '
+        "tokens (tl.inject(..., n=3)). min_effect=0 turns this check off.",
+        WeakCorruptionWarning,
+        stacklevel=3,
+    )
+
+
 def attribution_patch(
     model,
     clean_prompt: str,
@@ -690,6 +807,8 @@ def attribution_patch(
     direction: str = "denoise",
     distractors=None,
     alignment=None,
+    *,
+    min_effect: float | None = None,
 ) -> PatchingResult:
     """Estimate every cell of `patch()` at once from one backward pass (attribution patching).
 
@@ -716,14 +835,18 @@ def attribution_patch(
     operand positions). Compare it with `patch()` before trusting it (`compare_patching`).
 
     Args:
-        model, clean_prompt, corrupted_prompt, answer, what, direction, distractors, alignment: as
-            in `patch()`.
+        model, clean_prompt, corrupted_prompt, answer, what, direction, distractors, alignment,
+            min_effect: as in `patch()`.
 
     Returns:
-        A `PatchingResult` with `method="attribution"`. Cells with no counterpart are NaN.
+        A `PatchingResult` with `method="attribution"`. Cells with no counterpart are NaN;
+        `raw_change` is the estimated patched - corrupted logit difference.
 
     Raises:
         SameMetricError: the clean and corrupted logit differences are equal.
+
+    Warns:
+        WeakCorruptionWarning: as in `patch()`: recovery is noise, read `raw_change`.
     """
     from transformer_lens.tools.analysis.attribution_patching import cache_activation_and_gradient
 
@@ -736,6 +859,7 @@ def attribution_patch(
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if model.training:
         raise ValueError("attribution_patch() needs the model in eval() mode (tl.load_model leaves it so).")
+    min_effect = check_min_effect(min_effect)
     clean, corrupted, alignment = resolve_pair(model, clean_prompt, corrupted_prompt, answer, distractors, alignment)
     n_layers = model.cfg.n_layers
     names = [ATTRIBUTION_HOOKS[what].format(layer=layer) for layer in range(n_layers)]
@@ -762,6 +886,7 @@ def attribution_patch(
         )
     clean_metric, corr_metric = clean_run.metric.item(), corr_run.metric.item()
     span = _check_span(clean_metric, corr_metric)
+    _warn_if_weak(clean_metric, corr_metric, min_effect, clean.target_str)
     if base_is_clean:
         base, base_run, source_run = clean, clean_run, corr_run
         mapping = invert_alignment(alignment, len(clean.tokens))
@@ -789,6 +914,8 @@ def attribution_patch(
     if not by_pos:
         # A patch of every aligned position at once: to first order, the sum of the single ones.
         scores = scores.nansum(-1) if len(aligned) else torch.full(scores.shape[:-1], math.nan, dtype=torch.float64)
+    # The estimate of patched - base, measured from the corrupted run as patch() measures it.
+    raw = scores + (span if base_is_clean else 0.0)
     values = scores / span + (1.0 if base_is_clean else 0.0)
     dims: tuple[str, ...] = ("layer",) + (("head",) if by_head else ()) + (("position",) if by_pos else ())
     axis = {
@@ -809,6 +936,8 @@ def attribution_patch(
         str_tokens=list(base.str_tokens),
         alignment=list(mapping),
         method="attribution",
+        raw_change=raw.float(),
+        min_effect=min_effect,
     )
 
 
@@ -829,7 +958,13 @@ class PatchingAgreement:
         cells: the label of every cell both results patched (NaN cells left out).
         exact: exact recovery per cell (`patch()`); estimate: the linear estimate (`attribution_patch()`).
         pearson: Pearson correlation of the two over the cells; spearman: Spearman's rank correlation.
+            Both are the same over raw changes as over recovery (one positive scale per result).
         what, direction: what both results patched, and which way.
+        exact_raw, estimate_raw: the same cells' raw change (patched - corrupted logit difference);
+            derived from recovery and `delta` when not given.
+        weak_effect: either result's corruption barely changed the answer, so recovery is noise and
+            `repr` and `plot()` show the raw changes instead.
+        delta: the exact result's clean - corrupted logit difference.
     """
 
     cells: list[str]
@@ -839,21 +974,33 @@ class PatchingAgreement:
     spearman: float
     what: str
     direction: str
+    exact_raw: Float[Tensor, " cell"] | None = None
+    estimate_raw: Float[Tensor, " cell"] | None = None
+    weak_effect: bool = False
+    delta: float = math.nan
 
     def __post_init__(self) -> None:
         if not (len(self.cells) == len(self.exact) == len(self.estimate)):
             raise ValueError(
                 f"cells ({len(self.cells)}), exact ({len(self.exact)}) and estimate ({len(self.estimate)}) must align"
             )
+        for name, recovery in (("exact_raw", self.exact), ("estimate_raw", self.estimate)):
+            raw = getattr(self, name)
+            if raw is None:
+                object.__setattr__(self, name, (recovery.double() * self.delta).float())
+            elif len(raw) != len(recovery):
+                raise ValueError(f"{name} has {len(raw)} cells but there are {len(recovery)}")
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per cell: exact recovery, the estimate, and estimate - exact."""
+        """One row per cell: exact recovery, the estimate, estimate - exact, and both raw changes."""
         return pd.DataFrame(
             {
                 "cell": self.cells,
                 "exact": self.exact.tolist(),
                 "estimate": self.estimate.tolist(),
                 "difference": (self.estimate - self.exact).tolist(),
+                "exact_raw": self.exact_raw.tolist(),
+                "estimate_raw": self.estimate_raw.tolist(),
             }
         )
 
@@ -873,15 +1020,23 @@ class PatchingAgreement:
 
     def __repr__(self) -> str:
         worst = self.top(1).iloc[0] if self.cells else None
+        unit = "_raw" if self.weak_effect else ""
         tail = (
             ""
             if worst is None
-            else f"; furthest apart: {worst['cell']} (exact {worst['exact']:+.3f}, estimate {worst['estimate']:+.3f})"
+            else f"; furthest apart: {worst['cell']} (exact {worst['exact' + unit]:+.3f}, "
+            f"estimate {worst['estimate' + unit]:+.3f}{' raw change' if self.weak_effect else ''})"
         )
-        return (
+        text = (
             f"PatchingAgreement({self.what}, {self.direction}, {len(self.cells)} cells: pearson {self.pearson:+.3f}, "
             f"spearman {self.spearman:+.3f}{tail})"
         )
+        if self.weak_effect:
+            text += (
+                f"\n  weak effect: this corruption barely changes the answer (Δ = {self.delta:+.3f}); recovery is "
+                "noise, so the cells are compared by raw change (patched - corrupted logit difference)"
+            )
+        return text
 
 
 def compare_patching(exact: PatchingResult, estimate: PatchingResult) -> PatchingAgreement:
@@ -893,6 +1048,7 @@ def compare_patching(exact: PatchingResult, estimate: PatchingResult) -> Patchin
 
     Returns:
         A `PatchingAgreement` over every cell patched in both (cells with no counterpart are left out).
+        Where either result's effect is weak, its `weak_effect` is True and it shows raw changes.
     """
     from tracelib.compare import spearman
 
@@ -915,7 +1071,19 @@ def compare_patching(exact: PatchingResult, estimate: PatchingResult) -> Patchin
     if len(x) > 1 and x.std() > 0 and y.std() > 0:
         pearson = torch.corrcoef(torch.stack([x, y]))[0, 1].item()
     rho = spearman(x, y) if len(x) > 1 else math.nan
-    return PatchingAgreement(names, x.float(), y.float(), pearson, rho, exact.what, exact.direction)
+    return PatchingAgreement(
+        names,
+        x.float(),
+        y.float(),
+        pearson,
+        rho,
+        exact.what,
+        exact.direction,
+        exact_raw=exact.raw_change.flatten()[keep],
+        estimate_raw=estimate.raw_change.flatten()[keep],
+        weak_effect=exact.weak_effect or estimate.weak_effect,
+        delta=exact.delta,
+    )
 
 
 # Which patching sweep measures each DLA unit's causal effect, and the DLA label it is read against.
@@ -933,6 +1101,11 @@ class ReadableVsCausal:
         recovery: each unit's patching recovery (1 = clean, 0 = corrupted), from the sweeps passed in.
         metric: what the DLA attributes (e.g. "logit"); direction: the patching direction.
         answer_str: the answer both measure.
+        raw_change: each unit's patched - corrupted logit difference (derived from recovery and
+            `delta` when not given).
+        weak_effect: a sweep's corruption barely changed the answer, so recovery is noise and
+            `repr` and `plot()` show `raw_change` instead.
+        delta: the first sweep's clean - corrupted logit difference.
     """
 
     units: list[str]
@@ -942,15 +1115,28 @@ class ReadableVsCausal:
     metric: str
     direction: str
     answer_str: str
+    raw_change: Float[Tensor, " unit"] | None = None
+    weak_effect: bool = False
+    delta: float = math.nan
 
     def __post_init__(self) -> None:
         if not (len(self.units) == len(self.kinds) == len(self.dla) == len(self.recovery)):
             raise ValueError("units, kinds, dla and recovery must have one entry per unit")
+        if self.raw_change is None:
+            object.__setattr__(self, "raw_change", (self.recovery.double() * self.delta).float())
+        elif len(self.raw_change) != len(self.recovery):
+            raise ValueError("raw_change must have one entry per unit")
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per unit: DLA and recovery, with each one's rank by absolute size (1 = largest)."""
+        """One row per unit: DLA, recovery and raw change, with DLA's and recovery's ranks by size (1 = largest)."""
         frame = pd.DataFrame(
-            {"unit": self.units, "kind": self.kinds, "dla": self.dla.tolist(), "recovery": self.recovery.tolist()}
+            {
+                "unit": self.units,
+                "kind": self.kinds,
+                "dla": self.dla.tolist(),
+                "recovery": self.recovery.tolist(),
+                "raw_change": self.raw_change.tolist(),
+            }
         )
         frame["dla_rank"] = frame.groupby("kind")["dla"].transform(
             lambda s: s.abs().rank(ascending=False, method="min")
@@ -961,10 +1147,10 @@ class ReadableVsCausal:
         return frame.astype({"dla_rank": int, "recovery_rank": int})
 
     def top(self, k: int = 5, by: str = "dla") -> pd.DataFrame:
-        """The k units largest by |DLA| (`by="dla"`) or by |recovery| (`by="recovery"`), signs kept."""
+        """The k units largest by |DLA| (`by="dla"`), |recovery| or |raw change| (`"raw_change"`), signs kept."""
         k = check_k(k)
-        if by not in ("dla", "recovery"):
-            raise ValueError(f"by must be 'dla' or 'recovery', got {by!r}")
+        if by not in ("dla", "recovery", "raw_change"):
+            raise ValueError(f"by must be 'dla', 'recovery' or 'raw_change', got {by!r}")
         frame = self.to_frame()
         return frame.reindex(frame[by].abs().sort_values(ascending=False).index).head(k).reset_index(drop=True)
 
@@ -984,16 +1170,23 @@ class ReadableVsCausal:
         return readable_causal_figure(self, **layout)
 
     def __repr__(self) -> str:
+        causal = "raw change" if self.weak_effect else "recovery"
+        column = "raw_change" if self.weak_effect else "recovery"
         lines = [
-            f"ReadableVsCausal({len(self.units)} units, {self.metric} DLA vs {self.direction} recovery "
+            f"ReadableVsCausal({len(self.units)} units, {self.metric} DLA vs {self.direction} {causal} "
             f"of {self.answer_str!r})"
         ]
+        if self.weak_effect:
+            lines.append(
+                f"  weak effect: this corruption barely changes the answer (Δ = {self.delta:+.3f}); recovery is "
+                "noise, so the causal side is the raw change (patched - corrupted logit difference)"
+            )
         for kind in sorted(set(self.kinds)):
             d = self.disagreements(kind)
             a, b = d.iloc[0], d.iloc[1]
             lines.append(
-                f"  {kind}: largest |DLA| {a['unit']} ({a['dla']:+.3f}, recovery {a['recovery']:+.3f}); "
-                f"largest |recovery| {b['unit']} ({b['recovery']:+.3f}, DLA {b['dla']:+.3f})"
+                f"  {kind}: largest |DLA| {a['unit']} ({a['dla']:+.3f}, {causal} {a[column]:+.3f}); "
+                f"largest |{causal}| {b['unit']} ({b[column]:+.3f}, DLA {b['dla']:+.3f})"
             )
         return "\n".join(lines)
 
@@ -1008,7 +1201,8 @@ def readable_vs_causal(trace, *results: PatchingResult, row: int = 0) -> Readabl
         row: which row of `trace`.
 
     Returns:
-        A `ReadableVsCausal`.
+        A `ReadableVsCausal`. Where a sweep's effect is weak (`PatchingResult.weak_effect`), its
+        `weak_effect` is True and its repr and plot show the raw change instead of recovery.
     """
     if not results:
         raise ValueError('Pass at least one patching result: what="head", "attn_out_all_pos" or "mlp_out_all_pos".')
@@ -1017,7 +1211,7 @@ def readable_vs_causal(trace, *results: PatchingResult, row: int = 0) -> Readabl
     dla = trace.dla
     n_layers, n_heads = dla.heads.shape[:2]
     answer = trace.rows[row].target_str
-    units, kinds, readable, causal = [], [], [], []
+    units, kinds, readable, causal, raw = [], [], [], [], []
     directions = {r.direction for r in results}
     if len(directions) > 1:
         raise ValueError(f"The results mix patching directions {sorted(directions)}; pass one direction.")
@@ -1040,6 +1234,7 @@ def readable_vs_causal(trace, *results: PatchingResult, row: int = 0) -> Readabl
                     kinds.append("head")
                     readable.append(dla.heads[layer, head, row].item())
                     causal.append(result.values[layer, head].item())
+                    raw.append(result.raw_change[layer, head].item())
             else:
                 part = CAUSAL_UNITS[result.what]
                 index = dla.component_labels.index(f"{layer}_{part}_out")
@@ -1047,6 +1242,16 @@ def readable_vs_causal(trace, *results: PatchingResult, row: int = 0) -> Readabl
                 kinds.append("component")
                 readable.append(dla.components[index, row].item())
                 causal.append(result.values[layer].item())
+                raw.append(result.raw_change[layer].item())
     return ReadableVsCausal(
-        units, kinds, torch.tensor(readable), torch.tensor(causal), dla.metric, directions.pop(), answer
+        units,
+        kinds,
+        torch.tensor(readable),
+        torch.tensor(causal),
+        dla.metric,
+        directions.pop(),
+        answer,
+        raw_change=torch.tensor(raw),
+        weak_effect=any(r.weak_effect for r in results),
+        delta=results[0].delta,
     )

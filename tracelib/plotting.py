@@ -6,6 +6,8 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
+from tracelib.formats import READABLE_PROB, metric_phrase
+
 DIVERGING = "RdBu"
 # RdBu runs red (low) to blue (high): with its midpoint at 0, a positive attribution (toward the
 # answer) is blue and a negative one red. Every figure and every caption uses that one convention.
@@ -173,10 +175,43 @@ def lens_lines(lens, row: int = 0, metric: str = "logit_diff", **layout) -> go.F
     if metric == "logit_diff":
         # Above zero the answer beats its rivals: the same blue/red reading as every other figure.
         fig.add_hline(y=0, line=dict(color="rgb(150,150,150)", width=1))
+    if metric == "prob":
+        fig.add_hline(
+            y=READABLE_PROB,
+            line=dict(color="rgb(150,150,150)", width=1, dash="dash"),
+            annotation_text=f"p = {READABLE_PROB:g}: readable above",
+            annotation_position="bottom right",
+        )
+    readable = lens.standard.readable_from(row)
+    if readable is not None:
+        # Where the answer becomes readable by the standard lens: the one meaning tracelib gives the word.
+        # (A shape and an annotation: plotly's add_vline cannot place its label on a category axis.)
+        at = component_label(readable)
+        fig.add_shape(
+            type="line",
+            x0=at,
+            x1=at,
+            yref="paper",
+            y0=0,
+            y1=1,
+            line=dict(color="rgb(150,150,150)", width=1, dash="dash"),
+        )
+        fig.add_annotation(
+            x=at, yref="paper", y=1, text=f"readable from {at}", showarrow=False, xanchor="left", yanchor="bottom"
+        )
+    subtitle = []
+    if metric in ("logit", "logit_diff") and lens.answer_strs:
+        subtitle.append(metric_phrase(metric, lens.answer_strs[row], lens.distractor_strs[row]))
+    subtitle.append(
+        f"readable (standard lens gives the answer p > {READABLE_PROB:g} from there on) from "
+        f"{component_label(readable)}"
+        if readable
+        else f"never readable (p > {READABLE_PROB:g}) by the standard lens"
+    )
     return _layout(
         fig,
         {
-            "title": f"{METRIC_TITLES[metric]} along depth: {lens.row_labels[row]}",
+            "title": f"{METRIC_TITLES[metric]} along depth: {lens.row_labels[row]}<br><sub>{'; '.join(subtitle)}</sub>",
             "xaxis_title": "Layer (L3 pre = entering block 3, L3 mid = after its attention)",
             "yaxis_title": METRIC_TITLES[metric],
             "legend": dict(orientation="h", y=-0.3),
@@ -210,17 +245,29 @@ def source_bars(sources, **layout) -> go.Figure:
 
 
 def position_heatmap(positions, row: int = 0, **layout) -> go.Figure:
-    """Position x component DLA grid on RdBu centred at 0, positions ticked with their tokens."""
+    """Position x component DLA grid on RdBu centred at 0, positions ticked with their tokens.
+
+    The subtitle names the metric and the positions where the answer is readable (p > 0.5 in the
+    model's own prediction there), by the one rule the lens uses too.
+    """
+    labels = token_labels(positions.str_tokens[row])
     fig = _diverging_heatmap(
         positions.values[row].T,
-        token_labels(positions.str_tokens[row]),
+        labels,
         [component_label(label) for label in positions.component_labels],
         "%{y} at %{x}",
     )
+    notes = [positions.metric_labels[row]] if positions.metric_labels else []
+    if positions.final_prob:
+        readable = [labels[p] for p, ok in enumerate(positions.readable_at(row)) if ok]
+        notes.append(
+            f"readable (answer p > {READABLE_PROB:g}) at: {', '.join(readable)}" if readable else "readable nowhere"
+        )
+    subtitle = f"<br><sub>{'; '.join(notes)}</sub>" if notes else ""
     return _layout(
         fig,
         {
-            "title": f"DLA toward the answer at every position: {positions.row_labels[row]}",
+            "title": f"DLA toward the answer at every position: {positions.row_labels[row]}{subtitle}",
             "xaxis_title": "Position",
             "yaxis_title": "Component",
         },
@@ -245,7 +292,7 @@ def report_figures(trace, row: int = 0) -> list[dict]:
     from tracelib.lens import LENS_NAMES
 
     dla = trace.dla
-    what = "logit" if dla.metric == "logit" else "logit difference"
+    what = dla.metric_label(row)
     (top_layer, top_head), _ = trace.heads.strongest(row)
     verdict, evidence = trace.positions.verdict(row)
     first = evidence["first readable position"]
@@ -269,15 +316,15 @@ def report_figures(trace, row: int = 0) -> list[dict]:
             figures=[trace.lens.plot(row, "logit_diff"), trace.lens.plot(row, "rank")],
             caption="Above the zero line the answer beats its rivals. Rank 1 is the top prediction (log scale). "
             + (
-                f"By the standard lens the answer is the top prediction from {component_label(readable)} on."
+                f"By the standard lens the answer is readable (p > {READABLE_PROB:g}) from {component_label(readable)} on."
                 if readable
-                else "By the standard lens the answer is never the top prediction."
+                else f"By the standard lens the answer is never readable (p > {READABLE_PROB:g} at the last layer)."
             ),
         ),
         dict(
             id="dla",
             heading="3. Direct logit attribution: which components write the answer",
-            text=f"Each component's direct contribution to the answer's {what} at the final position, by "
+            text=f"Each component's direct contribution to the {what} at the final position, by "
             "component and summed by layer.",
             figures=[dla.plot("component", row), dla.plot("layer", row)],
             caption=SIGN_CAPTION,
@@ -306,14 +353,23 @@ def report_figures(trace, row: int = 0) -> list[dict]:
             text="Every component's contribution toward the answer when read at every position (each with its "
             "own final-norm scale); the last column is the DLA above.",
             figures=[trace.positions.plot(row)],
-            caption=f"{SIGN_CAPTION} Verdict: {verdict}"
-            + (
-                f"; first readable at position {first} ({token_labels(trace.rows[row].str_tokens)[first]})."
-                if first is not None
-                else "; the answer is the top prediction at no position."
-            ),
+            caption=f"{SIGN_CAPTION} Verdict: {verdict}; " + readable_positions_sentence(trace.positions, row),
         ),
     ]
+
+
+def readable_positions_sentence(positions, row: int = 0) -> str:
+    """Where along the prompt the answer is readable (p > 0.5 in the model's own prediction), in words."""
+    labels = token_labels(positions.str_tokens[row])
+    if not positions.final_prob:
+        return "readability per position was not recorded (a reference saved before format 3)."
+    where = [p for p, ok in enumerate(positions.readable_at(row)) if ok]
+    rule = f"(the model's own prediction there gives it p > {READABLE_PROB:g})"
+    if not where:
+        return f"the answer is readable {rule} at no position."
+    if where == [len(labels) - 1]:
+        return f"the answer is readable {rule} only at the final position, {labels[-1]}."
+    return f"the answer is readable {rule} at {', '.join(labels[p] for p in where)}."
 
 
 def report_html(trace, row: int = 0) -> str:
@@ -446,14 +502,34 @@ def comparison_bars(labels: list[str], a: Tensor, b: Tensor, unit: str = "compon
 PATCHING_CAPTION = (
     "Blue recovers the clean answer's logit difference (1 = clean), red pushes against it (0 = corrupted)."
 )
+RAW_CHANGE_CAPTION = "Blue raises the answer's logit difference above the corrupted run's, red lowers it."
+# Recovery is a ratio, unbounded where clean - corrupted is small. Its colours span the largest
+# |value| but never less than ±1 (so 1 = clean is full blue wherever it is the largest) and never
+# more than ±RECOVERY_COLOR_LIMIT: a cell beyond it is drawn at the end of the scale, its hover still
+# shows its value, and the title counts such cells.
+RECOVERY_COLOR_LIMIT = 1.5
+
+
+def recovery_color_limit(values: Tensor) -> float:
+    """The colour range ±limit of a recovery figure: the largest finite |value|, kept within [1, 1.5]."""
+    finite = values[values.isfinite()]
+    top = finite.abs().max().item() if len(finite) else 1.0
+    return min(max(top, 1.0), RECOVERY_COLOR_LIMIT)
+
+
+def _weak_title(note: str) -> str:
+    return f"<br><sup>{note[:1].upper()}{note[1:]}: showing the raw change of the logit difference, not recovery.</sup>"
 
 
 def patching_figure(result, **layout) -> go.Figure:
     """A patching result on RdBu centred at 0: a layer x position (or head) heatmap, or bars per layer.
 
-    Cells with no counterpart in the other run are NaN, left blank, and named in the title.
+    Cells with no counterpart in the other run are NaN, left blank, and named in the title. Recovery's
+    colours stop at ±`recovery_color_limit`. Where the effect is weak (`result.weak_effect`) the
+    figure shows `result.raw_change` (patched - corrupted logit difference) instead, and says why.
     """
-    values, dims, labels = result.values, result.dims, result.labels
+    weak = result.weak_effect
+    values, dims, labels = (result.raw_change if weak else result.values), result.dims, result.labels
     if values.ndim == 3:  # [layer, head, position]: one row per head
         values = values.reshape(-1, values.shape[-1])
         y = [f"{layer}{head}" for layer in labels[0] for head in labels[1]]
@@ -464,17 +540,30 @@ def patching_figure(result, **layout) -> go.Figure:
     else:
         x_title, y_title = "Layer", None
     kind = "Activation patching" if result.method == "exact" else "Attribution patching, a linear estimate"
-    title = f"{kind} ({result.what}, {result.direction}): recovery of {result.answer_str!r}"
+    shown = f"raw change of {result.answer_str!r}'s logit difference" if weak else f"recovery of {result.answer_str!r}"
+    title = f"{kind} ({result.what}, {result.direction}): {shown}"
+    if weak:
+        title += _weak_title(result.effect_note)
     if result.no_counterpart:
         gap = ", ".join(f"{result.str_tokens[i]!r}@{i}" for i in result.no_counterpart)
         title += f"<br><sup>Blank: no counterpart in the other prompt ({gap}), not patched.</sup>"
-    title += f"<br><sup>{PATCHING_CAPTION}</sup>"
+    finite = values[values.isfinite()]
+    if weak:
+        # A logit difference, not a ratio: it is bounded by the logits themselves.
+        limit = (finite.abs().max().item() if len(finite) else 0.0) or 1.0
+    else:
+        limit = recovery_color_limit(values)
+        beyond = int((finite.abs() > limit).sum())
+        if beyond:
+            title += f"<br><sup>Colours stop at ±{limit:.3f}: {beyond} cell(s) lie beyond; hover for each value.</sup>"
+    title += f"<br><sup>{RAW_CHANGE_CAPTION if weak else PATCHING_CAPTION}</sup>"
+    axis_title = "Raw change (patched - corrupted)" if weak else "Recovery"
     if values.ndim == 1:
         # signed_bars would add the DLA caption; this figure carries its own.
-        fig = signed_bars(labels[0], values.nan_to_num(0.0), "", xaxis_title="Layer", yaxis_title="Recovery")
+        fig = signed_bars(labels[0], values.nan_to_num(0.0), "", xaxis_title="Layer", yaxis_title=axis_title)
+        fig.update_traces(marker=dict(cmin=-limit, cmax=limit))
         return _layout(fig, {"title": title}, layout)
-    finite = values[~values.isnan()]
-    limit = finite.abs().max().item() if len(finite) else 1.0
+    colorbar = "raw change<br>blue: raises<br>red: lowers" if weak else "recovery<br>blue: toward clean<br>red: against"
     fig = go.Figure(
         go.Heatmap(
             z=[[None if v != v else v for v in row] for row in values.tolist()],
@@ -482,9 +571,9 @@ def patching_figure(result, **layout) -> go.Figure:
             y=list(y),
             colorscale=DIVERGING,
             zmid=0,
-            zmin=-(limit or 1.0),
-            zmax=limit or 1.0,
-            colorbar=dict(title=dict(text="recovery<br>blue: toward clean<br>red: against", side="top")),
+            zmin=-limit,
+            zmax=limit,
+            colorbar=dict(title=dict(text=colorbar, side="top")),
             hovertemplate="%{y} at %{x}: %{z:+.3f}<extra></extra>",
         )
     )
@@ -494,9 +583,15 @@ def patching_figure(result, **layout) -> go.Figure:
 
 
 def agreement_figure(agreement, **layout) -> go.Figure:
-    """Attribution patching's estimate against exact recovery: on the grey line they agree."""
-    x, y = agreement.exact.tolist(), agreement.estimate.tolist()
-    lo, hi = min(x + y + [0.0]), max(x + y + [1.0])
+    """Attribution patching's estimate against exact recovery: on the grey line they agree.
+
+    Where the effect is weak (`agreement.weak_effect`) both axes show the raw change of the logit
+    difference instead, since recovery is noise there.
+    """
+    weak = agreement.weak_effect
+    unit = "_raw" if weak else ""
+    x, y = getattr(agreement, "exact" + unit).tolist(), getattr(agreement, "estimate" + unit).tolist()
+    lo, hi = min(x + y + [0.0]), max(x + y + [0.0 if weak else 1.0])
     fig = go.Figure(
         [
             go.Scatter(
@@ -522,8 +617,8 @@ def agreement_figure(agreement, **layout) -> go.Figure:
     if worst is not None:
         for _, cell in worst.iterrows():
             fig.add_annotation(
-                x=cell["exact"],
-                y=cell["estimate"],
+                x=cell["exact" + unit],
+                y=cell["estimate" + unit],
                 text=cell["cell"],
                 showarrow=True,
                 arrowhead=0,
@@ -531,17 +626,21 @@ def agreement_figure(agreement, **layout) -> go.Figure:
                 ay=-20,
                 font=dict(size=11),
             )
+    scale = "patched - corrupted logit difference" if weak else "1 = clean, 0 = corrupted"
     title = (
         f"Attribution patching against exact patching ({agreement.what}, {agreement.direction}): "
-        f"pearson {agreement.pearson:+.2f}<br><sup>One marker per cell; 1 = clean, 0 = corrupted. "
+        f"pearson {agreement.pearson:+.2f}<br><sup>One marker per cell; {scale}. "
         "Off the dashed line the linear estimate is wrong; the three furthest off are named.</sup>"
     )
+    if weak:
+        title += _weak_title(f"this corruption barely changes the answer (Δ = {agreement.delta:+.3f})")
+    shown = "raw change" if weak else "recovery"
     return _layout(
         fig,
         {
             "title": title,
-            "xaxis_title": "Exact recovery (patch)",
-            "yaxis_title": "Estimated recovery (attribution_patch)",
+            "xaxis_title": f"Exact {shown} (patch)",
+            "yaxis_title": f"Estimated {shown} (attribution_patch)",
             "showlegend": False,
         },
         layout,
@@ -556,12 +655,14 @@ def readable_causal_figure(result, **layout) -> go.Figure:
     """
     from plotly.subplots import make_subplots
 
+    weak = result.weak_effect
+    causal = result.raw_change if weak else result.recovery
     kinds = [k for k in ("head", "component") if k in result.kinds]
     titles = {"head": "Heads", "component": "Whole layers (attention, MLP)"}
     fig = make_subplots(rows=1, cols=len(kinds), subplot_titles=[titles[k] for k in kinds], horizontal_spacing=0.1)
     for col, kind in enumerate(kinds, start=1):
         idx = [i for i, k in enumerate(result.kinds) if k == kind]
-        dla, rec = result.dla[idx].tolist(), result.recovery[idx].tolist()
+        dla, rec = result.dla[idx].tolist(), causal[idx].tolist()
         names = [result.units[i] for i in idx]
         # Name the units that lead on either axis, so the disagreement reads without hovering;
         # alternate the side of the label so neighbours do not overprint each other.
@@ -588,7 +689,9 @@ def readable_causal_figure(result, **layout) -> go.Figure:
                 textfont=dict(size=11),
                 customdata=names,
                 showlegend=False,
-                hovertemplate="%{customdata}: DLA %{x:+.3f}, recovery %{y:+.3f}<extra></extra>",
+                hovertemplate="%{customdata}: DLA %{x:+.3f}, "
+                + ("raw change" if weak else "recovery")
+                + " %{y:+.3f}<extra></extra>",
             ),
             row=1,
             col=col,
@@ -596,12 +699,16 @@ def readable_causal_figure(result, **layout) -> go.Figure:
         fig.add_vline(x=0, line=dict(color="rgb(200,200,200)"), row=1, col=col)
         fig.add_hline(y=0, line=dict(color="rgb(200,200,200)"), row=1, col=col)
         fig.update_xaxes(title_text=f"DLA ({result.metric}): right = toward the answer", row=1, col=col)
-    fig.update_yaxes(title_text="Patching recovery (1 = clean)", row=1, col=1)
-    title = (
-        f"Readable (DLA) against causal (patching, {result.direction}) for {result.answer_str!r}"
-        "<br><sup>Far from 0 on x but near 0 on y: readable, not needed. Near 1 on y but small on x: needed, "
-        "though it writes little directly.</sup>"
-    )
+    y_title = "Patching raw change (patched - corrupted)" if weak else "Patching recovery (1 = clean)"
+    fig.update_yaxes(title_text=y_title, row=1, col=1)
+    title = f"Readable (DLA) against causal (patching, {result.direction}) for {result.answer_str!r}"
+    if weak:
+        title += _weak_title(f"this corruption barely changes the answer (Δ = {result.delta:+.3f})")
+    else:
+        title += (
+            "<br><sup>Far from 0 on x but near 0 on y: readable, not needed. Near 1 on y but small on x: needed, "
+            "though it writes little directly.</sup>"
+        )
     return _layout(fig, {"title": title, "height": 500, "margin": dict(l=70, r=20, t=110, b=70)}, layout)
 
 

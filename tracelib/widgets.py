@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import time
+import warnings
 from pathlib import Path
 
 TAB_TITLES = ("Margin", "Lens", "DLA", "Heads", "Neurons", "Positions", "Patching")
@@ -359,7 +360,7 @@ class Explorer:
     def run_patching(self):
         """Inject OOD tokens of the chosen kind, then patch clean -> injected: the Run patching button."""
         from tracelib.ood import inject
-        from tracelib.patching import patch
+        from tracelib.patching import WeakCorruptionWarning, patch
 
         self.error.value = ""
         if self.current is None or self.current_model is None:
@@ -372,7 +373,10 @@ class Explorer:
         try:
             injected = inject(model, prompt, self.patch_kind.value, self.patch_where.value, answer=answer)
             self.patch_progress.value = 1
-            result = patch(model, prompt, injected.prompt, answer, what="resid_pre", alignment=injected.alignment)
+            # A weak corruption is said in the tab itself; the warning would only print above the app.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", WeakCorruptionWarning)
+                result = patch(model, prompt, injected.prompt, answer, what="resid_pre", alignment=injected.alignment)
             self.patch_progress.value = 2
         except _INPUT_ERRORS as exc:
             self._fail(exc)
@@ -382,7 +386,18 @@ class Explorer:
         self.patch_result = result
         import ipywidgets as w
 
-        self.patch_box.children = [w.HTML(f"<code>{html.escape(repr(injected.prompt))}</code>"), _figure(result.plot())]
+        shown = [w.HTML(f"<code>{html.escape(repr(injected.prompt))}</code>")]
+        if result.weak_effect:
+            # Recovery divides by Δ; here that is noise, so the tab leads with what happened instead.
+            shown.append(
+                w.HTML(
+                    f"<b>This corruption barely changes the answer (Δ = {result.delta:+.3f}): nothing to recover.</b> "
+                    f"The logit difference moves from {result.clean_metric:+.3f} to {result.corrupted_metric:+.3f}. "
+                    "Try another kind or place of injection; below, the raw change of the logit difference "
+                    "each patch makes (not recovery)."
+                )
+            )
+        self.patch_box.children = [*shown, _figure(result.plot())]
         return result
 
     # Rendering ----------------------------------------------------------------------------------
