@@ -190,3 +190,15 @@ def test_prepend_bos_overrides_the_tokenizer(gpt2):
 def test_prepend_bos_takes_only_a_bool_or_none(tiny):
     with pytest.raises(TypeError, match="prepend_bos must be True, False or None"):
         tl.resolve_answer(tiny, PROMPT, ANSWER, prepend_bos="yes")
+
+
+def test_patching_follows_the_same_bos_rule(gpt2):
+    """patch() resolves both prompts as trace() does; prepend_bos=True adds one position at the front."""
+    clean, corrupted = "what is 1 + 1", "what is 3 + 1"
+    plain = tl.patch(gpt2, clean, corrupted, ANSWER, min_effect=0)
+    assert plain.str_tokens == tl.trace(gpt2, corrupted, ANSWER).rows[0].str_tokens
+    with_bos = tl.patch(gpt2, clean, corrupted, ANSWER, min_effect=0, prepend_bos=True)
+    assert with_bos.str_tokens == tl.trace(gpt2, corrupted, ANSWER, prepend_bos=True).rows[0].str_tokens
+    assert len(with_bos.str_tokens) == len(plain.str_tokens) + 1
+    estimate = tl.attribution_patch(gpt2, clean, corrupted, ANSWER, min_effect=0, prepend_bos=True)
+    assert estimate.str_tokens == with_bos.str_tokens

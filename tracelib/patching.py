@@ -515,10 +515,10 @@ class PatchingResult:
         return "\n".join(lines)
 
 
-def _resolve(model, prompt: str, answer, distractors):
+def _resolve(model, prompt: str, answer, distractors, prepend_bos: bool | None = None):
     from tracelib.trace import build_rows
 
-    rows = build_rows(model, prompt, answer, distractors)
+    rows = build_rows(model, prompt, answer, distractors, prepend_bos=prepend_bos)
     if len(rows) != 1:
         raise ValueError(f"patch() needs a single-token answer; {rows[0].label} has {len(rows)} tokens.")
     return rows[0]
@@ -584,11 +584,23 @@ def make_cells(model, what: str, mapping: list[int | None]) -> tuple[list[Cell],
     return cells, flat, dims, shape
 
 
-def prepare(model, clean_prompt: str, corrupted_prompt: str, answer, direction: str, distractors, alignment, hooks):
+def prepare(
+    model,
+    clean_prompt: str,
+    corrupted_prompt: str,
+    answer,
+    direction: str,
+    distractors,
+    alignment,
+    hooks,
+    prepend_bos: bool | None = None,
+):
     """Both runs, the metric's two anchors and the patching setup for `direction`."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    clean, corrupted, alignment = resolve_pair(model, clean_prompt, corrupted_prompt, answer, distractors, alignment)
+    clean, corrupted, alignment = resolve_pair(
+        model, clean_prompt, corrupted_prompt, answer, distractors, alignment, prepend_bos
+    )
     device = model.cfg.device
     # Both runs also keep resid_pre at every layer: whichever is patched starts its runs from there.
     starts = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
@@ -627,6 +639,7 @@ def patch(
     *,
     progress: bool | None = None,
     min_effect: float | None = None,
+    prepend_bos: bool | None = None,
 ) -> PatchingResult:
     """Patch activations between a clean and a corrupted prompt and score each cell's recovery.
 
@@ -654,6 +667,8 @@ def patch(
             |clean| (default `MIN_EFFECT`, 10%; 0 turns the check off). Below it recovery is noise:
             a `WeakCorruptionWarning` says so, the result's `weak_effect` is True, and its plot
             shows `raw_change` instead of recovery.
+        prepend_bos: None (the default) starts both prompts with a BOS token only where the model's
+            tokenizer adds one, as `trace()` does; True or False overrides it (pass `tl.inject` the same).
 
     Returns:
         A `PatchingResult`; `values` is recovery and `raw_change` the patched - corrupted logit
@@ -675,7 +690,7 @@ def patch(
     from tracelib.answers import token_str
 
     clean, corrupted, clean_metric, corr_metric, setup = prepare(
-        model, clean_prompt, corrupted_prompt, answer, direction, distractors, alignment, hooks
+        model, clean_prompt, corrupted_prompt, answer, direction, distractors, alignment, hooks, prepend_bos
     )
     span = _check_span(clean_metric, corr_metric)
     _warn_if_weak(clean_metric, corr_metric, min_effect, clean.target_str)
@@ -725,12 +740,14 @@ ATTRIBUTION_HOOKS = {
 }
 
 
-def resolve_pair(model, clean_prompt: str, corrupted_prompt: str, answer, distractors, alignment):
+def resolve_pair(
+    model, clean_prompt: str, corrupted_prompt: str, answer, distractors, alignment, prepend_bos: bool | None = None
+):
     """Both prompts resolved to rows with one answer token, and the checked corrupted -> clean alignment."""
     from tracelib.compare import align_tokens
 
-    clean = _resolve(model, clean_prompt, answer, distractors)
-    corrupted = _resolve(model, corrupted_prompt, answer, distractors)
+    clean = _resolve(model, clean_prompt, answer, distractors, prepend_bos)
+    corrupted = _resolve(model, corrupted_prompt, answer, distractors, prepend_bos)
     if clean.target != corrupted.target:
         raise ValueError(
             f"The answer resolves to {clean.target_str!r} after the clean prompt but {corrupted.target_str!r} after "
@@ -809,6 +826,7 @@ def attribution_patch(
     alignment=None,
     *,
     min_effect: float | None = None,
+    prepend_bos: bool | None = None,
 ) -> PatchingResult:
     """Estimate every cell of `patch()` at once from one backward pass (attribution patching).
 
@@ -836,7 +854,7 @@ def attribution_patch(
 
     Args:
         model, clean_prompt, corrupted_prompt, answer, what, direction, distractors, alignment,
-            min_effect: as in `patch()`.
+            min_effect, prepend_bos: as in `patch()`.
 
     Returns:
         A `PatchingResult` with `method="attribution"`. Cells with no counterpart are NaN;
@@ -860,7 +878,9 @@ def attribution_patch(
     if model.training:
         raise ValueError("attribution_patch() needs the model in eval() mode (tl.load_model leaves it so).")
     min_effect = check_min_effect(min_effect)
-    clean, corrupted, alignment = resolve_pair(model, clean_prompt, corrupted_prompt, answer, distractors, alignment)
+    clean, corrupted, alignment = resolve_pair(
+        model, clean_prompt, corrupted_prompt, answer, distractors, alignment, prepend_bos
+    )
     n_layers = model.cfg.n_layers
     names = [ATTRIBUTION_HOOKS[what].format(layer=layer) for layer in range(n_layers)]
     # TransformerLens's backward hook never fires at the most upstream cached point, and its
