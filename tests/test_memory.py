@@ -186,9 +186,15 @@ def test_logits_scored_in_blocks_equal_the_models(any_model, block, monkeypatch)
     with torch.no_grad():
         logits = any_model(fwd.tokens.to(any_model.cfg.device))
     batch = torch.arange(len(rows))
-    torch.testing.assert_close(fwd.final_logits, logits[batch, fwd.lengths - 1], rtol=0, atol=0)
+    # A block of a few positions may take another matmul kernel than the whole batch (its sums round
+    # in another order), so the logits agree to float rounding, not bit for bit.
+    final = logits[batch, fwd.lengths - 1]
+    torch.testing.assert_close(fwd.final_logits, final, rtol=1e-5, atol=1e-6 * final.abs().max().item())
     answer = logits[batch, :, torch.tensor([row.target for row in rows])]  # [row, pos]
-    assert torch.equal(fwd.answer_rank, (logits > answer[..., None]).sum(-1).cpu())
+    ranks = (logits > answer[..., None]).sum(-1).cpu()
+    # A rank can move only where a rival's logit ties the answer's to float rounding.
+    near = (logits - answer[..., None]).abs() <= 1e-5 * logits.abs().amax(-1, keepdim=True)
+    assert ((fwd.answer_rank - ranks).abs() <= near.sum(-1).cpu()).all()
 
 
 def test_rebuilt_residual_stream_is_the_models_own(any_model):
