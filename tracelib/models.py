@@ -1,4 +1,4 @@
-"""Load a model as a TransformerLens `TransformerBridge`: the bundled ones, a local folder, or the Hub.
+"""Load a model as a TransformerLens `TransformerBridge`: the bundled ones, a local folder, a GGUF file, or the Hub.
 
 Every source goes through the same path, `TransformerBridge.boot_transformers(folder or name)`
 followed by `enable_compatibility_mode()` and `eval()`, so what the tutorials show on the bundled
@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import gc
+import hashlib
 import io
 import json
+import os
 import re
+import shutil
+import tempfile
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -217,6 +223,11 @@ def _resolve_source(name: str) -> tuple[str, str]:
     if name in BUNDLED_MODELS:
         return str(_bundled_dir(name)), "bundled"
     path = Path(name).expanduser()
+    if path.is_file():
+        folder = gguf_folder(path)
+        return str(folder), f"GGUF file, dequantized to float32 and cached in {folder}"
+    if name.lower().endswith(".gguf"):
+        raise FileNotFoundError(f"No GGUF file at {path}.")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
@@ -273,25 +284,257 @@ class ModelLoadError(RuntimeError):
     """TransformerLens or transformers could not load a checkpoint that was found."""
 
 
+# GGUF checkpoints (llama.cpp's format, usually quantized) load through transformers' own GGUF
+# support, dequantized to fp32, and are saved once per machine as an ordinary checkpoint folder;
+# every load boots that folder through the same path as any other. Reading a GGUF is slow
+# (SmolLM2-135M: about 30 s on 2 CPU cores, most of it parsing the file's metadata three times, for
+# the tokenizer, the config and the weights, not dequantizing), and the folder boots in seconds.
+GGUF_MAGIC = b"GGUF"
+GGUF_MIN_VERSION = (0, 10)  # transformers' own floor for its GGUF support
+# Written last into a converted folder: a folder without it is not a finished conversion.
+GGUF_MARKER = "tracelib-gguf.json"
+# The saved folder must give the GGUF model's logits on this text, to this tolerance (relative to
+# the largest logit): both run the same weights through the same code, so they agree to rounding.
+_GGUF_PROBE = "The quick brown fox jumps over the lazy dog. 1 + 1 = 2"
+_GGUF_PROBE_RTOL = 1e-5
+
+
+def cache_dir() -> Path:
+    """Where tracelib keeps what it builds once per machine: `$TRACELIB_CACHE`, else `~/.cache/tracelib`."""
+    root = os.environ.get("TRACELIB_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "tracelib"
+
+
+def is_gguf(path) -> bool:
+    """Whether a file starts with GGUF's magic bytes."""
+    with open(path, "rb") as f:
+        return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _require_gguf() -> str:
+    """The installed `gguf` package's version, or an ImportError that says how to install it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    hint = "pip install 'gguf>=0.10' (or tracelib's extra: pip install 'tracelib-interp[gguf]')"
+    try:
+        found = version("gguf")
+    except PackageNotFoundError:
+        raise ImportError(f"Loading a GGUF file needs the `gguf` package, which is not installed: {hint}.") from None
+    numbers = tuple(int(part) for part in re.findall(r"\d+", found)[:2])
+    if numbers < GGUF_MIN_VERSION:
+        raise ImportError(f"Loading a GGUF file needs gguf >= 0.10; {found} is installed: {hint}.")
+    return found
+
+
+def _is_converted(folder: Path, sha256: str) -> bool:
+    """Whether `folder` is a finished conversion of the file with this hash (its marker says so)."""
+    try:
+        marker = json.loads((folder / GGUF_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("sha256") == sha256 and _is_complete_checkpoint(folder)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive advisory lock on `path` (POSIX); elsewhere only the atomic rename protects."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: two processes may both convert; the first rename wins
+        yield False
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' progress bars, warnings and stderr chatter for the duration."""
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def dequantize_gguf(path, folder) -> dict:
+    """Load a GGUF file with transformers, dequantized to fp32, and save it into `folder` with its tokenizer.
+
+    transformers refuses to save a model it loaded from GGUF ("quantized with gguf and is not
+    serializable"), although its weights are plain fp32 tensors by then. They are moved (not copied)
+    into a model built from the same config without its quantization entry, which saves normally.
+    The saved folder is then loaded back and must give the GGUF model's logits on a probe text.
+
+    Args:
+        path: the `.gguf` file.
+        folder: an existing, empty folder to save into.
+
+    Returns:
+        What the conversion did: its time, the probe's largest logit difference, library versions.
+
+    Raises:
+        ModelLoadError: transformers cannot read the file, or the saved folder does not reproduce it.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, folder = Path(path), Path(folder)
+    start = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:500]
+        raise ModelLoadError(
+            f"transformers could not read the GGUF file {path} ({type(exc).__name__}: {detail}). Its architecture "
+            "may be one transformers cannot load from GGUF; convert it to a Hugging Face checkpoint instead."
+        ) from exc
+    loaded_s = time.perf_counter() - start
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(type(model.config).from_dict(config), dtype=torch.float32)
+    result = plain.load_state_dict(model.state_dict(), strict=False, assign=True)
+    plain.tie_weights()
+    left = [name for name, p in plain.named_parameters() if p.is_meta or p.dtype != torch.float32]
+    if result.unexpected_keys or left:
+        raise ModelLoadError(
+            f"The GGUF file {path} did not dequantize into a plain float32 model: unexpected tensors "
+            f"{result.unexpected_keys[:5]}, parameters left unloaded or not float32 {left[:5]}."
+        )
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    probe = torch.tensor([tokenizer(_GGUF_PROBE).input_ids])
+    with torch.no_grad():
+        expected = model(probe).logits
+    del model, plain
+    gc.collect()
+    saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        diff = (saved(probe).logits - expected).abs().max().item()
+    del saved
+    limit = _GGUF_PROBE_RTOL * max(1.0, expected.abs().max().item())
+    if not diff <= limit:
+        raise ModelLoadError(
+            f"The checkpoint saved from the GGUF file {path} does not reproduce it: its logits differ by {diff:.3g} "
+            f"(allowed {limit:.3g}). Nothing was cached."
+        )
+    return {
+        "load_gguf_s": loaded_s,
+        "total_s": time.perf_counter() - start,
+        "probe_max_abs_diff": diff,
+        "transformers": transformers.__version__,
+        "gguf": _require_gguf(),
+        "dtype": "float32",
+    }
+
+
+def gguf_folder(path) -> Path:
+    """The dequantized checkpoint folder of a GGUF file, converted on the first call on this machine.
+
+    The folder is `cache_dir() / "gguf" / <the file's SHA-256, first 16 hex digits>`. It is written
+    into a temporary folder beside it and renamed into place when complete, so an interrupted or
+    concurrent conversion never leaves a half folder that a later load would take; concurrent
+    conversions of one file wait for each other (on POSIX) and the later ones reuse the result.
+
+    Args:
+        path: the `.gguf` file.
+
+    Returns:
+        The folder, holding the model and tokenizer as `save_pretrained` writes them.
+
+    Raises:
+        ModelLoadError: the file is not GGUF, or transformers cannot convert it.
+        ImportError: the `gguf` package is missing (only needed for the first conversion).
+    """
+    path = Path(path).expanduser().resolve()
+    if not is_gguf(path):
+        raise ModelLoadError(
+            f"{path} is not a GGUF file (it does not start with {GGUF_MAGIC!r}). tl.load_model takes a GGUF file, "
+            "a folder saved with `save_pretrained`, a bundled model name or a Hugging Face Hub name."
+        )
+    sha256 = file_sha256(path)
+    folder = cache_dir() / "gguf" / sha256[:16]
+    if _is_converted(folder, sha256):
+        return folder
+    _require_gguf()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(folder.parent / f".{folder.name}.lock") as exclusive:
+        if _is_converted(folder, sha256):  # another process converted it while this one waited
+            return folder
+        if exclusive:  # nobody else is writing this folder: temporaries left behind are from crashed runs
+            for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        print(f"Dequantizing {path.name} to float32, once: later loads read {folder}.", flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the cache's folders are ordinary ones
+        try:
+            with _quiet_transformers():
+                info = dequantize_gguf(path, tmp)
+            info.update(sha256=sha256, source=str(path), size=path.stat().st_size)
+            (tmp / GGUF_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+            if _is_converted(folder, sha256):  # another process (without a lock) finished first
+                return folder
+            if folder.exists():  # unfinished (no valid marker): never taken, replaced
+                shutil.rmtree(folder)
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                if not _is_converted(folder, sha256):  # not another process's finished copy: a real failure
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def load_model(
     name: str = "tiny-arith",
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     lean: bool = True,
+    fold_value_biases: bool = False,
 ):
     """Load a model as a `TransformerBridge` in compatibility mode and eval mode.
 
     Args:
         name: a bundled model (`"tiny-arith"`, `"tiny-arith-chat"`), a folder holding a saved model
-            and tokenizer, or a Hugging Face Hub name (`"gpt2"`, `"Qwen/Qwen2.5-1.5B"`, ...).
-            Offline, a Hub name loads from the Hugging Face cache if it is there.
+            and tokenizer, a GGUF file (`"path/to/model.gguf"`: dequantized to fp32 once per machine
+            and cached, see `gguf_folder`), or a Hugging Face Hub name (`"gpt2"`,
+            `"Qwen/Qwen2.5-1.5B"`, ...). Offline, a Hub name loads from the Hugging Face cache if it is there.
         device: `"cpu"`, `"cuda"`, `"cuda:1"`...; defaults to CUDA when there is a GPU, else the CPU.
         dtype: a torch dtype or its name (`"float32"`, `"bf16"`, `"fp16"`); defaults to fp32 on the
             CPU, see `default_dtype` for GPUs.
         lean: process the weights one block at a time (`tracelib.lean_processing`), which peaks at
             about one copy of the weights instead of three. The weights are bit-identical either
             way; False uses TransformerLens's own path.
+        fold_value_biases: fold each head's value bias into its layer's output bias, as
+            TransformerLens's compatibility mode does by default. Off by default: every head keeps
+            its own value bias (`b_V[h] @ W_O[h]`), so a head's attribution is the output the model
+            really computes for it, and a layer's bias row is its true output bias. On models with
+            large value biases (Qwen2.5) folding makes heads look as if they fought the answer
+            while the layer's bias cancels them; both conventions add up to the same logit.
 
     Returns:
         A `TransformerBridge` with `enable_compatibility_mode()` applied (LayerNorm folded, writing
@@ -301,7 +544,9 @@ def load_model(
         UnknownModelError: the name is neither bundled, a folder, nor a Hub model.
         ModelUnavailableError: a Hub model with no network (or a failed download) and no cached copy.
         FileNotFoundError: a folder that is not a saved model, or has no tokenizer.
-        ModelLoadError: the checkpoint is there but could not be loaded (corrupt or truncated files).
+        ModelLoadError: the checkpoint is there but could not be loaded (corrupt or truncated files),
+            or a file that is not GGUF.
+        ImportError: a GGUF file to convert, and the `gguf` package is not installed.
         ValueError: a device that is not available here, or a dtype that is not a float type.
     """
     from transformer_lens.model_bridge import TransformerBridge
@@ -339,7 +584,7 @@ def load_model(
             else:
                 model = TransformerBridge.boot_transformers(source, dtype=dtype, **where)
             with lean_processing.lean_processing(model) if lean else contextlib.nullcontext():
-                model.enable_compatibility_mode(disable_warnings=True)
+                model.enable_compatibility_mode(disable_warnings=True, fold_value_biases=fold_value_biases)
         except Exception as exc:
             detail = " ".join(str(exc).split())[:500]
             raise ModelLoadError(
@@ -351,7 +596,37 @@ def load_model(
                 hf_logging.enable_progress_bar()
     model.eval()
     model.tracelib_name = name
+    model.tracelib_value_biases = "folded" if fold_value_biases else "heads"
+    model.tracelib_adds_bos = tokenizer_adds_bos(source)
     return model
+
+
+def tokenizer_adds_bos(source: str) -> bool | None:
+    """Whether the checkpoint's own tokenizer starts `tokenizer(text)` with its BOS token.
+
+    TransformerLens loads tokenizers with `add_bos_token=True`, so the bridge's `model.tokenizer`
+    always adds one; the tokenizer as saved is what `transformers` users get. None if it cannot be
+    loaded on its own.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception:  # a courtesy check: the bridge's tokenizer is the fallback
+        return None
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("1 + 1")["input_ids"]
+    return bos is not None and bool(ids) and ids[0] == bos
+
+
+def value_bias_convention(model) -> str:
+    """Where a model's value biases are attributed: `"heads"` (each head's own) or `"folded"` (the layer's bias).
+
+    A model not loaded by `tl.load_model` is taken to follow TransformerLens's default, folded.
+    """
+    return getattr(model, "tracelib_value_biases", "folded")
 
 
 def model_name(model) -> str:
