@@ -179,6 +179,12 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_file() -> Path:
+    """The path of the SmolLM2 GGUF fixture (fails the test, saying `make fixture`, if it is missing)."""
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct (Llama architecture, GQA 9/3, 30 layers), a real trained model, loaded by tl.load_model.
 

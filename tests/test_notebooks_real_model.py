@@ -19,8 +19,6 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from conftest import smollm2_path
-
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 MODEL_LINE = re.compile(r'^MODEL = "tiny-arith"(.*)$', re.MULTILINE)
 
@@ -41,11 +39,11 @@ def test_the_model_line_is_the_only_change():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_on_a_real_trained_model(path, tmp_path, smollm2):
+def test_notebook_runs_on_a_real_trained_model(path, tmp_path, smollm2, smollm2_file):
     """Runs in a copy of notebooks/, so whatever the notebook writes stays out of the repository."""
     work = tmp_path / "notebooks"
     shutil.copytree(path.parent, work, ignore=shutil.ignore_patterns("*.ipynb", ".ipynb_checkpoints"))
-    notebook = with_model(nbformat.read(path, as_version=4), str(smollm2_path()))
+    notebook = with_model(nbformat.read(path, as_version=4), str(smollm2_file))
     client = NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(work)}})
     try:
         client.execute()

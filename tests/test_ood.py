@@ -268,7 +268,8 @@ def test_damage_statuses_of_scaled_features(junk_damage):
     )
     report = damage_report(reference, replace(reference, dla=dla), k=4)
     frame = report.to_frame()
-    for feature, kind, ratio, status in zip(frame["feature"], frame["kind"], frame["ratio"], frame["status"]):
+    # The frame shows display labels ("L0 MLP"); report.features keeps TransformerLens's names, in the same order.
+    for feature, kind, ratio, status in zip(report.features, frame["kind"], frame["ratio"], frame["status"]):
         factor = (
             scale[reference.dla.component_labels.index(feature)].item()
             if kind == "component"

@@ -5,8 +5,10 @@ Qwen2.5 (and the bundled `tiny-arith`) a space before a digit is its own token, 
 `[" ", "2"]`. A BOS token starts the prompt only where the model's own tokenizer adds one
 (`tokenizer(prompt)`), as `transformers` would feed it: GPT-2's, Qwen2.5's and SmolLM2's add none,
 Llama-2's does. TransformerLens prepends one by default; tracelib follows the tokenizer instead, so
-the prediction it explains is the one the model really makes. `prepend_bos=` overrides the rule. Tracing `" "` would explain the wrong
-prediction, so `resolve_answer` moves such whitespace into the prompt and traces the rest.
+the prediction it explains is the one the model really makes. `prepend_bos=` overrides the rule.
+
+Tracing `" "` would explain the wrong prediction, so `resolve_answer` moves such whitespace into
+the prompt and traces the rest.
 """
 
 from __future__ import annotations

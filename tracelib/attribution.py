@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tracelib.formats import check_metric
+from tracelib.formats import check_metric, fmt_value, unit_label
 from tracelib.margin import check_k
 from tracelib.models import value_bias_convention
 
@@ -154,10 +154,10 @@ class Attribution:
 
     def _unit(self, unit: str, row: int) -> tuple[list[str], Tensor]:
         if unit == "component":
-            return self.component_labels, self.components[:, row]
+            return [unit_label(label) for label in self.component_labels], self.components[:, row]
         if unit == "layer":
             labels, values = self.by_layer()
-            return labels, values[:, row]
+            return [unit_label(label) for label in labels], values[:, row]
         if unit == "head":
             n_heads = self.heads.shape[1]
             labels = [f"L{layer}H{h}" for layer in range(self.n_layers) for h in range(n_heads)]
@@ -212,7 +212,7 @@ class Attribution:
 
     def __repr__(self) -> str:
         top = self.top(3)
-        parts = ", ".join(f"{u} {v:+.3f}" for u, v in zip(top["component"], top["value"]))
+        parts = ", ".join(f"{u} {fmt_value(v)}" for u, v in zip(top["component"], top["value"]))
         return f"Attribution({self.metric}, {len(self.row_labels)} row(s); top: {parts}; {self.reconstruction!r})"
 
 

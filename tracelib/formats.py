@@ -38,3 +38,48 @@ def metric_phrase(metric: str, answer: str | None = None, distractors: list[str]
         return "logit difference against the distractors"
     rivals = ", ".join(repr(d) for d in distractors or [])
     return f"logit difference {answer!r} - mean({rivals})"
+
+
+# One label style and one number format, for figures, tables, summaries, the report and the explorer.
+# TransformerLens's own names ("3_attn_out", "2_mid") stay the keys that results are indexed by;
+# what a reader sees is written with `unit_label`.
+_PARTS = {"attn_out": "attn", "mlp_out": "MLP", "pre": "pre", "mid": "mid"}
+
+
+def unit_label(label: str) -> str:
+    """A component, layer or lens entry as a reader sees it: `3_attn_out` -> `L3 attn`, `2_mid` -> `L2 mid`,
+    `3` -> `L3`, `final_post` -> `final`; anything else (`embed`, `L0H2`, `L1N5`) unchanged."""
+    layer, _, part = str(label).partition("_")
+    if not layer.isdigit():
+        return "final" if label == "final_post" else str(label)
+    return f"L{layer} {_PARTS.get(part, part)}".rstrip()
+
+
+def token_labels(str_tokens: list[str]) -> list[str]:
+    """Tokens as tick labels and table entries, `repr` and position, so repeats stay apart: `'1'@3`."""
+    return [f"{tok!r}@{i}" for i, tok in enumerate(str_tokens)]
+
+
+def fmt_prob(p: float) -> str:
+    """A probability with three decimals: `0.999`."""
+    return f"{float(p):.3f}"
+
+
+def fmt_value(x: float) -> str:
+    """A logit, logit difference or attribution: signed, three decimals (`+1.234`); scientific only
+    below 1e-3 (`+4.2e-05`), where three decimals would read as zero."""
+    x = float(x)
+    if x != 0 and abs(x) < 1e-3:
+        return f"{x:+.1e}"
+    return f"{x:+.3f}"
+
+
+def fmt_float(x: float, decimals: int = 3) -> str:
+    """pandas' display of table floats: `decimals` decimals, scientific only where they would read as
+    zero (never `9.992e-01`)."""
+    x = float(x)
+    if x != x or x in (float("inf"), float("-inf")):
+        return str(x)
+    if x != 0 and abs(x) < 10**-decimals:
+        return f"{x:.1e}"
+    return f"{x:.{decimals}f}"

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tracelib.formats import READABLE_PROB
+from tracelib.formats import READABLE_PROB, fmt_value, unit_label
 from tracelib.margin import check_k
 
 LENS_NAMES = {"standard": "standard logit lens (re-normalised)", "dla": "cached-scale DLA lens"}
@@ -249,7 +249,7 @@ class LogitLens:
                             lens=curve.kind,
                             row=r,
                             label=row_label,
-                            entry=label,
+                            entry=unit_label(label),
                             index=e,
                             logit=curve.logit[e, r].item(),
                             logit_diff=curve.logit_diff[e, r].item(),
@@ -267,8 +267,8 @@ class LogitLens:
         order = steps.abs().argsort(descending=True)[:k]
         return pd.DataFrame(
             {
-                "from": [curve.labels[i] for i in order.tolist()],
-                "to": [curve.labels[i + 1] for i in order.tolist()],
+                "from": [unit_label(curve.labels[i]) for i in order.tolist()],
+                "to": [unit_label(curve.labels[i + 1]) for i in order.tolist()],
                 "change in logit diff": steps[order].tolist(),
             }
         )
@@ -283,10 +283,15 @@ class LogitLens:
         lines = [f"LogitLens({len(self.labels)} entries, {len(self.row_labels)} row(s))"]
         for r, label in enumerate(self.row_labels[:5]):
             lines.append(
-                f"  {label}: readable from {self.standard.readable_from(r)} (standard), "
-                f"{self.dla.readable_from(r)} (dla); final logit diff {self.standard.logit_diff[-1, r].item():+.3f}"
+                f"  {label}: readable from {_shown(self.standard.readable_from(r))} (standard), "
+                f"{_shown(self.dla.readable_from(r))} (dla); "
+                f"final logit diff {fmt_value(self.standard.logit_diff[-1, r])}"
             )
         return "\n".join(lines)
+
+
+def _shown(entry: str | None) -> str:
+    return "never" if entry is None else unit_label(entry)
 
 
 def _unembed(model, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import sys
+
+from tracelib.formats import fmt_float
 
 # In Jupyter, figures go out as plotly's JSON MIME type only: JupyterLab, Notebook 7 and VS Code draw
 # it with the plotly.js they ship, so a saved notebook holds each figure's data and not another
@@ -40,6 +43,8 @@ def setup_notebook(seed: int = 0, precision: int = 3, renderer: str | None = Non
     # Everything here is inference; gradients would only cost memory.
     torch.set_grad_enabled(False)
     pd.set_option("display.precision", precision)
+    # Three decimals, never `9.992e-01`: scientific only below 1e-3, where it is needed (formats.fmt_float).
+    pd.set_option("display.float_format", functools.partial(fmt_float, decimals=precision))
     if in_colab():
         from google.colab import output  # type: ignore[import-not-found]
 

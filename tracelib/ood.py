@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelib.answers import _check_text, prepends_bos, resolve_answer, token_str
+from tracelib.formats import unit_label
 from tracelib.margin import check_k
 
 KINDS = ("random", "undertrained", "junk", "typo", "repeat")
@@ -577,7 +578,7 @@ class DamageReport:
         """One line per feature: feature, kind, reference, corrupted, ratio, status."""
         return pd.DataFrame(
             {
-                "feature": self.features,
+                "feature": [unit_label(f) for f in self.features],
                 "kind": self.kinds,
                 "reference": self.reference.tolist(),
                 "corrupted": self.corrupted.tolist(),

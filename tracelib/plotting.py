@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from tracelib.formats import READABLE_PROB, metric_phrase
+from tracelib.formats import READABLE_PROB, metric_phrase, token_labels, unit_label
 
 DIVERGING = "RdBu"
 # RdBu runs red (low) to blue (high): with its midpoint at 0, a positive attribution (toward the
@@ -17,25 +17,30 @@ BLUE, RED, PALE_RED = "rgb(33,102,172)", "rgb(178,24,43)", "rgb(244,165,130)"  #
 LENS_COLORS = {"standard": "rgb(40,40,40)", "dla": "rgb(120,120,120)"}
 
 
-def token_labels(str_tokens: list[str]) -> list[str]:
-    """Tick labels that keep repeated tokens apart: `'1'@3`."""
-    return [f"{tok!r}@{i}" for i, tok in enumerate(str_tokens)]
-
-
-def component_label(label: str) -> str:
-    """A TransformerLens component or lens entry, written for a tick: `3_attn_out` -> `L3 attn`."""
-    layer, _, part = label.partition("_")
-    if not layer.isdigit():
-        return "final" if label == "final_post" else label
-    part = {"attn_out": "attn", "mlp_out": "MLP", "pre": "pre", "mid": "mid"}.get(part, part)
-    return f"L{layer} {part}".rstrip()
+# Labels come from formats: one style for figures, tables, summaries, the report and the explorer.
+component_label = unit_label
 
 
 def _signed_title(title):
-    """The title with the colour sentence under it, so a figure read alone still says what colour means."""
+    """The title with the colour sentence under it, so a figure read alone still says what colour means.
+
+    Written in the same small type as a subtitle already there: a `<sup>` line under a `<sub>` one
+    is raised into it and the two overprint.
+    """
     if isinstance(title, str) and title and SIGN_CAPTION not in title:
-        return f"{title}<br><sup>{SIGN_CAPTION}</sup>"
+        tag = "sub" if title.rstrip().endswith("</sub>") else "sup"
+        return f"{title}<br><{tag}>{SIGN_CAPTION}</{tag}>"
     return title
+
+
+def _without_caption(fig: go.Figure, caption: str) -> go.Figure:
+    """The figure with `caption`'s line taken out of its title: the report says it once, under the figures."""
+    title = fig.layout.title.text
+    if title and caption in title:
+        for tag in ("sup", "sub"):
+            title = title.replace(f"<br><{tag}>{caption}</{tag}>", "")
+        fig.update_layout(title_text=title)
+    return fig
 
 
 def _layout(fig: go.Figure, defaults: dict, layout: dict, signed: bool = False) -> go.Figure:
@@ -67,8 +72,8 @@ def signed_bars(labels: list[str], values: Tensor, title: str = "", **layout) ->
 
 def component_bars(labels: list[str], values: Tensor, title: str = "", **layout) -> go.Figure:
     """DLA by component (`embed`, `L0 attn`, `L0 MLP`, ...) or by layer (`embed`, `L0`, ...)."""
-    by_layer = all(label == "embed" or label.isdigit() for label in labels)
-    ticks = [f"L{label}" if label.isdigit() else component_label(label) for label in labels]
+    ticks = [unit_label(label) for label in labels]  # idempotent: TransformerLens names or display labels
+    by_layer = all(tick == "embed" or (tick[:1] == "L" and tick[1:].isdigit()) for tick in ticks)
     return signed_bars(ticks, values, title, **{"xaxis_title": "Layer" if by_layer else "Component", **layout})
 
 
@@ -294,18 +299,18 @@ def report_figures(trace, row: int = 0) -> list[dict]:
     dla = trace.dla
     what = dla.metric_label(row)
     (top_layer, top_head), _ = trace.heads.strongest(row)
-    verdict, evidence = trace.positions.verdict(row)
-    first = evidence["first readable position"]
+    verdict, _ = trace.positions.verdict(row)
     readable = trace.lens.standard.readable_from(row)
     rec = dla.reconstruction.to_dict(row)
-    return [
+    prediction = _prediction_line(trace, row)
+    steps = [
         dict(
             id="margin",
             heading="1. The margin: what the model predicts",
             text="The model's most likely next tokens at the final position, with their logits, and how far "
             "the answer is ahead of (or behind) its rivals.",
             figures=[trace.margin.plot(row)],
-            caption=f"{MARGIN_CAPTION} {_prediction_line(trace, row)}.",
+            caption=f"{MARGIN_CAPTION} {prediction[:1].upper()}{prediction[1:]}.",
         ),
         dict(
             id="lens",
@@ -316,7 +321,8 @@ def report_figures(trace, row: int = 0) -> list[dict]:
             figures=[trace.lens.plot(row, "logit_diff"), trace.lens.plot(row, "rank")],
             caption="Above the zero line the answer beats its rivals. Rank 1 is the top prediction (log scale). "
             + (
-                f"By the standard lens the answer is readable (p > {READABLE_PROB:g}) from {component_label(readable)} on."
+                f"By the standard lens the answer is readable (p > {READABLE_PROB:g}) from "
+                f"{component_label(readable)} on."
                 if readable
                 else f"By the standard lens the answer is never readable (p > {READABLE_PROB:g} at the last layer)."
             ),
@@ -356,6 +362,11 @@ def report_figures(trace, row: int = 0) -> list[dict]:
             caption=f"{SIGN_CAPTION} Verdict: {verdict}; " + readable_positions_sentence(trace.positions, row),
         ),
     ]
+    # Each section says how to read its colours once, in its caption; the titles above would repeat it.
+    for step in steps:
+        for fig in step["figures"]:
+            _without_caption(_without_caption(fig, SIGN_CAPTION), MARGIN_CAPTION)
+    return steps
 
 
 def readable_positions_sentence(positions, row: int = 0) -> str:
@@ -517,6 +528,11 @@ def recovery_color_limit(values: Tensor) -> float:
     return min(max(top, 1.0), RECOVERY_COLOR_LIMIT)
 
 
+# Cells patching left alone (no counterpart in the other prompt): grey and crossed, off the RdBu scale.
+NOT_PATCHED_NAME = "no counterpart: not patched"
+NOT_PATCHED_COLOR, NOT_PATCHED_MARK = "rgb(190,190,190)", "rgb(90,90,90)"
+
+
 def _weak_title(note: str) -> str:
     return f"<br><sup>{note[:1].upper()}{note[1:]}: showing the raw change of the logit difference, not recovery.</sup>"
 
@@ -524,7 +540,8 @@ def _weak_title(note: str) -> str:
 def patching_figure(result, **layout) -> go.Figure:
     """A patching result on RdBu centred at 0: a layer x position (or head) heatmap, or bars per layer.
 
-    Cells with no counterpart in the other run are NaN, left blank, and named in the title. Recovery's
+    Cells with no counterpart in the other run are NaN: drawn grey and crossed (`NOT_PATCHED_NAME` in
+    the legend), never the near-white of 0, and named in the title. Recovery's
     colours stop at ±`recovery_color_limit`. Where the effect is weak (`result.weak_effect`) the
     figure shows `result.raw_change` (patched - corrupted logit difference) instead, and says why.
     """
@@ -545,8 +562,10 @@ def patching_figure(result, **layout) -> go.Figure:
     if weak:
         title += _weak_title(result.effect_note)
     if result.no_counterpart:
-        gap = ", ".join(f"{result.str_tokens[i]!r}@{i}" for i in result.no_counterpart)
-        title += f"<br><sup>Blank: no counterpart in the other prompt ({gap}), not patched.</sup>"
+        gap = [f"{result.str_tokens[i]!r}@{i}" for i in result.no_counterpart]
+        gap = ", ".join(gap) if len(gap) <= 6 else f"{len(gap)} positions, {gap[0]} to {gap[-1]}"
+        mark = "Grey ×" if values.ndim > 1 else "Not patched"
+        title += f"<br><sup>{mark}: no counterpart in the other prompt ({gap}), so not patched.</sup>"
     finite = values[values.isfinite()]
     if weak:
         # A logit difference, not a ratio: it is bounded by the logits themselves.
@@ -577,9 +596,37 @@ def patching_figure(result, **layout) -> go.Figure:
             hovertemplate="%{y} at %{x}: %{z:+.3f}<extra></extra>",
         )
     )
+    missing = values.isnan()
+    if missing.any():
+        # RdBu's 0 is near-white, as a blank cell is: grey cells, each crossed, read as "not patched".
+        fig.add_trace(
+            go.Heatmap(
+                z=[[1.0 if m else None for m in row] for row in missing.tolist()],
+                x=list(x),
+                y=list(y),
+                colorscale=[[0, NOT_PATCHED_COLOR], [1, NOT_PATCHED_COLOR]],
+                showscale=False,
+                hoverinfo="skip",
+                name=NOT_PATCHED_NAME,
+            )
+        )
+        rows, cols = missing.nonzero(as_tuple=True)
+        fig.add_trace(
+            go.Scatter(
+                x=[x[c] for c in cols.tolist()],
+                y=[y[r] for r in rows.tolist()],
+                mode="markers",
+                marker=dict(symbol="x-thin", size=12, line=dict(width=1.5, color=NOT_PATCHED_MARK)),
+                name=NOT_PATCHED_NAME,
+                hovertemplate="%{y} at %{x}: not patched (no counterpart in the other prompt)<extra></extra>",
+            )
+        )
     fig.update_xaxes(type="category")
     fig.update_yaxes(type="category", autorange="reversed")
-    return _layout(fig, {"title": title, "xaxis_title": x_title, "yaxis_title": y_title}, layout)
+    defaults = {"title": title, "xaxis_title": x_title, "yaxis_title": y_title}
+    if missing.any():
+        defaults.update(showlegend=True, legend=dict(orientation="h", x=1, xanchor="right", y=1.0, yanchor="bottom"))
+    return _layout(fig, defaults, layout)
 
 
 def agreement_figure(agreement, **layout) -> go.Figure:
@@ -729,7 +776,8 @@ def damage_figure(report, **layout) -> go.Figure:
 
     Left: the logit difference along depth, reference (dark) and corrupted (purple), standard lens
     solid and cached-scale DLA lens dotted. Right: each feature's DLA ratio corrupted / reference,
-    one marker per feature coloured by status, over the bands the thresholds draw.
+    one row per feature (labelled on the y axis with its reference DLA), a marker coloured by
+    status over the bands the thresholds draw.
     """
     from plotly.subplots import make_subplots
 
@@ -741,7 +789,8 @@ def damage_figure(report, **layout) -> go.Figure:
         rows=1,
         cols=2,
         column_widths=[0.5, 0.5],
-        horizontal_spacing=0.1,
+        # Room between the panels for the features' labels, which read across, left of their rows.
+        horizontal_spacing=0.17,
         subplot_titles=(
             "Readability: logit difference along depth",
             "Features: DLA corrupted / reference",
@@ -773,10 +822,10 @@ def damage_figure(report, **layout) -> go.Figure:
     )
     fig.update_yaxes(title_text="Logit difference (above 0: the answer leads)", row=1, col=1)
 
-    # Each tick carries the reference's value: a status says whether the reading holds, and the sign
-    # says which way the feature pushed (an "against" feature that goes unreadable helps the answer).
+    # One row per feature, labelled with the reference's value: a status says whether the reading
+    # holds, the sign which way the feature pushed (an "against" feature gone unreadable helps the answer).
     ticks = [
-        f"{component_label(f) if kind == 'component' else f}<br>{v:+.2f}"
+        f"{component_label(f) if kind == 'component' else f} ({v:+.3f})"
         for f, kind, v in zip(report.features, report.kinds, report.reference.tolist())
     ]
     ratios, statuses = report.ratio.tolist(), report.statuses
@@ -787,74 +836,58 @@ def damage_figure(report, **layout) -> go.Figure:
         clipped = [ratios[i] != s for i, s in zip(at, shown)]
         fig.add_trace(
             go.Scatter(
-                x=[ticks[i] for i in at],
-                y=shown,
+                x=shown,
+                y=[ticks[i] for i in at],
                 name=f"{status} ({len(at)})",
                 legendgroup="status",
                 mode="markers+text",
                 marker=dict(color=style["color"], symbol=style["symbol"], size=12, line=dict(width=1, color="white")),
+                # A marker drawn at the edge carries its true value, written inward.
                 text=[f"{ratios[i]:+.2f}" if c else "" for i, c in zip(at, clipped)],
-                textposition="middle left",
+                textposition=["middle right" if ratios[i] < bottom else "middle left" for i in at],
                 customdata=[[report.reference[i].item(), report.corrupted[i].item(), ratios[i]] for i in at],
-                hovertemplate="%{x}: reference %{customdata[0]:+.3f}, corrupted %{customdata[1]:+.3f}, "
+                hovertemplate="%{y}: reference %{customdata[0]:+.3f}, corrupted %{customdata[1]:+.3f}, "
                 "ratio %{customdata[2]:+.3f}<extra>" + status + "</extra>",
                 showlegend=True,
             ),
             row=1,
             col=2,
         )
-    # The bands first, under the markers: each status's region in its own colour, faint.
+    # The bands first, under the markers: each status's region in its own colour, faint, named at its top.
     bands = (
-        (bottom, UNREADABLE_BELOW, "unreadable"),
-        (UNREADABLE_BELOW, low, "damaged"),
-        (low, high, "survives"),
-        (high, top, "damaged"),
+        (bottom - 0.1, UNREADABLE_BELOW, "unreadable", f"unreadable below {UNREADABLE_BELOW:g}"),
+        (UNREADABLE_BELOW, low, "damaged", "damaged"),
+        (low, high, "survives", "survives"),
+        (high, top + 0.1, "damaged", "damaged"),
     )
-    for y0, y1, status in bands:
-        fig.add_hrect(
-            y0=y0,
-            y1=y1,
+    for x0, x1, status, text in bands:
+        fig.add_vrect(
+            x0=x0,
+            x1=x1,
             fillcolor=STATUS_STYLE[status]["color"],
             opacity=0.12,
             line_width=0,
             layer="below",
-            row=1,
-            col=2,
-        )
-    for y, text in (
-        (UNREADABLE_BELOW, f"{UNREADABLE_BELOW:g}: unreadable below"),
-        (low, f"{low:g}"),
-        (high, f"{high:g}"),
-    ):
-        fig.add_hline(
-            y=y,
-            line=dict(color="rgb(110,110,110)", width=1, dash="dash"),
             annotation_text=text,
-            annotation_position="top left",
-            annotation_font_size=10,
+            annotation_position="top",
+            annotation_font=dict(size=10, color="rgb(90,90,90)"),
             row=1,
             col=2,
         )
-    fig.add_hline(
-        y=1,
-        line=dict(color="rgb(40,40,40)", width=1),
-        annotation_text="1 = as in the reference",
-        annotation_position="top left",
-        annotation_font_size=10,
-        row=1,
-        col=2,
-    )
-    fig.add_hline(y=0, line=dict(color="rgb(150,150,150)", width=1), row=1, col=2)
-    # Traces go by status, so the axis must be told the features' own order (components, then heads).
+    for at in (UNREADABLE_BELOW, low, high):
+        fig.add_vline(x=at, line=dict(color="rgb(110,110,110)", width=1, dash="dash"), row=1, col=2)
+    fig.add_vline(x=1, line=dict(color="rgb(40,40,40)", width=1), row=1, col=2)
+    fig.add_vline(x=0, line=dict(color="rgb(150,150,150)", width=1), row=1, col=2)
+    # Traces go by status, so the axis must be told the features' own order (components, then heads),
+    # top to bottom as read.
+    fig.update_yaxes(type="category", categoryorder="array", categoryarray=ticks, autorange="reversed", row=1, col=2)
     fig.update_xaxes(
-        type="category",
-        categoryorder="array",
-        categoryarray=ticks,
-        title_text="Feature, with its reference DLA (components, then top heads)",
+        range=[bottom - 0.1, top + 0.1],
+        tickvals=[-1, -0.5, 0, UNREADABLE_BELOW, low, 1, high, 2],
+        title_text="Ratio corrupted / reference (1 = as in the reference; below 0: the sign flipped)",
         row=1,
         col=2,
     )
-    fig.update_yaxes(range=[bottom - 0.1, top + 0.1], title_text="Ratio (negative: the sign flipped)", row=1, col=2)
 
     counts = ", ".join(f"{n} {s}" for s, n in report.counts().items())
     title = (
@@ -862,7 +895,7 @@ def damage_figure(report, **layout) -> go.Figure:
         f"{report.reference_logit_diff:+.3f} -> {report.corrupted_logit_diff:+.3f} (drop {report.margin_drop:+.3f}); "
         f"{counts}</sup><br><sup>Green survives ({low:g} to {high:g} of the reference), orange is damaged "
         f"({UNREADABLE_BELOW:g} to {low:g}, or above {high:g}), grey is unreadable (below {UNREADABLE_BELOW:g}, "
-        "sign flips included).</sup>"
+        "sign flips included). Each feature's reference DLA is in brackets.</sup>"
     )
     return _layout(
         fig,

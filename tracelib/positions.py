@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tracelib.formats import READABLE_PROB
+from tracelib.formats import READABLE_PROB, token_labels, unit_label
 from tracelib.margin import check_k
 
 VERDICTS = ("written at the final position", "copied from an operand", "assembled gradually")
@@ -133,8 +133,6 @@ class Positions:
 
     def to_frame(self) -> pd.DataFrame:
         """Long form: one line per (row, position, component)."""
-        from tracelib.plotting import token_labels
-
         frames = []
         for r, grid in enumerate(self.values):
             labels = token_labels(self.str_tokens[r])
@@ -145,7 +143,7 @@ class Positions:
                             "row": r,
                             "position": p,
                             "token": labels[p],
-                            "component": self.component_labels,
+                            "component": [unit_label(label) for label in self.component_labels],
                             "value": grid[p].tolist(),
                         }
                     )

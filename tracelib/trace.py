@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelib.answers import ResolvedAnswer, resolve_answer, token_str
-from tracelib.formats import READABLE_RULE, check_metric, metric_phrase
+from tracelib.formats import READABLE_RULE, check_metric, fmt_prob, fmt_value, metric_phrase, unit_label
 from tracelib.margin import check_k
 from tracelib.plotting import readable_positions_sentence
 
@@ -126,9 +126,7 @@ def build_rows(
         resolved = (
             ans
             if isinstance(ans, ResolvedAnswer)
-            else resolve_answer(
-                model, prompt, ans, allow_byte_fragments=allow_byte_fragments, prepend_bos=prepend_bos
-            )
+            else resolve_answer(model, prompt, ans, allow_byte_fragments=allow_byte_fragments, prepend_bos=prepend_bos)
         )
         chosen = _distractor_ids(model, distractors, resolved)
         for step in resolved.steps:
@@ -588,21 +586,22 @@ class Trace:
                 "",
                 f"== {row.label}",
                 f"tokens      {row.str_tokens}",
-                f"prediction  {m.top_strs[r][0]!r} (p={m.top_probs[r, 0].item():.3f}); answer {row.target_str!r} "
-                f"rank {int(m.rank[r])}, p={m.prob[r].item():.3f}, logit {m.logit[r].item():+.3f}",
-                f"margin      logit diff {m.logit_diff[r].item():+.3f} against {m.distractor_strs[r]}",
-                f"readable    from {readable or 'never'} by the standard lens; from "
-                f"{self.lens.dla.readable_from(r) or 'never'} by the cached-scale DLA lens ({READABLE_RULE})",
+                f"prediction  {m.top_strs[r][0]!r} (p={fmt_prob(m.top_probs[r, 0])}); answer {row.target_str!r} "
+                f"rank {int(m.rank[r])}, p={fmt_prob(m.prob[r])}, logit {fmt_value(m.logit[r])}",
+                f"margin      logit diff {fmt_value(m.logit_diff[r])} against {m.distractor_strs[r]}",
+                f"readable    from {_shown(readable)} by the standard lens; from "
+                f"{_shown(self.lens.dla.readable_from(r))} by the cached-scale DLA lens ({READABLE_RULE})",
                 f"DLA of the {dla.metric_label(r)}:",
             ]
             for unit in ("component", "head", "neuron"):
                 top = dla.top(k, unit, r)
-                out.append(f"  top {unit}s  " + ", ".join(f"{u} {v:+.3f}" for u, v in zip(top[unit], top["value"])))
+                shown = ", ".join(f"{u} {fmt_value(v)}" for u, v in zip(top[unit], top["value"]))
+                out.append(f"  top {unit}s  {shown}")
             heads = self.heads.top(k, r)
             out.append(
                 "  heads read from  "
                 + ", ".join(
-                    f"{h} {v:+.3f} ({w})" for h, v, w in zip(heads["head"], heads["value"], heads["reads_from"])
+                    f"{h} {fmt_value(v)} ({w})" for h, v, w in zip(heads["head"], heads["value"], heads["reads_from"])
                 )
             )
             verdict, evidence = self.positions.verdict(r)
@@ -623,11 +622,16 @@ class Trace:
         lines = [f"Trace({self.model_name}, {len(self.rows)} row(s))"]
         for r, row in enumerate(self.rows[:5]):
             lines.append(
-                f"  {row.label}: rank {int(m.rank[r])}, p {m.prob[r].item():.3f}, logit diff "
-                f"{m.logit_diff[r].item():+.3f} vs {m.distractor_strs[r]}; readable from "
-                f"{self.lens.standard.readable_from(r)}; DLA residual {self.dla.reconstruction.residual[r].item():+.1e}"
+                f"  {row.label}: rank {int(m.rank[r])}, p {fmt_prob(m.prob[r])}, logit diff "
+                f"{fmt_value(m.logit_diff[r])} vs {m.distractor_strs[r]}; readable from "
+                f"{_shown(self.lens.standard.readable_from(r))}; "
+                f"DLA residual {self.dla.reconstruction.residual[r].item():+.1e}"
             )
         return "\n".join(lines)
+
+
+def _shown(entry: str | None) -> str:
+    return "never" if entry is None else unit_label(entry)
 
 
 def trace(
