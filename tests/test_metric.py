@@ -202,3 +202,20 @@ def test_patching_follows_the_same_bos_rule(gpt2):
     assert len(with_bos.str_tokens) == len(plain.str_tokens) + 1
     estimate = tl.attribution_patch(gpt2, clean, corrupted, ANSWER, min_effect=0, prepend_bos=True)
     assert estimate.str_tokens == with_bos.str_tokens
+
+
+def test_every_trace_figure_names_the_distractors(tiny):
+    tr = tl.trace(tiny, PROMPT, ANSWER)
+    (layer, head), _ = tr.heads.strongest()
+    figures = {
+        "margin": tr.margin.plot(),
+        "lens": tr.lens.plot(),
+        "dla": tr.dla.plot(),
+        "heads": tr.heads.plot(),
+        "sources": tr.heads.source(layer, head).plot(),
+        "positions": tr.positions.plot(),
+        "neurons": tr.dla.plot("neuron"),
+    }
+    for name, fig in figures.items():
+        title = fig.layout.title.text
+        assert "'1'" in title and "'3'" in title, (name, title)

@@ -45,6 +45,7 @@ class HeadSources:
         values: contribution of each source position to the answer metric, `[src]`.
         attention: the head's attention from the final position to each source, `[src]`.
         operand_positions: indices of the question's operand tokens.
+        metric_label: what the values measure, in words (names the distractors); may be empty.
     """
 
     layer: int
@@ -54,6 +55,7 @@ class HeadSources:
     values: Float[Tensor, " src"]
     attention: Float[Tensor, " src"]
     operand_positions: list[int]
+    metric_label: str = ""
 
     def __post_init__(self) -> None:
         n = len(self.str_tokens)
@@ -178,6 +180,7 @@ class Heads:
             values=self.sources[layer, head, :n, row],
             attention=self.attention[layer, head, :n, row],
             operand_positions=self.operand_positions[row],
+            metric_label=self.metric_labels[row] if self.metric_labels else "",
         )
 
     def to_frame(self) -> pd.DataFrame:
