@@ -314,7 +314,7 @@ def test_damage_of_a_real_injection(junk_damage):
     assert repr(report).startswith(f"DamageReport('2': logit diff {reference.margin.logit_diff[0].item():+.3f} -> ")
     fig = report.plot()
     assert isinstance(fig, go.Figure)
-    thresholds = {s.y0 for s in fig.layout.shapes if s.type == "line" and s.line.dash == "dash"}
+    thresholds = {s.x0 for s in fig.layout.shapes if s.type == "line" and s.line.dash == "dash"}
     assert thresholds == {0.25, 0.75, 1.25}
     texts = [a.text for a in fig.layout.annotations]
     assert any("unreadable below" in t for t in texts)

@@ -202,3 +202,72 @@ def test_tables_quote_tokens_so_spaces_show(gpt2):
     (layer, head), _ = tr.heads.strongest()
     assert set(tr.heads.source(layer, head).to_frame()["token"]) == set(plotting.token_labels(tr.rows[0].str_tokens))
     assert set(tr.positions.to_frame()["token"]) == set(plotting.token_labels(tr.rows[0].str_tokens))
+
+
+# --- a learner's pass (issue 17): damage labels, unpatched cells, one caption per title -------------
+
+
+@pytest.fixture(scope="module")
+def injected(tiny):
+    """Junk injected after the last operand: several tokens with no counterpart in the clean prompt."""
+    return tl.inject(tiny, PROMPT, "junk", "after", n=3, answer=ANSWER)
+
+
+def test_damage_figure_labels_its_features_across_the_y_axis(tiny, tr, injected):
+    report = tl.damage_report(tr, tl.trace(tiny, injected.prompt, ANSWER))
+    fig = report.plot()
+    markers = [t for t in fig.data if t.legendgroup == "status"]
+    assert markers and all(t.xaxis == "x2" and t.yaxis == "y2" for t in markers)
+    # One row per feature, top to bottom in the report's order, each label one line: name and reference DLA.
+    rows = list(fig.layout.yaxis2.categoryarray)
+    assert fig.layout.yaxis2.type == "category" and fig.layout.yaxis2.autorange == "reversed"
+    assert [label.split(" (")[0] for label in rows] == [
+        plotting.component_label(f) if kind == "component" else f for f, kind in zip(report.features, report.kinds)
+    ]
+    assert all("<br>" not in label and re.search(r"\([+-](\d+\.\d{3}|\d\.\de-\d+)\)$", label) for label in rows)
+    assert sorted(label for t in markers for label in t.y) == sorted(rows)
+    # The ratio runs along x, with a tick at every threshold and a vertical line through it.
+    assert all(isinstance(v, float) for t in markers for v in t.x)
+    assert {0.25, 0.75, 1.0, 1.25} <= set(fig.layout.xaxis2.tickvals)
+    dashed = {s.x0 for s in fig.layout.shapes if s.type == "line" and s.line.dash == "dash"}
+    assert dashed == {0.25, 0.75, 1.25}
+    assert fig.layout.xaxis2.tickangle is None and fig.layout.yaxis2.tickangle is None
+
+
+def test_patching_figure_tells_unpatched_cells_from_zero(tiny, injected):
+    import warnings
+
+    with warnings.catch_warnings():  # weak or not, the cells with no counterpart are the same
+        warnings.simplefilter("ignore", tl.WeakCorruptionWarning)
+        result = tl.patch(tiny, PROMPT, injected.prompt, ANSWER, what="resid_pre", alignment=injected.alignment)
+    assert result.no_counterpart
+    fig = result.plot()
+    heat, grey, crosses = fig.data
+    assert heat.type == "heatmap" and grey.type == "heatmap" and crosses.type == "scatter"
+    nan = [[v is None for v in row] for row in heat.z]
+    assert [[v is not None for v in row] for row in grey.z] == nan  # the grey layer covers exactly them
+    cells = {(y, x) for y, row in zip(heat.y, nan) for x, missing in zip(heat.x, row) if missing}
+    assert set(zip(crosses.y, crosses.x)) == cells  # and each is crossed
+    assert len(cells) == len(result.no_counterpart) * tiny.cfg.n_layers
+    # The grey is far from RdBu's near-white 0, so "not patched" never reads as "no recovery".
+    zero = colour_of(fig, 0.0)
+    assert all(abs(a - b) > 40 for a, b in zip(rgb(grey.colorscale[0][1]), zero))
+    assert grey.showscale is False and grey.hoverinfo == "skip"
+    # Named once, in the legend and in the subtitle.
+    assert crosses.name == plotting.NOT_PATCHED_NAME and fig.layout.showlegend
+    assert "Grey ×: no counterpart" in fig.layout.title.text and "not patched" in fig.layout.title.text
+    # Noising runs the clean prompt: every cell patched, no grey layer, no legend.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tl.WeakCorruptionWarning)
+        noised = tl.patch(
+            tiny, PROMPT, injected.prompt, ANSWER, what="resid_pre", direction="noise", alignment=injected.alignment
+        )
+    assert len(noised.plot().data) == 1 and not noised.plot().layout.showlegend
+
+
+def test_the_colour_sentence_joins_a_subtitle_instead_of_overprinting_it(figures):
+    assert plotting._signed_title("T<br><sub>s</sub>") == f"T<br><sub>s. {plotting.SIGN_CAPTION}</sub>"
+    assert plotting._signed_title("T") == f"T<br><sup>{plotting.SIGN_CAPTION}</sup>"
+    for name in ("dla component", "dla head", "positions"):  # each has a metric subtitle
+        title = figures[name].layout.title.text
+        assert title.count("<br>") == 1 and title.count(plotting.SIGN_CAPTION) == 1, name

@@ -127,3 +127,29 @@ def test_report_draws_every_figure_in_chromium_offline(report):
     assert not external, f"the report tried to reach the network: {external[:5]}"
     assert all(url.startswith(LOCAL) for url in requests), requests
     assert not errors, errors
+
+
+def test_each_section_says_how_to_read_its_colours_once(report):
+    _, html, _ = report
+    sections = dict(re.findall(r'<section id="(\w+)" class="step">(.*?)</section>', html, re.S))
+    assert set(sections) == set(STEPS)
+    for step, body in sections.items():
+        # Counted over the whole section: its heading, text, figures (their titles are in the JSON) and caption.
+        expected = 0 if step in ("margin", "lens") else 1
+        assert body.count(plotting.SIGN_CAPTION) == expected, step
+        caption = re.search(r"<figcaption>(.*?)</figcaption>", body, re.S).group(1)
+        assert caption.count(plotting.SIGN_CAPTION) == expected, step
+    assert sections["margin"].count(plotting.MARGIN_CAPTION) == 1
+    assert f"{plotting.MARGIN_CAPTION} Top prediction" in sections["margin"]  # a sentence, capitalised
+    # The page's header says it once more, for the whole report.
+    assert html[: html.index("<section")].count(plotting.SIGN_CAPTION) == 1
+
+
+def test_report_figures_keep_their_subtitles(report):
+    tr, _, _ = report
+    steps = {step["id"]: step for step in plotting.report_figures(tr)}
+    for step in ("dla", "heads", "positions"):
+        title = steps[step]["figures"][0].layout.title.text
+        assert tr.dla.metric_label(0) in title and plotting.SIGN_CAPTION not in title, step
+    # A figure drawn on its own still carries the sentence: only the report moves it to the caption.
+    assert plotting.SIGN_CAPTION in tr.dla.plot().layout.title.text

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tracelib as tl
-from tracelib.widgets import TAB_TITLES
+from tracelib.widgets import PATCH_N, TAB_TITLES
 
 PROMPT, ANSWER = "what is 1 + 1", " 2"
 
@@ -80,16 +80,16 @@ def test_select_head(app):
 
 
 @pytest.mark.parametrize(
-    ("prompt", "answer", "error"),
+    ("prompt", "answer", "distractors", "error"),
     [
-        ("", ANSWER, "EmptyInputError"),
-        (PROMPT, "", "EmptyInputError"),
-        (PROMPT, " 22 33", "MultiTokenAnswerError"),
-        ("1 + " * 400 + "1", ANSWER, "PromptTooLongError"),
+        ("", ANSWER, "", "EmptyInputError"),
+        (PROMPT, "", "", "EmptyInputError"),
+        (PROMPT, ANSWER, "1, 2", "ValueError"),  # a distractor that is the answer itself
+        ("1 + " * 400 + "1", ANSWER, "", "PromptTooLongError"),
     ],
 )
-def test_bad_input_shows_the_message(app, prompt, answer, error):
-    submit(app, prompt, answer)  # no exception escapes
+def test_bad_input_shows_the_message(app, prompt, answer, distractors, error):
+    submit(app, prompt, answer, distractors)  # no exception escapes
     assert error in app.error.value and "color" in app.error.value
     assert app.n_traces == 0 and app.current is None
     submit(app)
@@ -119,7 +119,8 @@ def test_patching_tab_matches_patch(app, tiny):
     app.patch_kind.value, app.patch_where.value = "junk", "after"
     result = app.run_patching()
     assert app.error.value == "" and app.patch_progress.value == app.patch_progress.max
-    injected = tl.inject(tiny, PROMPT, "junk", "after", answer=ANSWER)
+    assert app.patch_n.value == PATCH_N == 3  # the default injects three
+    injected = tl.inject(tiny, PROMPT, "junk", "after", n=PATCH_N, answer=ANSWER)
     direct = tl.patch(
         tiny, PROMPT, injected.prompt, ANSWER, what="resid_pre", alignment=injected.alignment, min_effect=0.0
     )
@@ -139,6 +140,7 @@ def test_patching_tab_says_when_there_is_nothing_to_recover(app, tiny, monkeypat
     )
     share = abs(layers.delta) / abs(layers.clean_metric)
     assert share < tl.patching.MIN_EFFECT, "the premise: one junk token barely moves the bundled model's answer"
+    app.patch_n.value = 1
     result = app.run_patching()
     assert result.weak_effect and app.error.value == ""
     note = app.patch_box.children[1].value
@@ -176,3 +178,102 @@ def test_references_as_traces_and_a_list(tiny, tmp_path):
     torch.testing.assert_close(viewer.current.margin.logit, first.margin.logit)
     submit(viewer)  # a model was given too: submitting still traces
     assert viewer.n_traces == 1 and viewer.current_model is tiny and not viewer.patch_button.disabled
+
+
+# --- a learner's pass (issue 17): multi-token answers, errors, the Patching tab, layout -------------
+
+MULTI_PROMPT, MULTI_ANSWER = "what is 5 + 7", " 12"
+
+
+def test_multi_token_answer_shows_its_steps_and_every_tab_follows_the_step(app, tiny):
+    submit(app, MULTI_PROMPT, MULTI_ANSWER)
+    expected = tl.trace(tiny, MULTI_PROMPT, MULTI_ANSWER)
+    assert app.error.value == "" and len(app.current.rows) == len(expected.rows) == 2
+    # The step selector shows, one entry per answer token, and starts at the first.
+    assert app.step_select.layout.display != "none" and app.row == 0
+    labels = [label for label, _ in app.step_select.options]
+    assert labels[0].startswith("step 1 of 2: '1'") and labels[1] == "step 2 of 2: '2', after the prompt + '1'"
+    for row in (0, 1):
+        app.select_step(row)
+        assert app.row == row
+        label = app.current.rows[row].label
+        assert f"[step {row + 1}/2]" in label
+        assert app.prediction.value == f"{expected.margin.top_strs[row][0]!r} (step {row + 1} of 2)"
+        for box in (app.margin_box, app.lens_box, app.dla_box, app.heads_grid, app.positions_box):
+            assert label in box.children[0].figure.layout.title.text, (row, box)
+        assert app.neurons_box.value.endswith(
+            tl.widgets._table(expected.dla.top(10, "neuron", row))
+        )  # the same neurons as the trace's own row
+        layer, head = expected.heads.strongest(row)[0]
+        assert app.selected_head == (layer, head) and app.head_sources.row_label == label
+        torch.testing.assert_close(app.head_sources.values, expected.heads.source(layer, head, row).values)
+        assert "iframe" in app.head_pattern.value
+        # The answer's tokens are listed with the step on show in bold; later steps see the forced tokens.
+        assert f"<b>{html.escape(repr(expected.rows[row].target_str))}</b>" in app.resolution.value
+        assert html.escape(repr(expected.rows[row].str_tokens)) in app.resolution.value
+    app.dla_unit.value = "head"  # the DLA unit dropdown keeps the step
+    assert app.current.rows[1].label in app.dla_box.children[0].figure.layout.title.text
+    # Patching stays single-token, and its tab says so instead of offering a button that fails.
+    assert app.patch_button.disabled and "single-token" in app.patch_note.value and "2 tokens" in app.patch_note.value
+    assert app.run_patching() is None and "MultiTokenAnswerError" in app.error.value
+    # A one-token answer hides the selector again and shows its only row.
+    submit(app)
+    assert app.step_select.layout.display == "none" and app.row == 0 and len(app.current.rows) == 1
+    assert not app.patch_button.disabled and "single-token" not in app.patch_note.value
+
+
+def test_a_failed_submit_clears_the_results_before_it(app):
+    submit(app)
+    app.run_patching()
+    assert app.current is not None and app.patch_box.children
+    submit(app, "", ANSWER)
+    assert "EmptyInputError" in app.error.value
+    assert app.current is None and app.prediction.value == "" and app.resolution.value == ""
+    for box in (app.margin_box, app.lens_box, app.dla_box, app.heads_grid, app.head_source, app.positions_box):
+        assert box.children == (), box
+    assert app.neurons_box.value == "" and app.head_pattern.value == ""
+    assert app.patch_box.children == () and app.patch_progress.value == 0 and app.patch_result is None
+    assert app.patch_button.disabled
+    assert "Nothing to save yet" in (app.save() or app.error.value)
+    submit(app)  # and a good submit brings everything back
+    assert app.error.value == "" and app.current is not None and app.margin_box.children
+
+
+def test_the_patching_tab_starts_afresh_on_every_submit(app):
+    submit(app)
+    app.run_patching()
+    assert app.patch_progress.value == app.patch_progress.max and app.patch_result is not None
+    submit(app, "what is 2 + 3", " 5")  # a new trace
+    assert app.patch_progress.value == 0 and app.patch_box.children == () and app.patch_result is None
+    app.run_patching()
+    submit(app)  # from the cache: the tab resets too
+    assert app.status.value.startswith("from cache")
+    assert app.patch_progress.value == 0 and app.patch_box.children == () and app.patch_result is None
+
+
+def test_patching_injects_as_many_tokens_as_asked(app, tiny):
+    submit(app)
+    app.patch_n.value = 2
+    result = app.run_patching()
+    injected = tl.inject(tiny, PROMPT, app.patch_kind.value, app.patch_where.value, n=2, answer=ANSWER)
+    assert repr(injected.prompt) in html.unescape(app.patch_box.children[0].value)
+    assert result.str_tokens == tl.resolve_answer(tiny, injected.prompt, ANSWER).prompt_str_tokens
+
+
+def test_margin_table_quotes_each_token_once_in_the_package_format(app):
+    submit(app)
+    table = html.unescape(app.margin_box.children[1].value)
+    assert "<td>'2'</td>" in table and "\"'2'\"" not in table
+    # One number format: probabilities unsigned, logits and their differences signed, three decimals.
+    top = app.current.margin.top(5)
+    assert f"<td>{top['prob'][0]:.3f}</td>" in table and f"<td>{top['logit'][0]:+.3f}</td>" in table
+
+
+def test_inputs_and_buttons_are_sized(app):
+    for text in (app.prompt, app.answer, app.distractors, app.save_path):
+        assert text.layout.max_width, text.description  # never the whole width of a wide app
+    px = {t: int(t.layout.max_width.removesuffix("px")) for t in (app.prompt, app.answer)}
+    assert px[app.answer] < px[app.prompt]  # the answer box is shorter than the prompt's
+    # The buttons size to their labels, so "Run patching" is never cut.
+    assert app.patch_button.layout.width == "auto" and app.patch_button.layout.min_width
+    assert app.submit_button.layout.width == "auto"

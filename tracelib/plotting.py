@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from tracelib.formats import READABLE_PROB, metric_phrase, token_labels, unit_label
+from tracelib.formats import READABLE_PROB, fmt_value, metric_phrase, token_labels, unit_label
 
 DIVERGING = "RdBu"
 # RdBu runs red (low) to blue (high): with its midpoint at 0, a positive attribution (toward the
@@ -24,21 +24,22 @@ component_label = unit_label
 def _signed_title(title):
     """The title with the colour sentence under it, so a figure read alone still says what colour means.
 
-    Written in the same small type as a subtitle already there: a `<sup>` line under a `<sub>` one
-    is raised into it and the two overprint.
+    A subtitle already there (`<sub>`) takes the sentence at its end: a line of its own, under a
+    `<sub>` line, would overprint it (`<sup>`) or drop into the plot (`<sub>`).
     """
     if isinstance(title, str) and title and SIGN_CAPTION not in title:
-        tag = "sub" if title.rstrip().endswith("</sub>") else "sup"
-        return f"{title}<br><{tag}>{SIGN_CAPTION}</{tag}>"
+        if title.endswith("</sub>"):
+            return f"{title[: -len('</sub>')]}. {SIGN_CAPTION}</sub>"
+        return f"{title}<br><sup>{SIGN_CAPTION}</sup>"
     return title
 
 
 def _without_caption(fig: go.Figure, caption: str) -> go.Figure:
-    """The figure with `caption`'s line taken out of its title: the report says it once, under the figures."""
+    """The figure with `caption` taken out of its title: the report says it once per section, under the figures."""
     title = fig.layout.title.text
     if title and caption in title:
-        for tag in ("sup", "sub"):
-            title = title.replace(f"<br><{tag}>{caption}</{tag}>", "")
+        for written in (f"<br><sup>{caption}</sup>", f". {caption}", caption):
+            title = title.replace(written, "")
         fig.update_layout(title_text=title)
     return fig
 
@@ -128,8 +129,10 @@ def margin_bars(margin, row: int = 0, **layout) -> go.Figure:
         go.Bar(x=tokens, y=logits, marker_color=colors, hovertemplate="%{x}: logit %{y:+.3f}<extra></extra>")
     )
     fig.update_xaxes(type="category")
+    rivals = ", ".join(repr(d) for d in margin.distractor_strs[row])
     title = (
-        f"Top predictions: {margin.row_labels[row]} (rank {int(margin.rank[row])}, p={margin.prob[row].item():.3f})"
+        f"Top predictions: {margin.row_labels[row]} (rank {int(margin.rank[row])}, p={margin.prob[row].item():.3f}; "
+        f"logit difference {margin.logit_diff[row].item():+.3f} against {rivals})"
         f"<br><sup>{MARGIN_CAPTION}</sup>"
     )
     return _layout(fig, {"title": title, "xaxis_title": "Token", "yaxis_title": "Logit"}, layout)
@@ -202,7 +205,7 @@ def lens_lines(lens, row: int = 0, metric: str = "logit_diff", **layout) -> go.F
             line=dict(color="rgb(150,150,150)", width=1, dash="dash"),
         )
         fig.add_annotation(
-            x=at, yref="paper", y=1, text=f"readable from {at}", showarrow=False, xanchor="left", yanchor="bottom"
+            x=at, yref="paper", y=1, text=f"readable from {at}", showarrow=False, xanchor="left", yanchor="top"
         )
     subtitle = []
     if metric in ("logit", "logit_diff") and lens.answer_strs:
@@ -239,7 +242,8 @@ def neuron_strip(values: Tensor, title: str = "", k: int = 10, **layout) -> go.F
 def source_bars(sources, **layout) -> go.Figure:
     """One head's contribution by source position, bars ticked with the tokens, attention on hover."""
     layout = {
-        "title": f"L{sources.layer}H{sources.head} by source position: {sources.row_label}",
+        "title": f"L{sources.layer}H{sources.head} by source position: {sources.row_label}"
+        + (f"<br><sub>{sources.metric_label}</sub>" if sources.metric_label else ""),
         "xaxis_title": "Position",
         **layout,
     }
@@ -623,9 +627,13 @@ def patching_figure(result, **layout) -> go.Figure:
         )
     fig.update_xaxes(type="category")
     fig.update_yaxes(type="category", autorange="reversed")
-    defaults = {"title": title, "xaxis_title": x_title, "yaxis_title": y_title}
+    # Room for every subtitle line above the plot, so the last one does not sit on the top row.
+    top = 50 + 20 * title.count("<br>")
+    defaults = {"title": title, "xaxis_title": x_title, "yaxis_title": y_title, "margin": dict(t=top)}
     if missing.any():
-        defaults.update(showlegend=True, legend=dict(orientation="h", x=1, xanchor="right", y=1.0, yanchor="bottom"))
+        # The key sits at the figure's foot, right of the axis title, clear of the title's lines and the colour bar.
+        legend = dict(orientation="h", x=1, xanchor="right", yref="container", y=0, yanchor="bottom")
+        defaults.update(showlegend=True, legend=legend)
     return _layout(fig, defaults, layout)
 
 
@@ -825,7 +833,7 @@ def damage_figure(report, **layout) -> go.Figure:
     # One row per feature, labelled with the reference's value: a status says whether the reading
     # holds, the sign which way the feature pushed (an "against" feature gone unreadable helps the answer).
     ticks = [
-        f"{component_label(f) if kind == 'component' else f} ({v:+.3f})"
+        f"{component_label(f) if kind == 'component' else f} ({fmt_value(v)})"
         for f, kind, v in zip(report.features, report.kinds, report.reference.tolist())
     ]
     ratios, statuses = report.ratio.tolist(), report.statuses
@@ -883,8 +891,8 @@ def damage_figure(report, **layout) -> go.Figure:
     fig.update_yaxes(type="category", categoryorder="array", categoryarray=ticks, autorange="reversed", row=1, col=2)
     fig.update_xaxes(
         range=[bottom - 0.1, top + 0.1],
-        tickvals=[-1, -0.5, 0, UNREADABLE_BELOW, low, 1, high, 2],
-        title_text="Ratio corrupted / reference (1 = as in the reference; below 0: the sign flipped)",
+        tickvals=[-1, 0, UNREADABLE_BELOW, low, 1, high, 2],
+        title_text="Ratio corrupted / reference<br>(1 = as in the reference; below 0: the sign flipped)",
         row=1,
         col=2,
     )
@@ -894,12 +902,18 @@ def damage_figure(report, **layout) -> go.Figure:
         f"Damage: {report.corrupted_label}<br><sup>against {report.reference_label}: logit difference "
         f"{report.reference_logit_diff:+.3f} -> {report.corrupted_logit_diff:+.3f} (drop {report.margin_drop:+.3f}); "
         f"{counts}</sup><br><sup>Green survives ({low:g} to {high:g} of the reference), orange is damaged "
-        f"({UNREADABLE_BELOW:g} to {low:g}, or above {high:g}), grey is unreadable (below {UNREADABLE_BELOW:g}, "
-        "sign flips included). Each feature's reference DLA is in brackets.</sup>"
+        f"({UNREADABLE_BELOW:g} to {low:g}, or above {high:g}),</sup><br><sup>grey is unreadable (below "
+        f"{UNREADABLE_BELOW:g}, sign flips included). Each feature's reference DLA is in brackets.</sup>"
     )
     return _layout(
         fig,
-        {"title": title, "legend": dict(orientation="h", y=-0.25), "height": 560, "margin": dict(t=120, b=160)},
+        {
+            # From the top down, not centred in the margin, where its last line met the panels' titles.
+            "title": dict(text=title, y=0.96, yanchor="top"),
+            "legend": dict(orientation="h", y=-0.25),
+            "height": 580,
+            "margin": dict(t=135, b=160),
+        },
         layout,
     )
 

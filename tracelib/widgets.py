@@ -13,16 +13,35 @@ import time
 import warnings
 from pathlib import Path
 
+import ipywidgets as w
+from IPython import get_ipython
+from IPython.display import display
+
+from tracelib.answers import MultiTokenAnswerError, chat_prompt, resolve_answer
+from tracelib.formats import fmt_prob, fmt_value
+from tracelib.models import model_name
+from tracelib.ood import KINDS, WHERES, inject
+from tracelib.patching import WeakCorruptionWarning, patch
+from tracelib.reference import load_reference
+from tracelib.trace import Trace, trace
+
 TAB_TITLES = ("Margin", "Lens", "DLA", "Heads", "Neurons", "Positions", "Patching")
 DLA_UNITS = ("component", "layer", "head", "neuron")
+# How many tokens (junk strings, typo edits) the Patching tab injects by default. With one, nearly
+# every injection barely moves the bundled model's answer, so the tab would only say "nothing to recover".
+PATCH_N = 3
 # Errors the library raises on bad input; anything else is a bug and should surface as one.
 _INPUT_ERRORS = (ValueError, TypeError, FloatingPointError, OSError)
+# One description width for the labelled inputs, so their boxes line up under each other.
+_LABELLED = {"description_width": "90px"}
+PATCH_NOTE = (
+    "Injects OOD tokens into the prompt, then patches the clean residual stream (<code>resid_pre</code>) "
+    "into the injected run, layer by position. 1 = clean margin recovered."
+)
 
 
 def _models(models) -> dict:
     """A name -> model dict from one model, a list of models, or a dict."""
-    from tracelib.models import model_name
-
     if models is None:
         return {}
     if isinstance(models, dict):
@@ -34,9 +53,6 @@ def _models(models) -> dict:
 
 def _references(reference) -> dict:
     """A label -> loaded Trace dict from a path, a Trace, or a list of either."""
-    from tracelib.reference import load_reference
-    from tracelib.trace import Trace
-
     if reference is None:
         return {}
     if isinstance(reference, (str, Path, Trace)):
@@ -51,10 +67,11 @@ def _references(reference) -> dict:
 
 
 def _table(frame) -> str:
-    """A DataFrame as a small HTML table, token columns shown with repr so " 1" and "1" differ."""
-    if "token" in frame.columns:
-        frame = frame.assign(token=frame["token"].map(repr))
-    return frame.to_html(index=False, float_format=lambda v: f"{v:+.3f}", border=0)
+    """A DataFrame as a small HTML table, in the package's number format: probabilities `0.999`,
+    logits and attributions `+1.234`. Token columns arrive already written with repr (`'7'`)."""
+    floats = frame.select_dtypes("float").columns
+    formatters = {c: fmt_prob if c == "prob" else fmt_value for c in floats}
+    return frame.to_html(index=False, formatters=formatters, border=0)
 
 
 def _figure(fig):
@@ -65,9 +82,6 @@ def _figure(fig):
     tests/test_browser.py) against well under 1 s of work in the kernel. Heads are picked with the
     layer and head dropdowns instead of a click on the grid. The figure is kept as `.figure`.
     """
-    import ipywidgets as w
-    from IPython import get_ipython
-
     widget = w.Output()
     if get_ipython() is not None:  # outside a kernel, display() would print to stdout
         with widget:
@@ -92,31 +106,47 @@ def _pattern_source(view) -> str:
     return view.cdn_src if _ONLINE[0] else view.local_src
 
 
+def _step_label(trace, row: int) -> str:
+    """A step selector entry: `step 2 of 2: '2', after the prompt + '1'` (or the row's label)."""
+    r = trace.rows[row]
+    if r.n_steps == 1 or len({x.prompt for x in trace.rows}) > 1:
+        return r.label
+    forced = trace.rows[row - r.step : row]
+    after = " + ".join(["the prompt", *(repr(x.target_str) for x in forced)])
+    return f"step {r.step + 1} of {r.n_steps}: {r.target_str!r}, after {after}"
+
+
 class Explorer:
     """An ipywidgets app over `tl.trace`: one trace per new input, cached, shown in tabs.
+
+    A multi-token answer (`" 12"`) is traced one teacher-forced step per token, as `tl.trace` does;
+    the Step dropdown then picks the step every tab shows. Patching needs a single-token answer.
 
     Attributes:
         widget: the top container; display it (or the `Explorer`) to show the app.
         prompt, answer, distractors: the input `Text` widgets.
         model_select, chat, reference_select, submit_button: the other inputs.
-        prediction: a `Label` with the model's top prediction (repr of the token).
+        step_select: a `Dropdown` of the trace's rows (one per answer token), shown when there are several.
+        prediction: a `Label` with the model's top prediction at the chosen step (repr of the token).
         resolution: an `HTML` with the answer's resolution (prompt tokens, answer split).
         status: a `Label` that says "tracing..." while busy, then what was done.
-        error: an `HTML` with the library's message in red; its value is '' when all is well.
+        error: an `HTML` with the library's message in red; its value is '' when all is well. A failed
+            submit also clears the results of the one before, so none are left under the message.
         tabs: the `Tab` of results, titled as `TAB_TITLES`.
-        current: the `Trace` on show (None before the first submit).
+        current: the `Trace` on show (None before the first submit, and after a failed one).
         current_model: the model of `current`, None for a saved reference.
+        row: the row of `current` on show (the step selector's value).
         n_traces: how many times `tl.trace` ran (cached inputs do not run it again).
         selected_head: the (layer, head) on show in the Heads tab.
         head_source, head_pattern: the selected head's source decomposition (an `Output` in a
             `Box`) and its circuitsvis attention pattern (an `HTML`).
         head_sources: the selected head's `tl.HeadSources`.
-        patch_result: the last `tl.PatchingResult` of the Patching tab.
+        patch_kind, patch_n, patch_where, patch_button, patch_progress: the Patching tab's inputs:
+            what to inject, how many (default `PATCH_N`), where, and the button that runs it.
+        patch_result: the last `tl.PatchingResult` of the Patching tab (reset on every submit).
     """
 
     def __init__(self, models=None, reference=None):
-        import ipywidgets as w
-
         self.models = _models(models)
         self.references = _references(reference)
         if not self.models and not self.references:
@@ -130,30 +160,74 @@ class Explorer:
         self.patch_result = None
         self._resolved = None
         self._prompt_used = None
+        self._distractors_used = None
 
-        text = dict(layout=w.Layout(width="100%"))
-        self.prompt = w.Text(value="", description="Prompt", placeholder="what is 1 + 1", **text)
-        self.answer = w.Text(value="", description="Answer", placeholder='" 2" (leading space kept)', **text)
-        self.distractors = w.Text(value="", description="Distractors", placeholder="comma-separated, optional", **text)
-        names = list(self.models)
-        self.model_select = w.Dropdown(options=names, value=names[0] if names else None, description="Model")
-        self.chat = w.Checkbox(value=False, description="chat template", indent=False)
-        self.reference_select = w.Dropdown(
-            options=[("(none)", "")] + [(k, k) for k in self.references], value="", description="Reference"
+        self.prompt = w.Text(
+            value="",
+            description="Prompt",
+            placeholder="what is 1 + 1",
+            style=_LABELLED,
+            layout=w.Layout(width="100%", max_width="720px"),
         )
-        self.submit_button = w.Button(description="Submit", button_style="primary", icon="play")
+        self.answer = w.Text(
+            value="",
+            description="Answer",
+            placeholder='" 2" (leading space kept)',
+            style=_LABELLED,
+            layout=w.Layout(width="100%", max_width="360px"),
+        )
+        self.distractors = w.Text(
+            value="",
+            description="Distractors",
+            placeholder="comma-separated, optional",
+            style=_LABELLED,
+            layout=w.Layout(width="100%", max_width="480px"),
+        )
+        names = list(self.models)
+        self.model_select = w.Dropdown(
+            options=names,
+            value=names[0] if names else None,
+            description="Model",
+            style=_LABELLED,
+            layout=w.Layout(width="360px"),
+        )
+        self.chat = w.Checkbox(value=False, description="chat template", indent=False, layout=w.Layout(width="140px"))
+        self.reference_select = w.Dropdown(
+            options=[("(none)", "")] + [(k, k) for k in self.references],
+            value="",
+            description="Reference",
+            style=_LABELLED,
+            layout=w.Layout(width="360px"),
+        )
+        self.submit_button = w.Button(
+            description="Submit", button_style="primary", icon="play", layout=w.Layout(width="auto", min_width="110px")
+        )
         self.status = w.Label(value="")
         self.prediction = w.Label(value="")
         self.resolution = w.HTML(value="")
         self.error = w.HTML(value="")
-        self.save_path = w.Text(value="", description="Save to", placeholder="folder for trace.save()")
-        self.save_button = w.Button(description="Save reference", icon="save")
+        self.step_select = w.Dropdown(
+            options=[("step 1", 0)],
+            value=0,
+            description="Step",
+            style=_LABELLED,
+            layout=w.Layout(width="100%", max_width="720px", display="none"),
+        )
+        self.save_path = w.Text(
+            value="",
+            description="Save to",
+            placeholder="folder for trace.save()",
+            style=_LABELLED,
+            layout=w.Layout(width="100%", max_width="480px"),
+        )
+        self.save_button = w.Button(description="Save reference", icon="save", layout=w.Layout(width="auto"))
         self.save_status = w.Label(value="")
 
         self.submit_button.on_click(lambda _: self.submit())
         self.save_button.on_click(lambda _: self.save())
         self.model_select.observe(lambda _: self._update_chat(), names="value")
         self.reference_select.observe(lambda change: self.open_reference(change["new"]), names="value")
+        self.step_select.observe(self._on_step, names="value")
         self._update_chat()
         if not self.models:
             self.submit_button.disabled = True
@@ -164,8 +238,8 @@ class Explorer:
         self.dla_unit = w.Dropdown(options=DLA_UNITS, value="component", description="DLA by")
         self.dla_unit.observe(lambda _: self._render_dla(), names="value")
         self.dla_box = w.VBox()
-        self.head_layer = w.Dropdown(options=[0], value=0, description="Layer")
-        self.head_head = w.Dropdown(options=[0], value=0, description="Head")
+        self.head_layer = w.Dropdown(options=[0], value=0, description="Layer", layout=w.Layout(width="180px"))
+        self.head_head = w.Dropdown(options=[0], value=0, description="Head", layout=w.Layout(width="180px"))
         for dropdown in (self.head_layer, self.head_head):
             dropdown.observe(self._on_head_dropdown, names="value")
         self.heads_grid = w.Box()
@@ -173,20 +247,29 @@ class Explorer:
         self.head_pattern = w.HTML(value="")
         self.neurons_box = w.HTML(value="")
         self.positions_box = w.VBox()
-        from tracelib.ood import KINDS, WHERES
 
-        self.patch_kind = w.Dropdown(options=KINDS, value="junk", description="Inject")
-        self.patch_where = w.Dropdown(options=WHERES, value="after", description="Where")
-        self.patch_button = w.Button(description="Run patching", icon="play")
-        self.patch_button.on_click(lambda _: self.run_patching())
-        self.patch_progress = w.IntProgress(value=0, min=0, max=2, description="")
-        self.patch_note = w.HTML(
-            value="Injects OOD tokens into the prompt, then patches the clean residual stream "
-            "(<code>resid_pre</code>) into the injected run, layer by position. 1 = clean margin recovered."
+        self.patch_kind = w.Dropdown(options=KINDS, value="junk", description="Inject", layout=w.Layout(width="220px"))
+        self.patch_n = w.BoundedIntText(
+            value=PATCH_N,
+            min=1,
+            max=20,
+            description="How many",
+            tooltip="how many tokens, junk strings or typo edits to inject",
+            layout=w.Layout(width="150px"),
         )
+        self.patch_where = w.Dropdown(
+            options=WHERES, value="after", description="Where", layout=w.Layout(width="220px")
+        )
+        # Sized to its label: in a row of fixed-width inputs a default-width button is squeezed.
+        self.patch_button = w.Button(
+            description="Run patching", icon="play", layout=w.Layout(width="auto", min_width="140px", flex="0 0 auto")
+        )
+        self.patch_button.on_click(lambda _: self.run_patching())
+        self.patch_progress = w.IntProgress(value=0, min=0, max=2, description="", layout=w.Layout(width="140px"))
+        self.patch_note = w.HTML(value=PATCH_NOTE)
         self.patch_box = w.VBox()
 
-        self._head_syncing = False
+        self._head_syncing = self._step_syncing = False
         self.tabs = w.Tab(
             children=[
                 self.margin_box,
@@ -206,7 +289,10 @@ class Explorer:
                 w.VBox(
                     [
                         self.patch_note,
-                        w.HBox([self.patch_kind, self.patch_where, self.patch_button, self.patch_progress]),
+                        w.HBox(
+                            [self.patch_kind, self.patch_n, self.patch_where, self.patch_button, self.patch_progress],
+                            layout=w.Layout(flex_flow="row wrap", align_items="center"),
+                        ),
                         self.patch_box,
                     ]
                 ),
@@ -220,26 +306,27 @@ class Explorer:
                 self.prompt,
                 self.answer,
                 self.distractors,
-                w.HBox([self.model_select, self.chat, self.reference_select]),
-                w.HBox([self.submit_button, self.status]),
+                w.HBox([self.model_select, self.chat, self.reference_select], layout=w.Layout(flex_flow="row wrap")),
+                w.HBox([self.submit_button, self.status], layout=w.Layout(align_items="center")),
                 self.error,
                 w.HBox([w.Label("Prediction:"), self.prediction]),
                 self.resolution,
+                self.step_select,
                 self.tabs,
-                w.HBox([self.save_path, self.save_button, self.save_status]),
+                w.HBox([self.save_path, self.save_button, self.save_status], layout=w.Layout(align_items="center")),
             ]
         )
 
     # Display ------------------------------------------------------------------------------------
 
     def _ipython_display_(self) -> None:
-        from IPython.display import display
-
         display(self.widget)
 
     def __repr__(self) -> str:
         shown = (
-            f"{self.current.model_name}: {self.current.rows[0].label}" if self.current is not None else "nothing yet"
+            f"{self.current.model_name}: {self.current.rows[self.row].label}"
+            if self.current is not None
+            else "nothing yet"
         )
         return f"Explorer({len(self.models)} model(s), {len(self.references)} reference(s); showing {shown})"
 
@@ -249,6 +336,11 @@ class Explorer:
     def model(self):
         """The model chosen in the dropdown (None when only references were given)."""
         return self.models.get(self.model_select.value)
+
+    @property
+    def row(self) -> int:
+        """The row of the trace on show: the step chosen in the step selector (0 for a one-token answer)."""
+        return int(self.step_select.value or 0)
 
     def _update_chat(self) -> None:
         model = self.model
@@ -272,13 +364,14 @@ class Explorer:
     # Actions ------------------------------------------------------------------------------------
 
     def submit(self) -> None:
-        """Trace the inputs (or take them from the cache) and update every tab: the Submit button."""
-        from tracelib.answers import chat_prompt, resolve_answer
-        from tracelib.trace import trace
+        """Trace the inputs (or take them from the cache) and update every tab: the Submit button.
 
+        A failed submit shows the library's message and clears what the one before showed.
+        """
         self.error.value = ""
         model, name = self.model, self.model_select.value
         if model is None:
+            self._clear()
             self._fail(ValueError("No model to trace with: explore() was given saved references only."))
             return
         start = time.perf_counter()
@@ -289,16 +382,17 @@ class Explorer:
             if self.chat.value:
                 prompt = chat_prompt(model, prompt)
             distractors = self._distractor_list()
-            resolved = resolve_answer(model, prompt, self.answer.value, single_token=True)
+            resolved = resolve_answer(model, prompt, self.answer.value)
             key = (name, prompt, self.answer.value, tuple(distractors or ()), self.chat.value)
             cached = key in self._cache
             if not cached:
                 self._cache[key] = trace(model, prompt, self.answer.value, distractors)
                 self.n_traces += 1
-            self._resolved, self._prompt_used = resolved, prompt
+            self._resolved, self._prompt_used, self._distractors_used = resolved, prompt, distractors
             self._show(self._cache[key], model)
             self.status.value = f"{'from cache' if cached else 'traced'} in {time.perf_counter() - start:.2f} s"
         except _INPUT_ERRORS as exc:
+            self._clear()
             self._fail(exc)
         finally:
             self.submit_button.disabled = not self.models
@@ -308,9 +402,13 @@ class Explorer:
         if not label:
             return
         self.error.value = ""
-        self._resolved, self._prompt_used = None, None
+        self._resolved, self._prompt_used, self._distractors_used = None, None, None
         self._show(self.references[label], None)
         self.status.value = f"opened reference {label}"
+
+    def select_step(self, row: int) -> None:
+        """Show one step of a multi-token answer (one row of the trace) in every tab: the Step dropdown."""
+        self.step_select.value = int(row)
 
     def select_head(self, layer: int, head: int) -> None:
         """Show one head's source decomposition and attention pattern (the layer and head dropdowns)."""
@@ -322,7 +420,8 @@ class Explorer:
             self.head_layer.value, self.head_head.value = int(layer), int(head)
         finally:
             self._head_syncing = False
-        self.head_sources = self.current.heads.source(int(layer), int(head))
+        row = self.row
+        self.head_sources = self.current.heads.source(int(layer), int(head), row)
         self.head_source.children = [_figure(self.head_sources.plot())]
         if self.current_model is None:
             self.head_pattern.value = (
@@ -330,7 +429,7 @@ class Explorer:
             )
             return
         try:
-            view = self.current.heads.attention_view(heads=[(int(layer), int(head))], model=self.current_model)
+            view = self.current.heads.attention_view(heads=[(int(layer), int(head))], row=row, model=self.current_model)
         except _INPUT_ERRORS as exc:
             self._fail(exc)
             return
@@ -358,43 +457,52 @@ class Explorer:
         return out
 
     def run_patching(self):
-        """Inject OOD tokens of the chosen kind, then patch clean -> injected: the Run patching button."""
-        from tracelib.ood import inject
-        from tracelib.patching import WeakCorruptionWarning, patch
-
+        """Inject `patch_n` OOD tokens of the chosen kind, then patch clean -> injected: the Run patching button."""
         self.error.value = ""
+        self._reset_patching()
         if self.current is None or self.current_model is None:
             self._fail(ValueError("Patching runs the model: submit a prompt with a model first."))
             return None
+        if len(self._resolved.answer_tokens) > 1:
+            self._fail(MultiTokenAnswerError(self._multi_token_note()))
+            return None
         # What was traced, not what the boxes hold now: they may have been edited since.
         model, prompt, answer = self.current_model, self._prompt_used, self._resolved.typed_answer
-        self.patch_progress.value = 0
         self.patch_button.disabled = True
         try:
-            injected = inject(model, prompt, self.patch_kind.value, self.patch_where.value, answer=answer)
+            injected = inject(
+                model, prompt, self.patch_kind.value, self.patch_where.value, n=int(self.patch_n.value), answer=answer
+            )
             self.patch_progress.value = 1
             # A weak corruption is said in the tab itself; the warning would only print above the app.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", WeakCorruptionWarning)
-                result = patch(model, prompt, injected.prompt, answer, what="resid_pre", alignment=injected.alignment)
+                result = patch(
+                    model,
+                    prompt,
+                    injected.prompt,
+                    answer,
+                    what="resid_pre",
+                    distractors=self._distractors_used,
+                    alignment=injected.alignment,
+                )
             self.patch_progress.value = 2
         except _INPUT_ERRORS as exc:
+            self._reset_patching()
             self._fail(exc)
             return None
         finally:
             self.patch_button.disabled = False
         self.patch_result = result
-        import ipywidgets as w
-
-        shown = [w.HTML(f"<code>{html.escape(repr(injected.prompt))}</code>")]
+        shown = [w.HTML(f"<b>injected prompt</b>: <code>{html.escape(repr(injected.prompt))}</code>")]
         if result.weak_effect:
             # Recovery divides by Δ; here that is noise, so the tab leads with what happened instead.
             shown.append(
                 w.HTML(
                     f"<b>This corruption barely changes the answer (Δ = {result.delta:+.3f}): nothing to recover.</b> "
                     f"The logit difference moves from {result.clean_metric:+.3f} to {result.corrupted_metric:+.3f}. "
-                    "Try another kind or place of injection; below, the raw change of the logit difference "
-                    "each patch makes (not recovery)."
+                    "Try more tokens, or another kind or place of injection; below, the raw change of the logit "
+                    "difference each patch makes (not recovery)."
                 )
             )
         self.patch_box.children = [*shown, _figure(result.plot())]
@@ -403,45 +511,101 @@ class Explorer:
     # Rendering ----------------------------------------------------------------------------------
 
     def _show(self, trace, model) -> None:
-        import ipywidgets as w
-
+        """Put a new trace on show: the step selector's options, then every tab at its first row."""
         self.current, self.current_model = trace, model
-        m = trace.margin
-        self.prediction.value = repr(m.top_strs[0][0])
-        self.resolution.value = self._resolution_html(trace)
-        self.margin_box.children = [_figure(m.plot()), w.HTML(_table(m.top(5)))]
-        self.lens_box.children = [_figure(trace.lens.plot())]
-        self._render_dla()
-        self.heads_grid.children = [_figure(trace.heads.plot())]
+        if model is not None and self.reference_select.value:
+            self.reference_select.value = ""  # a submit replaces the reference on show
+        options = [(_step_label(trace, r), r) for r in range(len(trace.rows))]
+        self._step_syncing = True
+        try:
+            self.step_select.options = options
+            self.step_select.value = 0
+        finally:
+            self._step_syncing = False
+        self.step_select.layout.display = None if len(options) > 1 else "none"
         n_layers, n_heads = trace.heads.values.shape[:2]
         self._head_syncing = True
         try:
             self.head_layer.options, self.head_head.options = list(range(n_layers)), list(range(n_heads))
         finally:
             self._head_syncing = False
-        self.neurons_box.value = "<b>Top neurons by |DLA|</b>" + _table(trace.dla.top(10, "neuron"))
-        self.positions_box.children = [_figure(trace.positions.plot())]
-        self.select_head(*trace.heads.strongest()[0])
-        self.patch_result, self.patch_box.children = None, []
-        self.patch_button.disabled = model is None
-        self.patch_note.value = (
-            "Injects OOD tokens into the prompt, then patches the clean residual stream (<code>resid_pre</code>) "
-            "into the injected run, layer by position. 1 = clean margin recovered."
-            if model is not None
-            else "<i>Patching runs the model; a saved reference has none. Submit with a model to patch.</i>"
-        )
+        self._render_row()
+        # Patching is run per prompt, on demand: a new submit starts the tab afresh.
+        self._reset_patching()
+        multi = self._resolved is not None and len(self._resolved.answer_tokens) > 1
+        self.patch_button.disabled = model is None or multi
+        if model is None:
+            self.patch_note.value = (
+                "<i>Patching runs the model; a saved reference has none. Submit with a model to patch.</i>"
+            )
+        elif multi:
+            self.patch_note.value = f"<b>{html.escape(self._multi_token_note())}</b>"
+        else:
+            self.patch_note.value = PATCH_NOTE
+
+    def _render_row(self) -> None:
+        """Draw every tab for the row on show (the step selector's value)."""
+        trace, row = self.current, self.row
+        m = trace.margin
+        r = trace.rows[row]
+        step = f" (step {r.step + 1} of {r.n_steps})" if r.n_steps > 1 else ""
+        self.prediction.value = f"{m.top_strs[row][0]!r}{step}"
+        self.resolution.value = self._resolution_html(trace, row)
+        self.margin_box.children = [_figure(m.plot(row)), w.HTML(_table(m.top(5, row)))]
+        self.lens_box.children = [_figure(trace.lens.plot(row))]
+        self._render_dla()
+        self.heads_grid.children = [_figure(trace.heads.plot(row))]
+        self.neurons_box.value = "<b>Top neurons by |DLA|</b>" + _table(trace.dla.top(10, "neuron", row))
+        self.positions_box.children = [_figure(trace.positions.plot(row))]
+        self.select_head(*trace.heads.strongest(row)[0])
 
     def _render_dla(self) -> None:
         if self.current is not None:
-            self.dla_box.children = [_figure(self.current.dla.plot(self.dla_unit.value))]
+            self.dla_box.children = [_figure(self.current.dla.plot(self.dla_unit.value, self.row))]
 
-    def _resolution_html(self, trace) -> str:
-        row = trace.rows[0]
-        tokens = " ".join(f"<code>{html.escape(repr(t))}</code>" for t in row.str_tokens)
-        lines = [f"<b>{len(row.str_tokens)} prompt tokens</b>: {tokens}"]
+    def _reset_patching(self) -> None:
+        self.patch_result, self.patch_box.children, self.patch_progress.value = None, [], 0
+
+    def _clear(self) -> None:
+        """Empty every result, so a failed submit leaves nothing of the one before under its message."""
+        self.current = self.current_model = None
+        self._resolved, self._prompt_used, self._distractors_used = None, None, None
+        self.selected_head = self.head_sources = None
+        self.prediction.value = self.resolution.value = ""
+        boxes = (self.margin_box, self.lens_box, self.dla_box, self.heads_grid, self.head_source, self.positions_box)
+        for box in boxes:
+            box.children = []
+        self.head_pattern.value = self.neurons_box.value = ""
+        self.step_select.layout.display = "none"
+        self._reset_patching()
+        self.patch_button.disabled = True
+        self.patch_note.value = PATCH_NOTE
+
+    def _multi_token_note(self) -> str:
+        resolved = self._resolved
+        tokens = ", ".join(repr(t) for t in resolved.answer_str_tokens)
+        return (
+            f"Patching explains a single-token answer; {resolved.typed_answer!r} is "
+            f"{len(resolved.answer_tokens)} tokens ({tokens}). The other tabs show each step; to patch, "
+            "submit an answer of one token."
+        )
+
+    def _resolution_html(self, trace, row: int = 0) -> str:
+        r = trace.rows[row]
+        tokens = f"<code>{html.escape(repr(r.str_tokens))}</code>"
+        if r.step:  # a later step reads the prompt and the answer's tokens before it
+            forced = ", ".join(html.escape(repr(t)) for t in r.str_tokens[-r.step :])
+            head = f"<b>{len(r.str_tokens)} tokens</b>, the prompt then the answer's {forced} (teacher-forced)"
+        else:
+            head = f"<b>{len(r.str_tokens)} prompt tokens</b>"
+        lines = [f"{head}: {tokens}"]
         resolved = self._resolved
         if resolved is not None:
-            split = ", ".join(html.escape(repr(t)) for t in resolved.answer_str_tokens)
+            several = len(resolved.answer_str_tokens) > 1
+            split = ", ".join(  # the step on show in bold
+                f"<b>{html.escape(repr(t))}</b>" if several and i == r.step else html.escape(repr(t))
+                for i, t in enumerate(resolved.answer_str_tokens)
+            )
             lines.append(f"<b>answer tokens</b>: [{split}]")
             if resolved.moved_whitespace:
                 lines.append(
@@ -449,10 +613,14 @@ class Explorer:
                 )
             lines += [html.escape(note) for note in resolved.notes]
         else:
-            lines.append(f"<b>answer</b>: <code>{html.escape(repr(row.target_str))}</code> (saved reference)")
-        distractors = ", ".join(html.escape(repr(d)) for d in trace.margin.distractor_strs[0])
+            lines.append(f"<b>answer</b>: <code>{html.escape(repr(r.target_str))}</code> (saved reference)")
+        distractors = ", ".join(html.escape(repr(d)) for d in trace.margin.distractor_strs[row])
         lines.append(f"<b>distractors</b>: {distractors or '(the strongest rival)'}")
         return "<br>".join(lines)
+
+    def _on_step(self, _change) -> None:
+        if self.current is not None and not self._step_syncing:
+            self._render_row()
 
     def _on_head_dropdown(self, _change) -> None:
         if not self._head_syncing:
@@ -469,6 +637,6 @@ def explore(model_or_models=None, reference=None) -> Explorer:
 
     Returns:
         An `Explorer`; end a cell with it to show it. Drive it from code with `app.prompt.value`,
-        `app.answer.value` and `app.submit()`.
+        `app.answer.value` and `app.submit()`; pick a multi-token answer's step with `app.select_step(i)`.
     """
     return Explorer(model_or_models, reference)
