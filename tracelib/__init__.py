@@ -50,6 +50,7 @@ from tracelib.reference import (
     TraceReferenceError,
     load_reference,
 )
+from tracelib.smollm2 import fetch_smollm2
 from tracelib.trace import NonFiniteError, Trace, default_distractors, trace
 from tracelib.widgets import Explorer, explore
 
@@ -97,6 +98,7 @@ __all__ = [
     "compare_patching",
     "damage_report",
     "explore",
+    "fetch_smollm2",
     "default_distractors",
     "direct_logit_attribution",
     "find_undertrained_tokens",
