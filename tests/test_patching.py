@@ -445,3 +445,24 @@ def test_recovery_colours_are_bounded(tiny):
     layers = patch(tiny, CLEAN, CORRUPTED, ANSWER, what="resid_pre_all_pos")
     big = dataclasses.replace(layers, values=layers.values * 100, raw_change=None)
     assert big.plot().data[0].marker.cmax == RECOVERY_COLOR_LIMIT
+
+
+def test_cells_before_the_first_difference_are_not_run(tiny, monkeypatch):
+    """Attention looks back only: before the prompts differ, a patch changes nothing, so those cells are
+    the base run's own metric (recovery 0 denoising, 1 noising) and no forward pass is spent on them."""
+    from tracelib import patching
+
+    seen = []
+    real = patching.run_patched
+    monkeypatch.setattr(
+        patching, "run_patched", lambda m, s, cells, *a: seen.append(len(cells)) or real(m, s, cells, *a)
+    )
+    clean, corrupted = "what is 1 + 1", "what is 1 + 3"  # only the second operand differs
+    a, b = (tl.trace(tiny, p, " 2").rows[0].str_tokens for p in (clean, corrupted))
+    first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    for direction, expected in (("denoise", 0.0), ("noise", 1.0)):
+        result = patch(tiny, clean, corrupted, " 2", what="resid_pre", direction=direction, min_effect=0)
+        assert (result.values[:, :first] == expected).all() and (
+            result.raw_change[:, :first] == expected * result.delta
+        ).all()
+        assert seen[-1] == tiny.cfg.n_layers * (len(result.str_tokens) - first)

@@ -253,21 +253,19 @@ def test_tokens_follow_the_tokenizer(smollm2, smollm2_hf):
     assert tokenizer.decode([top]) == ANSWER
 
 
-def test_the_fixture_is_dequantized_once(smollm2, monkeypatch):
+def test_the_fixture_is_dequantized_once(smollm2, smollm2_file, monkeypatch):
     """Loading the GGUF file again reads the cached folder: nothing is dequantized a second time."""
     import json
 
-    from conftest import _fetch_fixture_module, smollm2_path
-
-    from tracelib import models
+    from tracelib import models, smollm2 as fixture
 
     def must_not_run(*args):
         raise AssertionError("the fixture was dequantized again")
 
     monkeypatch.setattr(models, "dequantize_gguf", must_not_run)
-    folder = models.gguf_folder(smollm2_path())
+    folder = models.gguf_folder(smollm2_file)
     marker = json.loads((folder / models.GGUF_MARKER).read_text())
-    assert marker["sha256"] == _fetch_fixture_module().SHA256
+    assert marker["sha256"] == fixture.SHA256
     assert folder.name == marker["sha256"][:16] and folder.parent == models.cache_dir() / "gguf"
     # The converter loaded the saved folder back and compared its logits with the GGUF model's (0.0 measured).
     assert marker["probe_max_abs_diff"] < 1e-3

@@ -561,6 +561,14 @@ def fill_substitutions(alignment: list[int | None], n_source: int) -> list[int |
     return out
 
 
+def shared_prefix(base: list[int], other: list[int], mapping: list) -> int:
+    """How many leading positions the base run shares with the other run: same tokens, aligned one to one."""
+    n = 0
+    while n < min(len(base), len(other)) and mapping[n] == n and base[n] == other[n]:
+        n += 1
+    return n
+
+
 def make_cells(model, what: str, mapping: list[int | None]) -> tuple[list[Cell], list[int], tuple, tuple]:
     """Every cell `what` sweeps, the flat index of each in the result grid, and the grid's dims and size."""
     hook, by_pos, by_head = WHATS[what]
@@ -695,7 +703,15 @@ def patch(
     span = _check_span(clean_metric, corr_metric)
     _warn_if_weak(clean_metric, corr_metric, min_effect, clean.target_str)
     cells, flat, dims, shape = make_cells(model, what, setup.mapping)
-    patched = run_patched(model, setup, cells, batch_size, progress)
+    # Attention only looks back, so before the first position where the two prompts differ both runs
+    # compute the same activations: a patch there changes nothing, and the base run's metric is its
+    # value. Those cells are not run (two thirds of a resid_pre sweep when an operand near the end changes).
+    other = (clean if direction == "denoise" else corrupted).tokens.tolist()
+    same = shared_prefix(setup.base_tokens[0].tolist(), other, setup.mapping)
+    run = [k for k, cell in enumerate(cells) if not (len(cell.positions) == 1 and cell.positions[0] < same)]
+    patched = torch.full((len(cells),), float(setup.base_metric), dtype=torch.float64)
+    if run:
+        patched[run] = run_patched(model, setup, [cells[k] for k in run], batch_size, progress).to(patched.dtype)
     values, raw = torch.full((math.prod(shape),), math.nan), torch.full((math.prod(shape),), math.nan)
     index = torch.tensor(flat, dtype=torch.long)
     values[index] = ((patched - corr_metric) / span).float()
