@@ -137,7 +137,7 @@ def test_heads_own_their_value_biases_as_the_raw_model_computes_them(hf_and_brid
 
 
 def test_folded_value_biases_equal_transformer_lens(any_model, request):
-    """With fold_value_biases=True the heads are TransformerLens's `"head"` unit, and every layer's total is unchanged."""
+    """With fold_value_biases=True the heads are TransformerLens's `"head"` unit; each layer's total is unchanged."""
     from transformer_lens.tools.analysis import direct_logit_attribution
 
     name = next(n for n in ("tiny", "gpt2", "qwen") if request.getfixturevalue(n) is any_model)

@@ -257,7 +257,8 @@ def test_the_fixture_is_dequantized_once(smollm2, smollm2_file, monkeypatch):
     """Loading the GGUF file again reads the cached folder: nothing is dequantized a second time."""
     import json
 
-    from tracelib import models, smollm2 as fixture
+    from tracelib import models
+    from tracelib import smollm2 as fixture
 
     def must_not_run(*args):
         raise AssertionError("the fixture was dequantized again")
