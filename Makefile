@@ -34,6 +34,8 @@ lab: install
 # install it when missing, as root, or say how.
 CHROMIUM ?= /usr/bin/chromium
 
+# Two workers, one torch thread each, one file per worker (a notebook's cells share its kernel): the
+# suite is half waiting (kernels, JupyterLab, Chromium) and half single-threaded Python.
 test: install fixture
 	@test -x $(CHROMIUM) || { \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
@@ -41,12 +43,16 @@ test: install fixture
 	  else \
 	    echo "make test: $(CHROMIUM) is missing and tests/test_report.py needs it; run: sudo apt-get install chromium" >&2; \
 	  fi; }
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks -n 2 --dist loadfile --durations=15 --nbval-lax --nbval-current-env --nbval-cell-timeout=300 -p no:cacheprovider
 
-unittest: install fixture
+unit# Two workers, one torch thread each, one file per worker (a notebook's cells share its kernel): the
+# suite is half waiting (kernels, JupyterLab, Chromium) and half single-threaded Python.
+test: install fixture
 	$(PY) -m pytest tests
 
-nbtest: install fixture
+nb# Two workers, one torch thread each, one file per worker (a notebook's cells share its kernel): the
+# suite is half waiting (kernels, JupyterLab, Chromium) and half single-threaded Python.
+test: install fixture
 	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=300 notebooks/
 
 lint: install

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tracelib.formats import unit_label
 from tracelib.margin import check_k
 
 COMPARE_UNITS = ("component", "head", "neuron")
@@ -212,7 +213,9 @@ class Comparison:
         """Long form: one line per (trace, unit), with `trace` "a", "b" or "b - a" and the value."""
         labels, a, b = self._flat(unit)
         frames = [
-            pd.DataFrame({"trace": name, "label": label, unit: labels, "value": values.tolist()})
+            pd.DataFrame(
+                {"trace": name, "label": label, unit: [unit_label(x) for x in labels], "value": values.tolist()}
+            )
             for name, label, values in (("a", self.a_label, a), ("b", self.b_label, b), ("b - a", "", b - a))
         ]
         return pd.concat(frames, ignore_index=True)
@@ -225,7 +228,7 @@ class Comparison:
         order = diff.abs().argsort(descending=True, stable=True)[:k].tolist()
         return pd.DataFrame(
             {
-                unit: [labels[i] for i in order],
+                unit: [unit_label(labels[i]) for i in order],
                 "a": a[order].tolist(),
                 "b": b[order].tolist(),
                 "difference": diff[order].tolist(),

@@ -604,7 +604,8 @@ class DamageReport:
         i = LENSES.index(lens)
         shift = self.readable_shift(lens)
         ref, cor = self.reference_readable[i], self.corrupted_readable[i]
-        return f"{ref or 'never'} -> {cor or 'never'}" + (f" ({shift:+d} entries)" if shift is not None else "")
+        shown = [unit_label(x) if x else "never" for x in (ref, cor)]
+        return f"{shown[0]} -> {shown[1]}" + (f" ({shift:+d} entries)" if shift is not None else "")
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{n} {s}" for s, n in self.counts().items())

@@ -978,12 +978,17 @@ def attribution_patch(
 
 
 def _cell_names(result: PatchingResult) -> list[str]:
-    """One label per cell of `result.values`, in flat order: `L2 H3 'x'@5`."""
+    """One label per cell of `result.values`, in flat order: `L2H3 'x'@5` (a head is `L2H3`, as everywhere)."""
     grids = torch.meshgrid(*[torch.arange(len(lab)) for lab in result.labels], indexing="ij")
     flat = [g.flatten().tolist() for g in grids]
-    return [
-        " ".join(result.labels[d][flat[d][c]] for d in range(len(result.dims))) for c in range(result.values.numel())
-    ]
+    names = []
+    for c in range(result.values.numel()):
+        parts = [result.labels[d][flat[d][c]] for d in range(len(result.dims))]
+        if "head" in result.dims:  # "L2" + "H3" -> "L2H3"
+            h = result.dims.index("head")
+            parts[h - 1 : h + 1] = [parts[h - 1] + parts[h]]
+        names.append(" ".join(parts))
+    return names
 
 
 @dataclass(frozen=True)
