@@ -45,9 +45,7 @@ test: install fixture
 	  fi; }
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks -n 2 --dist loadfile --durations=15 --nbval-lax --nbval-current-env --nbval-cell-timeout=300 -p no:cacheprovider
 
-unit# Two workers, one torch thread each, one file per worker (a notebook's cells share its kernel): the
-# suite is half waiting (kernels, JupyterLab, Chromium) and half single-threaded Python.
-test: install fixture
+unittest: install fixture
 	$(PY) -m pytest tests
 
 nb# Two workers, one torch thread each, one file per worker (a notebook's cells share its kernel): the
