@@ -48,9 +48,7 @@ test: install fixture
 unittest: install fixture
 	$(PY) -m pytest tests
 
-nb# Two workers, one torch thread each, one file per worker (a notebook's cells share its kernel): the
-# suite is half waiting (kernels, JupyterLab, Chromium) and half single-threaded Python.
-test: install fixture
+nbtest: install fixture
 	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=300 notebooks/
 
 lint: install
