@@ -364,3 +364,10 @@ def test_readable_vs_causal_carries_a_weak_effect(tiny, weak):
     assert "not recovery" in fig.layout.title.text and fig.layout.yaxis.title.text.startswith("Patching raw change")
     heads = [i for i, k in enumerate(result.kinds) if k == "head"]
     torch.testing.assert_close(torch.tensor(fig.data[0].y, dtype=torch.float64), result.raw_change[heads].double())
+
+
+def test_agreement_figure_names_both_correlations(tiny):
+    exact = tl.patch(tiny, CLEAN, CORRUPTED, ANSWER, what="resid_pre")
+    agreement = tl.compare_patching(exact, tl.attribution_patch(tiny, CLEAN, CORRUPTED, ANSWER, what="resid_pre"))
+    title = agreement.plot().layout.title.text
+    assert f"Pearson {agreement.pearson:+.2f}" in title and f"Spearman {agreement.spearman:+.2f}" in title

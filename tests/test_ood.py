@@ -357,3 +357,8 @@ def test_damage_report_against_a_reference_loaded_from_disk(junk_damage, tiny, t
 
 def test_damage_report_is_exported():
     assert tl.damage_report is damage_report and tl.DamageReport is DamageReport
+
+
+def test_injection_table_shows_tokens_with_repr(tiny):
+    injection = tl.inject(tiny, "what is 1 + 1", "junk", "after", n=2, seed=0, answer=" 2")
+    assert injection.to_frame()["token"].tolist() == [repr(t) for t in injection.str_tokens]

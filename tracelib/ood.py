@@ -88,11 +88,12 @@ class Injection:
         return len(self.clean_tokens) - 1
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per corrupted position: its token, the clean position it maps to, whether injected."""
+        """One row per corrupted position: its token (`repr`, so `" 1"` and `"1"` differ), the clean
+        position it maps to, whether injected."""
         return pd.DataFrame(
             {
                 "position": range(len(self.tokens)),
-                "token": self.str_tokens,
+                "token": [repr(t) for t in self.str_tokens],
                 "clean_position": [pd.NA if a is None else a for a in self.alignment],
                 "injected": [a is None for a in self.alignment],
             }

@@ -684,7 +684,8 @@ def agreement_figure(agreement, **layout) -> go.Figure:
     scale = "patched - corrupted logit difference" if weak else "1 = clean, 0 = corrupted"
     title = (
         f"Attribution patching against exact patching ({agreement.what}, {agreement.direction}): "
-        f"pearson {agreement.pearson:+.2f}<br><sup>One marker per cell; {scale}. "
+        f"Pearson {agreement.pearson:+.2f} (linear agreement), Spearman {agreement.spearman:+.2f} (same order)"
+        f"<br><sup>One marker per cell; {scale}. "
         "Off the dashed line the linear estimate is wrong; the three furthest off are named.</sup>"
     )
     if weak:
