@@ -166,7 +166,8 @@ def prepends_bos(model, prepend_bos: bool | None = None) -> bool:
             True or False overrides it.
 
     Raises:
-        ValueError: `prepend_bos=True` for a tokenizer that has no BOS token; a non-bool value.
+        ValueError: `prepend_bos=True` for a tokenizer that has no BOS token.
+        TypeError: `prepend_bos` is neither None nor a bool.
     """
     if prepend_bos is None:
         # `tl.load_model` records what the checkpoint's own tokenizer does (TransformerLens's copy
