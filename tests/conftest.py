@@ -207,3 +207,33 @@ def smollm2_hf(smollm2):
     folder = gguf_folder(smollm2_path())
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(folder)
+
+
+# A corruption that barely moves the answer (junk after the operands of "what is 2 + 3"): recovery,
+# which divides by that move, is noise there. Used by the patching and attribution-patching tests.
+WEAK_PROMPT, WEAK_ANSWER = "what is 2 + 3", " 5"
+
+
+@pytest.fixture(scope="session")
+def weak_injection(tiny):
+    """The junk injection (2 tokens after the operands) whose effect is smallest, with its share of |clean|.
+
+    Picked among seeds by measuring each, not by a stored seed or number, so a retrained bundled
+    model still gets its weakest case.
+    """
+    shares = {}
+    for seed in range(8):
+        injection = tl.inject(tiny, WEAK_PROMPT, "junk", "after", n=2, seed=seed, answer=WEAK_ANSWER)
+        layers = tl.patch(
+            tiny,
+            WEAK_PROMPT,
+            injection.prompt,
+            WEAK_ANSWER,
+            "resid_pre_all_pos",
+            alignment=injection.alignment,
+            min_effect=0,
+        )
+        shares[seed] = (injection, abs(layers.delta) / abs(layers.clean_metric))
+    injection, share = min(shares.values(), key=lambda pair: pair[1])
+    assert share < tl.patching.MIN_EFFECT  # the premise: the bundled model shrugs such junk off
+    return injection, share

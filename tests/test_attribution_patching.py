@@ -272,25 +272,9 @@ WEAK_PROMPT, WEAK_ANSWER = "what is 2 + 3", " 5"
 
 
 @pytest.fixture(scope="module")
-def weak(tiny):
-    """Junk after the operands of "what is 2 + 3": the seed whose effect is smallest, measured, not stored."""
-
-    def share(injection):
-        layers = tl.patch(
-            tiny,
-            WEAK_PROMPT,
-            injection.prompt,
-            WEAK_ANSWER,
-            "resid_pre_all_pos",
-            alignment=injection.alignment,
-            **QUIET,
-        )
-        return abs(layers.delta) / abs(layers.clean_metric)
-
-    injections = [tl.inject(tiny, WEAK_PROMPT, "junk", "after", n=2, seed=s, answer=WEAK_ANSWER) for s in range(8)]
-    injection = min(injections, key=share)
-    assert share(injection) < tl.patching.MIN_EFFECT
-    return injection
+def weak(weak_injection):
+    """Junk after the operands of "what is 2 + 3": the seed whose effect is smallest (tests/conftest.py)."""
+    return weak_injection[0]
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])

@@ -313,31 +313,6 @@ def test_a_start_at_layer_that_goes_wrong_falls_back_to_full_runs(tiny, monkeypa
 WEAK_PROMPT, WEAK_ANSWER = "what is 2 + 3", " 5"
 
 
-@pytest.fixture(scope="module")
-def weak_injection(tiny):
-    """The junk injection (2 tokens after the operands) whose effect is smallest, with its share of |clean|.
-
-    Picked among seeds by measuring each, not by a stored seed or number, so a retrained bundled
-    model still gets its weakest case.
-    """
-    shares = {}
-    for seed in range(8):
-        injection = tl.inject(tiny, WEAK_PROMPT, "junk", "after", n=2, seed=seed, answer=WEAK_ANSWER)
-        layers = patch(
-            tiny,
-            WEAK_PROMPT,
-            injection.prompt,
-            WEAK_ANSWER,
-            "resid_pre_all_pos",
-            alignment=injection.alignment,
-            **QUIET,
-        )
-        shares[seed] = (injection, abs(layers.delta) / abs(layers.clean_metric))
-    injection, share = min(shares.values(), key=lambda pair: pair[1])
-    assert share < tl.patching.MIN_EFFECT  # the premise: the bundled model shrugs such junk off
-    return injection, share
-
-
 def _weak_patch(tiny, injection, **kw):
     return patch(tiny, WEAK_PROMPT, injection.prompt, WEAK_ANSWER, alignment=injection.alignment, **kw)
 

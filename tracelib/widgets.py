@@ -116,6 +116,17 @@ def _step_label(trace, row: int) -> str:
     return f"step {r.step + 1} of {r.n_steps}: {r.target_str!r}, after {after}"
 
 
+def _text_box(description: str, placeholder: str, max_width: str):
+    """An input of the app: labelled like the others, as wide as the app allows up to `max_width`."""
+    return w.Text(
+        value="",
+        description=description,
+        placeholder=placeholder,
+        style=_LABELLED,
+        layout=w.Layout(width="100%", max_width=max_width),
+    )
+
+
 class Explorer:
     """An ipywidgets app over `tl.trace`: one trace per new input, cached, shown in tabs.
 
@@ -162,27 +173,9 @@ class Explorer:
         self._prompt_used = None
         self._distractors_used = None
 
-        self.prompt = w.Text(
-            value="",
-            description="Prompt",
-            placeholder="what is 1 + 1",
-            style=_LABELLED,
-            layout=w.Layout(width="100%", max_width="720px"),
-        )
-        self.answer = w.Text(
-            value="",
-            description="Answer",
-            placeholder='" 2" (leading space kept)',
-            style=_LABELLED,
-            layout=w.Layout(width="100%", max_width="360px"),
-        )
-        self.distractors = w.Text(
-            value="",
-            description="Distractors",
-            placeholder="comma-separated, optional",
-            style=_LABELLED,
-            layout=w.Layout(width="100%", max_width="480px"),
-        )
+        self.prompt = _text_box("Prompt", "what is 1 + 1", "720px")
+        self.answer = _text_box("Answer", '" 2" (leading space kept)', "360px")
+        self.distractors = _text_box("Distractors", "comma-separated, optional", "480px")
         names = list(self.models)
         self.model_select = w.Dropdown(
             options=names,
