@@ -206,8 +206,11 @@ def test_batched_trace_equals_one_batch(tiny):
 
 
 def test_batch_size_is_checked(tiny):
-    for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="batch_size"):
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            tl.trace(tiny, PROMPTS, ANSWERS, batch_size=bad)
+    for bad in (2.5, True, "4"):
+        with pytest.raises(TypeError, match="batch_size must be a positive integer"):
             tl.trace(tiny, PROMPTS, ANSWERS, batch_size=bad)
 
 

@@ -285,7 +285,7 @@ def test_round_trip_on_every_model_family(traced, tmp_path):
 @pytest.mark.parametrize("n", [1, 2, 300, 2**24 + 4, 233_373_696])
 def test_fingerprint_samples_stay_inside_large_weights(n):
     """A float32 linspace would index past the end once n passes 2**24 (Qwen2.5's embedding)."""
-    from tracelib.reference import sample_indices
+    from tracelib.identity import sample_indices
 
     idx = sample_indices(n)
     assert int(idx.min()) == 0 and int(idx.max()) == n - 1

@@ -14,6 +14,7 @@ from tracelib.answers import (
 from tracelib.attribution import Attribution, Reconstruction, ReconstructionWarning, direct_logit_attribution
 from tracelib.compare import Comparison, align_tokens, compare
 from tracelib.heads import Heads, HeadSources, attention_patterns
+from tracelib.identity import ModelIdentity, ModelMismatchError, model_identity
 from tracelib.lens import LensCurve, LogitLens, ModelGoneError, logit_lens
 from tracelib.margin import Margin, logit_margin
 from tracelib.models import (
@@ -57,6 +58,9 @@ from tracelib.widgets import Explorer, explore
 __version__ = "0.1.0"
 
 __all__ = [
+    "ModelIdentity",
+    "ModelMismatchError",
+    "model_identity",
     "BUNDLED_MODELS",
     "AnswerStep",
     "Attribution",

@@ -83,3 +83,17 @@ def fmt_float(x: float, decimals: int = 3) -> str:
     if x != 0 and abs(x) < 10**-decimals:
         return f"{x:.1e}"
     return f"{x:.{decimals}f}"
+
+
+def check_batch_size(batch_size) -> int | None:
+    """The one rule for `batch_size` everywhere: None (automatic, from free memory) or a positive int."""
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(
+            f"batch_size must be a positive integer, or None for automatic, got {batch_size!r} "
+            f"({type(batch_size).__name__})."
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, or None for automatic, got {batch_size!r}.")
+    return batch_size

@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tracelib.identity import ModelIdentity, check_model_arg, check_same_model, model_identity
 from tracelib.margin import check_k
 
 VERDICTS = ("final position", "operand", "elsewhere")
@@ -227,6 +228,14 @@ class Heads:
 
         if model is None:
             model = self._model_ref() if getattr(self, "_model_ref", None) is not None else None
+        else:
+            check_model_arg(model, "attention_view")
+            check_same_model(
+                getattr(self, "_made_by", None),
+                model_identity(model),
+                "These heads",
+                "the model passed to attention_view()",
+            )
         if model is None:
             raise ValueError(
                 "attention_view() recomputes the patterns it shows, so it needs the model: this Heads has none "
@@ -247,6 +256,11 @@ class Heads:
         Weak, so a result never keeps a model alive; it is not a field, so it is never saved.
         """
         object.__setattr__(self, "_model_ref", weakref.ref(model))
+        self.remember_identity(model_identity(model))
+
+    def remember_identity(self, identity: ModelIdentity) -> None:
+        """Record which model made these heads, so `attention_view(model=)` refuses another one."""
+        object.__setattr__(self, "_made_by", identity)
 
     def __getstate__(self) -> dict:
         # A weak reference cannot be pickled or deep-copied; a copy simply has no model.

@@ -14,11 +14,8 @@ each dataclass with its own constructor, so its `__post_init__` shape checks run
 dataclasses defined in tracelib are ever constructed.
 
 The metadata says what the trace came from, so a reference is never compared with the wrong model:
-- `weights_fingerprint`: sha256 over the model's config (`_CONFIG_FIELDS`), then, for every
-  `state_dict()` tensor in name order, its name, shape and dtype and a fixed sample of its bytes
-  (the first and last 64 elements, and 256 elements at evenly spaced indices). It reads about 400
-  elements per tensor, so it costs milliseconds even for Qwen2.5-1.5B, and any retraining,
-  fine-tuning, dtype change or LayerNorm folding changes it.
+- `weights_fingerprint`: see `tracelib.identity`; any retraining, fine-tuning, dtype change or
+  LayerNorm folding changes it.
 - `tokenizer_hash`: sha256 over the tokenizer's full serialisation (vocabulary, merges, added
   and special tokens, normaliser; runtime padding and truncation settings left out), its special
   tokens, and its chat template.
@@ -42,9 +39,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
+from tracelib.identity import ModelMismatchError, weights_fingerprint
 from tracelib.models import value_bias_convention
 
 FORMAT = "tracelib-reference"
@@ -57,24 +54,6 @@ FORMAT = "tracelib-reference"
 FORMAT_VERSION = 3
 META_FILE = "reference.json"
 TENSOR_FILE = "tensors.safetensors"
-# Config fields that change what a model computes; hashed into the weights fingerprint.
-_CONFIG_FIELDS = (
-    "n_layers",
-    "d_model",
-    "n_heads",
-    "d_head",
-    "d_mlp",
-    "d_vocab",
-    "n_ctx",
-    "n_key_value_heads",
-    "act_fn",
-    "normalization_type",
-    "positional_embedding_type",
-    "rotary_base",
-    "dtype",
-)
-# Elements sampled from each weight tensor: the first and last _EDGE, and _STRIDED evenly spaced.
-_EDGE, _STRIDED = 64, 256
 
 
 class TraceReferenceError(ValueError):
@@ -109,7 +88,7 @@ class ReferenceShapeError(TraceReferenceError):
     """A tensor's shape or dtype disagrees with the metadata, or a result's own shape check fails."""
 
 
-class ReferenceModelMismatchError(TraceReferenceError):
+class ReferenceModelMismatchError(TraceReferenceError, ModelMismatchError):
     """The reference was saved from other weights than the model given."""
 
 
@@ -119,34 +98,6 @@ class ReferenceTokenizerMismatchError(TraceReferenceError):
 
 # ---------------------------------------------------------------------------------------------
 # Fingerprints
-
-
-def sample_indices(n: int) -> Tensor:
-    """The elements of an n-element weight that the fingerprint reads: both ends and a fixed stride.
-
-    Integer arithmetic on purpose: a float32 `linspace` rounds n - 1 up past the last index once n
-    passes 2**24 (Qwen2.5's embedding has 233 million elements).
-    """
-    strided = torch.arange(_STRIDED, dtype=torch.int64) * (n - 1) // max(_STRIDED - 1, 1)
-    return torch.cat([torch.arange(min(_EDGE, n)), torch.arange(max(n - _EDGE, 0), n), strided])
-
-
-def weights_fingerprint(model) -> str:
-    """sha256 over the model's config and a fixed sample of every weight (see the module docstring)."""
-    h = hashlib.sha256()
-    config = {name: str(getattr(model.cfg, name, None)) for name in _CONFIG_FIELDS}
-    h.update(json.dumps(config, sort_keys=True).encode())
-    with torch.no_grad():
-        for name, tensor in sorted(model.state_dict().items()):
-            flat = tensor.detach().reshape(-1)
-            n = flat.numel()
-            h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-            if n == 0:
-                continue
-            sample = flat[sample_indices(n).to(flat.device)].cpu().contiguous()
-            # Raw bytes, so bfloat16 (which numpy cannot hold) is hashed the same way as the rest.
-            h.update(sample.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def tokenizer_hash(tokenizer) -> str:

@@ -19,7 +19,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelib.answers import ResolvedAnswer, resolve_answer, token_str
-from tracelib.formats import READABLE_RULE, check_metric, fmt_prob, fmt_value, metric_phrase, unit_label
+from tracelib.formats import (
+    READABLE_RULE,
+    check_batch_size,
+    check_metric,
+    fmt_prob,
+    fmt_value,
+    metric_phrase,
+    unit_label,
+)
+from tracelib.identity import ModelIdentity, check_model_arg, weights_fingerprint
 from tracelib.margin import check_k
 from tracelib.plotting import readable_positions_sentence
 
@@ -492,6 +501,8 @@ class Trace:
         heads: every head's DLA split by source position, and attention patterns (`tl.Heads`).
         positions: DLA toward the answer at every position, lens per position (`tl.Positions`).
         model_name: the name the model was loaded under.
+        weights_fingerprint: the model's weights fingerprint (`tl.ModelIdentity`); results made
+            from this trace, and the models it is used with, are checked against it.
     """
 
     rows: list[Row]
@@ -502,6 +513,12 @@ class Trace:
     heads: object
     positions: object
     model_name: str
+    weights_fingerprint: str = ""
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The model that made this trace: its name and weights fingerprint."""
+        return ModelIdentity(self.model_name, self.weights_fingerprint)
 
     def to_dict(self, k: int = 5) -> dict:
         """A JSON-able summary, one entry per row, with the top `k` heads and neurons."""
@@ -685,10 +702,10 @@ def trace(
     from tracelib.models import model_name
     from tracelib.patching import auto_batch_size, progress_bar
 
+    check_model_arg(model, "trace")
     check_metric(metric)
     k = check_k(k)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_batch_size(batch_size)
     with decoding_once():
         rows = build_rows(
             model, prompts, answer, distractors, allow_byte_fragments=allow_byte_fragments, prepend_bos=prepend_bos
@@ -700,8 +717,9 @@ def trace(
             for start in progress_bar(starts, progress, "trace")
         ]
     rivals, margin, lens, dla, heads, positions = parts[0] if len(parts) == 1 else _join_parts(parts)
+    heads.remember_model(model)  # joined batches make a new Heads
     warn_if_off(dla.reconstruction, metric, next(model.parameters()).dtype, stacklevel=3)
-    return Trace(rows, rivals, margin, lens, dla, heads, positions, model_name(model))
+    return Trace(rows, rivals, margin, lens, dla, heads, positions, model_name(model), weights_fingerprint(model))
 
 
 def _trace_rows(model, rows: list[Row], metric: str, k: int, first_row: int) -> tuple:
