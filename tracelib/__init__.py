@@ -13,8 +13,10 @@ from tracelib.answers import (
 )
 from tracelib.attribution import Attribution, Reconstruction, ReconstructionWarning, direct_logit_attribution
 from tracelib.compare import Comparison, align_tokens, compare
+from tracelib.formats import TracelibWarning
 from tracelib.heads import Heads, HeadSources, attention_patterns
 from tracelib.identity import ModelIdentity, ModelMismatchError, model_identity
+from tracelib.lean_processing import LeanLoadWarning
 from tracelib.lens import LensCurve, LogitLens, ModelGoneError, logit_lens
 from tracelib.margin import Margin, logit_margin
 from tracelib.models import (
@@ -27,6 +29,7 @@ from tracelib.models import (
 from tracelib.notebook import setup_notebook
 from tracelib.ood import DamageReport, Injection, UndertrainedTokens, damage_report, find_undertrained_tokens, inject
 from tracelib.patching import (
+    LayerStartWarning,
     PatchingAgreement,
     PatchingResult,
     ReadableVsCausal,
@@ -93,6 +96,9 @@ __all__ = [
     "UndertrainedTokens",
     "UnknownModelError",
     "WeakCorruptionWarning",
+    "LayerStartWarning",
+    "TracelibWarning",
+    "LeanLoadWarning",
     "align_tokens",
     "answer_direction",
     "attention_patterns",

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tracelib.formats import check_metric, fmt_value, unit_label
+from tracelib.formats import TracelibWarning, check_metric, fmt_value, unit_label
 from tracelib.margin import check_k
 from tracelib.models import value_bias_convention
 
@@ -34,7 +34,7 @@ UNITS = ("component", "layer", "head", "neuron")
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-class ReconstructionWarning(UserWarning):
+class ReconstructionWarning(TracelibWarning):
     """The attributions do not add up to the model's own logit within the dtype's tolerance."""
 
 

@@ -6,6 +6,11 @@ reads the same thing everywhere.
 
 from __future__ import annotations
 
+
+class TracelibWarning(UserWarning):
+    """Base of every warning tracelib raises, so they can be filtered (or made errors) together."""
+
+
 METRICS = ("logit_diff", "logit")
 DEFAULT_METRIC = "logit_diff"
 

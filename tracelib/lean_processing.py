@@ -37,6 +37,8 @@ import warnings
 
 import torch
 
+from tracelib.formats import TracelibWarning
+
 # TransformerLens versions whose weight-processing sources were read and checked for this module,
 # and the sha256 of those sources (see `_fingerprint`). Any difference means "not checked".
 CHECKED_VERSIONS = ("4.3.0",)
@@ -51,7 +53,7 @@ SLICE_BYTES = 64 * 2**20
 _COLUMN_GROUP = 64
 
 
-class LeanLoadWarning(UserWarning):
+class LeanLoadWarning(TracelibWarning):
     """The lean processing path is not used: this load needs TransformerLens's full memory."""
 
 

@@ -46,6 +46,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tracelib.formats import TracelibWarning
 from tracelib.margin import check_k
 
 # Which TransformerLens hook each `what` patches, and whether it is split by position and by head.
@@ -74,7 +75,11 @@ class SameMetricError(ValueError):
     """The clean and corrupted runs have the same logit difference, so recovery cannot be normalised."""
 
 
-class WeakCorruptionWarning(UserWarning):
+class LayerStartWarning(TracelibWarning, RuntimeWarning):
+    """Patching cannot start its runs at a layer on this model, so every run starts from the tokens (slower)."""
+
+
+class WeakCorruptionWarning(TracelibWarning):
     """The corruption barely moves the logit difference, so normalised recovery is noise (see `MIN_EFFECT`)."""
 
 
@@ -239,7 +244,7 @@ def _starts_at_layer_exactly(model, setup: PatchSetup, where: tuple) -> bool:
             f"Patching cannot start at a layer on this model (an unpatched run from layer {layer} gave "
             f"{got:+.6f}, the full run {setup.base_metric:+.6f}{'' if error is None else f'; {error!r}'}); every "
             "patched run will start from the tokens. The results are right, only slower.",
-            RuntimeWarning,
+            LayerStartWarning,
             stacklevel=3,
         )
     _START_CHECKED[model] = ok
