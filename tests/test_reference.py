@@ -115,7 +115,7 @@ def test_load_with_the_same_model_passes(tiny, clean, saved):
 
 def test_metadata_records_model_tokenizer_and_versions(tiny, tiny_chat, saved):
     meta = reference.read_metadata(saved)
-    assert meta["format"] == "tracelib-reference" and meta["format_version"] == 3
+    assert meta["format"] == "tracelib-reference" and meta["format_version"] == reference.FORMAT_VERSION
     info = meta["metadata"]
     assert info["model_name"] == "tiny-arith"
     assert info["weights_fingerprint"] == reference.weights_fingerprint(tiny)  # deterministic
@@ -154,10 +154,14 @@ def test_missing_file_is_refused(saved, tmp_path):
         tl.load_reference(tmp_path / "nowhere")
 
 
-def edit_json(folder, edit) -> None:
+def edit_json(folder, edit, resign: bool = True) -> None:
+    """Edit reference.json; `resign` recomputes its content checksum, as a deliberate forger would,
+    so the test reaches the check behind it."""
     path = folder / "reference.json"
     meta = json.loads(path.read_text())
     edit(meta)
+    if resign and "content_sha256" in meta:
+        meta["content_sha256"] = reference.canonical_sha256({k: v for k, v in meta.items() if k != "content_sha256"})
     path.write_text(json.dumps(meta))
 
 
@@ -168,8 +172,12 @@ def test_shape_disagreeing_with_metadata_is_refused(saved):
 
 
 def test_future_format_version_is_refused(saved):
-    edit_json(saved, lambda meta: meta.update(format_version=4))
-    with pytest.raises(tl.ReferenceVersionError, match="format version 4; this tracelib reads up to version 3"):
+    newer = reference.FORMAT_VERSION + 1
+    edit_json(saved, lambda meta: meta.update(format_version=newer))
+    with pytest.raises(
+        tl.ReferenceVersionError,
+        match=f"format version {newer}; this tracelib reads up to version {reference.FORMAT_VERSION}",
+    ):
         tl.load_reference(saved)
 
 
@@ -201,7 +209,10 @@ def test_reference_from_another_model_is_refused(tiny_chat, saved):
 
 
 def test_saving_with_another_model_is_refused(tiny_chat, clean, tmp_path):
-    with pytest.raises(tl.ReferenceModelMismatchError, match="came from tiny-arith, but the model passed"):
+    with pytest.raises(
+        tl.ReferenceModelMismatchError,
+        match=r"comes from tiny-arith \(weights \w{8}\), but the model passed to save\(\) comes from tiny-arith-chat",
+    ):
         clean.save(tmp_path / "ref", tiny_chat)
     assert not (tmp_path / "ref").exists()
 
@@ -238,7 +249,7 @@ def interrupt(monkeypatch, when) -> None:
 )
 def test_interrupted_save_keeps_the_previous_reference(tiny, clean, saved, monkeypatch, when):
     interrupt(monkeypatch, when)
-    with pytest.raises(OSError, match="interrupted"):
+    with pytest.raises(tl.ReferenceWriteError, match=f"Cannot save the reference to {saved}: interrupted"):
         tl.trace(tiny, "what is 3 + 4", " 7").save(saved, tiny)
     monkeypatch.undo()
     assert_same(clean, tl.load_reference(saved))
@@ -247,7 +258,7 @@ def test_interrupted_save_keeps_the_previous_reference(tiny, clean, saved, monke
 
 def test_interrupted_first_save_leaves_nothing(tiny, clean, tmp_path, monkeypatch):
     interrupt(monkeypatch, lambda src: True)
-    with pytest.raises(OSError, match="interrupted"):
+    with pytest.raises(tl.ReferenceWriteError, match="interrupted"):
         clean.save(tmp_path / "ref", tiny)
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
@@ -257,15 +268,15 @@ def test_interrupted_first_save_leaves_nothing(tiny, clean, tmp_path, monkeypatc
 
 def test_half_written_folder_is_not_loadable(tiny, clean, tmp_path, monkeypatch):
     # A crash after the tensors but before reference.json: the marker file is written last.
-    real = reference._write
+    real = reference.folders.write_file
 
     def crash(path, data):
         if path.name == "reference.json":
             raise KeyboardInterrupt
         real(path, data)
 
-    monkeypatch.setattr(reference, "_write", crash)
-    monkeypatch.setattr(reference.shutil, "rmtree", lambda *a, **k: None)  # as if the process died: no cleanup
+    monkeypatch.setattr(reference.folders, "write_file", crash)
+    monkeypatch.setattr(reference.folders, "remove_own", lambda *a, **k: False)  # as if the process died
     with pytest.raises(KeyboardInterrupt):
         clean.save(tmp_path / "ref", tiny)
     monkeypatch.undo()

@@ -1,5 +1,6 @@
 """tracelib: explain why a language model predicts an answer, on TransformerLens."""
 
+from tracelib._version import __version__ as __version__
 from tracelib.answers import (
     AnswerStep,
     ByteFragmentError,
@@ -43,6 +44,10 @@ from tracelib.patching import (
 from tracelib.positions import Positions
 from tracelib.reference import (
     ReferenceChecksumError,
+    ReferenceConflictError,
+    ReferenceContentError,
+    ReferenceLeftoverWarning,
+    ReferenceWriteError,
     ReferenceFormatError,
     ReferenceMissingFileError,
     ReferenceModelMismatchError,
@@ -57,8 +62,6 @@ from tracelib.reference import (
 from tracelib.smollm2 import fetch_smollm2
 from tracelib.trace import NonFiniteError, Trace, default_distractors, trace
 from tracelib.widgets import Explorer, explore
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ModelIdentity",
@@ -130,6 +133,10 @@ __all__ = [
     "ReferenceTruncatedError",
     "ReferenceVersionError",
     "TraceReferenceError",
+    "ReferenceConflictError",
+    "ReferenceContentError",
+    "ReferenceLeftoverWarning",
+    "ReferenceWriteError",
     "load_reference",
     "trace",
 ]

@@ -22,27 +22,55 @@ The metadata says what the trace came from, so a reference is never compared wit
 - the model's name, dtype and compatibility-mode flags, and the tracelib and TransformerLens
   versions.
 
-Saving is atomic: everything is written to a hidden sibling folder and fsynced, the folder is
-renamed into place, and only then is an older reference at that path deleted. An interrupted save
-leaves the old reference or none, never half of one.
+The format is closed: `load_reference` opens only `reference.json` (at most `MAX_META_BYTES`) and
+`tensors.safetensors`, directly inside the folder, as regular files (no symlinks, FIFOs or
+devices), with sizes checked before reading; it reads every field against the result classes'
+annotations (so a wrong type, a wrong nested class, an int32 tensor where floats belong, or a NaN is
+refused with the field named); it cross-checks targets, answers, token ids and labels between the
+parts and against the metadata; and since format 4 a sha256 over the whole of `reference.json`
+(`content_sha256`, canonical JSON) catches an edited field. The checksums catch accidents and
+edits, not a forger, who can recompute them; nothing in a reference can run code.
+
+Saving is atomic and never deletes what it did not write (`tracelib.folders`): everything is
+written to a hidden sibling folder and fsynced, and the folder is swapped into place under a lock.
+A folder at the path that holds anything besides a reference's own files is refused, as is a
+symlink. An interrupted save leaves the old reference, the new one, or the old one recoverable beside
+the path, which `load_reference` reports with the command that restores it. Of two saves racing to
+one path, one lands and the other raises `ReferenceConflictError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.metadata
 import json
 import os
-import shutil
-import uuid
+import types
+import typing
+import warnings
 from pathlib import Path
 
+from jaxtyping import AbstractArray
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from tracelib.identity import ModelMismatchError, weights_fingerprint
-from tracelib.models import value_bias_convention
+from tracelib import folders
+from tracelib._version import __version__
+from tracelib.folders import MemberError, read_member
+from tracelib.formats import TracelibWarning
+from tracelib.identity import (
+    ModelMismatchError,
+    check_model_arg,
+    check_same_model,
+    model_identity,
+    weights_fingerprint,
+)
+from tracelib.models import model_name, value_bias_convention
+from tracelib.trace import Trace
 
 FORMAT = "tracelib-reference"
 # Version 2: `Heads` keeps each row's token ids (`tokens`) instead of every head's full attention
@@ -51,9 +79,17 @@ FORMAT = "tracelib-reference"
 # positions the answer's probability at every position (what "readable" reads), and the results
 # their metric in words. Older references load with defaults: folded value biases (all they had),
 # and no per-position readability.
-FORMAT_VERSION = 3
+# Version 4: `content_sha256` covers all of reference.json, and the trace records its model's
+# weights fingerprint (older ones take it from the metadata, where it always was).
+FORMAT_VERSION = 4
 META_FILE = "reference.json"
 TENSOR_FILE = "tensors.safetensors"
+_OWN = (META_FILE, TENSOR_FILE)
+CHECKSUM_FIELD = "content_sha256"
+# reference.json holds labels and token strings, never tensors: 64 MiB is thousands of rows.
+MAX_META_BYTES = 64 * 2**20
+# No trace's tree nests deeper than about 8 levels; a deeper one is refused, not recursed into.
+_MAX_DEPTH = 32
 
 
 class TraceReferenceError(ValueError):
@@ -96,6 +132,22 @@ class ReferenceTokenizerMismatchError(TraceReferenceError):
     """The reference was saved with another tokenizer than the model given."""
 
 
+class ReferenceContentError(TraceReferenceError):
+    """The reference's parts disagree with each other or with its metadata (the field is named)."""
+
+
+class ReferenceWriteError(TraceReferenceError):
+    """The file system refused the save (read-only, full, a name too long); the message names the path."""
+
+
+class ReferenceConflictError(TraceReferenceError):
+    """Another save replaced the reference while this one was writing; the other one stays."""
+
+
+class ReferenceLeftoverWarning(TracelibWarning):
+    """An interrupted save left a copy of a reference beside it (`.NAME.old-*` or `.NAME.tmp-*`)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Fingerprints
 
@@ -121,9 +173,6 @@ def tokenizer_hash(tokenizer) -> str:
 
 def model_metadata(model) -> dict:
     """What a reference records about the model and the software that traced it."""
-    import tracelib
-    from tracelib.models import model_name
-
     try:
         tl_version = importlib.metadata.version("transformer-lens")
     except importlib.metadata.PackageNotFoundError:
@@ -136,7 +185,7 @@ def model_metadata(model) -> dict:
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "compatibility_mode": getattr(model, "compatibility_mode", None),
         "layer_norm_folding": getattr(model.cfg, "layer_norm_folding", None),
-        "tracelib_version": tracelib.__version__,
+        "tracelib_version": __version__,
         "transformer_lens_version": tl_version,
     }
 
@@ -171,84 +220,283 @@ def _encode(value, key: str, tensors: dict[str, Tensor]):
     raise TypeError(f"Cannot save {key} of type {type(value).__name__}: not a tensor, dataclass or JSON value.")
 
 
-def _class(name: str) -> type:
+def canonical_sha256(value) -> str:
+    """sha256 of `value` as canonical JSON (sorted keys, no spaces): what the content checksum covers."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: the tree is read against the schema the result classes' annotations give, top down
+
+
+def _class(name, where: str) -> type:
     """A tracelib dataclass by `module:qualname`; anything else is refused, so loading runs no foreign code."""
+    if not isinstance(name, str):
+        raise ReferenceFormatError(f"{where}: the class name is {type(name).__name__}, not a string.")
     module, _, qualname = name.partition(":")
     if not module.startswith("tracelib."):
-        raise ReferenceFormatError(f"The reference names the class {name!r}, which is not tracelib's.")
+        raise ReferenceFormatError(f"{where}: the reference names the class {name!r}, which is not tracelib's.")
     try:
         cls = getattr(importlib.import_module(module), qualname)
-    except (ImportError, AttributeError) as err:
-        raise ReferenceFormatError(f"The reference names the class {name!r}, which this tracelib lacks.") from err
-    if not dataclasses.is_dataclass(cls):
-        raise ReferenceFormatError(f"The reference names {name!r}, which is not a tracelib result class.")
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ReferenceFormatError(
+            f"{where}: the reference names the class {name!r}, which this tracelib lacks."
+        ) from err
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ReferenceFormatError(f"{where}: the reference names {name!r}, which is not a tracelib result class.")
     return cls
 
 
-def _decode(value, tensors: dict[str, Tensor]):
-    if isinstance(value, list):
-        return [_decode(v, tensors) for v in value]
-    if not isinstance(value, dict):
+@functools.cache
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _describe(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _wrong(where: str, hint, value) -> ReferenceFormatError:
+    shown = type(value).__name__ if not isinstance(value, dict) else f"an object with keys {sorted(value)[:4]}"
+    return ReferenceFormatError(f"{where}: expected {_describe(hint)}, found {shown}.")
+
+
+class _Decoder:
+    """Rebuilds a trace tree against the result classes' annotations, naming the field of any fault."""
+
+    def __init__(self, tensors: dict[str, Tensor]) -> None:
+        self.tensors = tensors
+        self.used: set[str] = set()
+
+    def decode(self, value, hint, where: str, depth: int = 0):
+        if depth > _MAX_DEPTH:
+            raise ReferenceFormatError(f"{where}: nested deeper than {_MAX_DEPTH} levels, which no trace is.")
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if hint is typing.Any or hint is object:
+            raise ReferenceFormatError(f"{where}: this field's type is not part of the reference format.")
+        if origin in (typing.Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            errors = []
+            for alt in (a for a in args if a is not type(None)):
+                try:
+                    return self.decode(value, alt, where, depth)
+                except TraceReferenceError as err:
+                    errors.append(str(err))
+            raise ReferenceFormatError(
+                errors[0] if len(errors) == 1 else f"{where}: matches none of {_describe(hint)}."
+            )
+        if isinstance(hint, type) and issubclass(hint, (Tensor, AbstractArray)):
+            return self._tensor(value, hint, where)
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            return self._dataclass(value, hint, where, depth)
+        if origin is list:
+            if not isinstance(value, list):
+                raise _wrong(where, hint, value)
+            (item,) = args or (object,)
+            return [self.decode(v, item, f"{where}.{i}", depth + 1) for i, v in enumerate(value)]
+        if origin is tuple:
+            if not (isinstance(value, dict) and set(value) == {"__tuple__"} and isinstance(value["__tuple__"], list)):
+                raise _wrong(where, hint, value)
+            items = value["__tuple__"]
+            kinds = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
+            if len(kinds) != len(items):
+                raise ReferenceFormatError(f"{where}: expected {len(kinds)} items, found {len(items)}.")
+            return tuple(self.decode(v, k, f"{where}.{i}", depth + 1) for i, (v, k) in enumerate(zip(items, kinds)))
+        if origin is dict:
+            pairs = value.get("__dict__") if isinstance(value, dict) and set(value) == {"__dict__"} else None
+            if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+                raise _wrong(where, hint, value)
+            key_hint, value_hint = args or (object, object)
+            out = {}
+            for k, v in pairs:
+                self._scalar(k, key_hint, f"{where} key")
+                out[k] = self.decode(v, value_hint, f"{where}.{k}", depth + 1)
+            return out
+        if hint in (int, float, str, bool):
+            return self._scalar(value, hint, where)
+        raise ReferenceFormatError(
+            f"{where}: this field's type ({_describe(hint)}) is not part of the reference format."
+        )
+
+    def _scalar(self, value, hint, where: str):
+        if hint is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif hint is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, hint)
+        if not ok:
+            raise _wrong(where, hint, value)
         return value
-    if "__tensor__" in value:
-        return tensors[value["__tensor__"]]
-    if "__tuple__" in value:
-        return tuple(_decode(v, tensors) for v in value["__tuple__"])
-    if "__dict__" in value:
-        return {k: _decode(v, tensors) for k, v in value["__dict__"]}
-    if "__dataclass__" in value:
-        cls = _class(value["__dataclass__"])
-        fields = {k: _decode(v, tensors) for k, v in value["fields"].items()}
+
+    def _tensor(self, value, hint, where: str) -> Tensor:
+        key = value.get("__tensor__") if isinstance(value, dict) and set(value) == {"__tensor__"} else None
+        if not isinstance(key, str):
+            raise _wrong(where, "a tensor", value)
+        if key not in self.tensors:
+            raise ReferenceShapeError(f"{where}: points at tensor {key!r}, which {TENSOR_FILE} does not hold.")
+        tensor = self.tensors[key]
+        self.used.add(key)
+        if not isinstance(tensor, hint):
+            raise ReferenceShapeError(
+                f"{where}: tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}, "
+                f"which is not {_describe(hint)}."
+            )
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise ReferenceShapeError(
+                f"{where}: tensor {key!r} holds inf or NaN; trace() refuses non-finite results, so a reference "
+                "never holds them."
+            )
+        return tensor
+
+    def _dataclass(self, value, hint: type, where: str, depth: int):
+        if not (isinstance(value, dict) and set(value) == {"__dataclass__", "fields"}):
+            raise _wrong(where, hint, value)
+        cls = _class(value["__dataclass__"], where)
+        if not issubclass(cls, hint):
+            raise ReferenceFormatError(f"{where}: expected {hint.__name__}, found {cls.__name__}.")
+        fields = value["fields"]
+        if not isinstance(fields, dict):
+            raise _wrong(f"{where}.fields", "an object", fields)
+        known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(fields) - set(known))
+        if unknown:
+            raise ReferenceFormatError(f"{where}: {cls.__name__} has no field {unknown[0]!r}.")
+        missing = [
+            n
+            for n, f in known.items()
+            if n not in fields and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ReferenceFormatError(f"{where}: {cls.__name__} is missing its field {missing[0]!r}.")
+        hints = _hints(cls)
+        values = {k: self.decode(v, hints[k], f"{where}.{k}", depth + 1) for k, v in fields.items()}
         try:
-            return cls(**fields)
-        except (ValueError, TypeError, AssertionError) as err:
-            raise ReferenceShapeError(f"The saved {cls.__name__} does not rebuild: {err}") from err
-    raise ReferenceFormatError(f"reference.json holds an object tracelib does not know: keys {sorted(value)[:5]}")
+            return cls(**values)
+        except (ValueError, TypeError, AssertionError, IndexError) as err:
+            raise ReferenceShapeError(f"{where}: the saved {cls.__name__} does not rebuild: {err}") from err
+
+
+def _cross_check(trace, meta: dict, where: str) -> None:
+    """The parts of a loaded trace agree with each other and with the metadata, or the field is named."""
+    rows, m = trace.rows, trace.margin
+    n = len(rows)
+    labels = [row.label for row in rows]
+    problems = []
+
+    def expect(ok: bool, field: str, what: str) -> None:
+        if not ok and not problems:
+            problems.append(f"{where}.{field}: {what}")
+
+    for name in ("margin", "lens", "dla", "heads", "positions"):
+        expect(getattr(trace, name).row_labels == labels, f"{name}.row_labels", "differs from the rows' labels")
+    expect(trace.distractors == [row.distractors for row in rows], "distractors", "differs from the rows'")
+    expect(m.distractor_ids == trace.distractors, "margin.distractor_ids", "differs from the rows' distractors")
+    expect(m.answers == [row.target_str for row in rows], "margin.answers", "differs from the rows' target_str")
+    expect(m.distractor_strs == [row.distractor_strs for row in rows], "margin.distractor_strs", "differs")
+    for r, row in enumerate(rows):
+        expect(len(row.str_tokens) == len(row.tokens), f"rows.{r}.str_tokens", "not one per token id")
+        expect(0 <= row.step < row.n_steps, f"rows.{r}.step", f"{row.step} is not a step of {row.n_steps}")
+        expect(len(row.distractors) == len(row.distractor_strs), f"rows.{r}.distractor_strs", "not one per id")
+        expect(row.target not in row.distractors, f"rows.{r}.target", "is also one of its distractors")
+        expect(
+            tuple(trace.heads.tokens[r].shape) == tuple(row.tokens.shape)
+            and bool((trace.heads.tokens[r] == row.tokens).all()),
+            f"heads.tokens.{r}",
+            "differs from the row's token ids",
+        )
+        expect(trace.heads.str_tokens[r] == row.str_tokens, f"heads.str_tokens.{r}", "differs from the row's")
+        expect(trace.positions.str_tokens[r] == row.str_tokens, f"positions.str_tokens.{r}", "differs from the row's")
+        rank = int(m.rank[r])
+        if 0 <= rank < m.top_ids.shape[1]:
+            expect(int(m.top_ids[r, rank]) == row.target, f"rows.{r}.target", "is not the token the margin ranks")
+        expect(m.top_ids.shape[0] == n, "margin.top_ids", f"has {m.top_ids.shape[0]} rows, not {n}")
+    if trace.lens.answer_strs:
+        expect(trace.lens.answer_strs == m.answers, "lens.answer_strs", "differs from the margin's answers")
+    saved = meta["metadata"]
+    expect(trace.model_name == saved.get("model_name"), "model_name", "differs from the metadata's model_name")
+    if trace.weights_fingerprint:
+        expect(
+            trace.weights_fingerprint == saved.get("weights_fingerprint"),
+            "weights_fingerprint",
+            "differs from the metadata's weights_fingerprint",
+        )
+    if "value_biases" in saved:
+        expect(trace.dla.value_biases == saved["value_biases"], "dla.value_biases", "differs from the metadata's")
+    if problems:
+        raise ReferenceContentError(f"The reference's parts disagree: {problems[0]}.")
 
 
 # ---------------------------------------------------------------------------------------------
 # Saving
 
 
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _read_meta_bytes(path: Path) -> bytes:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return read_member(path, META_FILE, max_bytes=MAX_META_BYTES)
+    except MemberError as err:
+        raise ReferenceFormatError(
+            f"{path} is not a readable tracelib reference: {META_FILE} {err.reason}."
+            if err.kind != "missing"
+            else f"{path} is not a tracelib reference: it has no {META_FILE}."
+        ) from err
 
 
 def _is_reference(path: Path) -> bool:
     try:
-        return json.loads((path / META_FILE).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        meta = json.loads(_read_meta_bytes(path))
+    except (TraceReferenceError, ValueError, RecursionError):
         return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def _check_replaceable(path: Path) -> tuple | None:
+    """What is at `path` (for `replace_folder`'s conflict check), after refusing anything but a reference."""
+    started = folders.state(path)
+    if started is None:
+        return None
+    if path.is_symlink():
+        raise ReferenceOverwriteError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); tracelib does not save through links. "
+            "Pass the folder itself, or a new path."
+        )
+    if not path.is_dir() or not _is_reference(path):
+        raise ReferenceOverwriteError(
+            f"{path} exists and is not a tracelib reference (no readable {META_FILE} with format {FORMAT!r}); "
+            "refusing to overwrite it. Pass a new path, or remove it yourself."
+        )
+    foreign = sorted(set(os.listdir(path)) - set(_OWN))
+    if foreign:
+        raise ReferenceOverwriteError(
+            f"{path} is a tracelib reference, but it also holds {', '.join(foreign[:5])}"
+            f"{' and more' if len(foreign) > 5 else ''}, which tracelib did not write; refusing to replace it "
+            "(that would delete them). Move them out, or save to a new path."
+        )
+    return started
 
 
 def save_reference(trace, path, model) -> Path:
     """Save `trace` as a reference folder at `path`, atomically; see `Trace.save`."""
-    from safetensors.torch import save as safetensors_bytes
-
-    from tracelib.models import model_name
-
+    check_model_arg(model, "Trace.save")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"Trace.save: pass a folder path (str or Path), got {type(path).__name__}.")
     path = Path(path)
-    if path.exists() and not (path.is_dir() and _is_reference(path)):
-        raise ReferenceOverwriteError(
-            f"{path} exists and is not a tracelib reference (no {META_FILE} with format {FORMAT!r}); "
-            "refusing to overwrite it. Pass a new path, or remove it yourself."
-        )
+    if path.name in ("", ".", ".."):
+        raise ReferenceOverwriteError(f"{str(path)!r} names no folder to save into; pass a path ending in a name.")
+    try:
+        check_same_model(trace.identity, model_identity(model), "This trace", "the model passed to save()")
+    except ModelMismatchError as err:
+        raise ReferenceModelMismatchError(
+            f"{err} Pass the model the trace was made with, so the reference records its fingerprint."
+        ) from None
     if model_name(model) != trace.model_name:
         raise ReferenceModelMismatchError(
             f"This trace came from {trace.model_name}, but the model passed to save() is {model_name(model)}; "
             "pass the model the trace was made with, so the reference records its fingerprint."
         )
+    started = _check_replaceable(path)
     # The lenses' prob and rank are computed on first read; compute them with this model.
     trace.lens.materialise(model)
     tensors: dict[str, Tensor] = {}
@@ -264,30 +512,29 @@ def save_reference(trace, path, model) -> Path:
         },
         "trace": tree,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = path.parent / f".{path.name}.tmp-{tag}"
-    old = path.parent / f".{path.name}.old-{tag}"
-    tmp.mkdir()
-    try:
-        _write(tmp / TENSOR_FILE, blob)
+    meta[CHECKSUM_FIELD] = canonical_sha256(meta)
+    text = json.dumps(meta, indent=1).encode()
+    if len(text) > MAX_META_BYTES:
+        raise ReferenceFormatError(
+            f"This trace's {META_FILE} would be {len(text)} bytes, over the {MAX_META_BYTES} a reference may hold; "
+            "save fewer rows per reference."
+        )
+
+    def write(folder: Path) -> None:
+        folders.write_file(folder / TENSOR_FILE, blob)
         # The marker file goes last: a folder without it is never taken for a reference.
-        _write(tmp / META_FILE, json.dumps(meta, indent=1).encode())
-        _fsync_dir(tmp)
-        if path.exists():
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)  # put the previous reference back where it was
-                raise
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        folders.write_file(folder / META_FILE, text)
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folders.replace_folder(path, write, _OWN, started=started)
+    except folders.FolderChangedError as err:
+        raise ReferenceConflictError(
+            f"Another save replaced {path} while this one was writing, so this one was not saved (the other one "
+            "stays there). Save again to replace it."
+        ) from err
+    except OSError as err:
+        raise ReferenceWriteError(f"Cannot save the reference to {path}: {err.strerror or err}.") from err
     return path
 
 
@@ -295,64 +542,148 @@ def save_reference(trace, path, model) -> Path:
 # Loading
 
 
-def _short(digest: str | None) -> str:
-    return f"{digest[:8]}…" if digest else "none recorded"
+def _short(digest) -> str:
+    return f"{digest[:8]}…" if isinstance(digest, str) and digest else "none recorded"
 
 
-def read_metadata(path) -> dict:
-    """A reference's reference.json (format, metadata, file checksums), checked for format and version."""
-    path = Path(path)
-    if not path.exists():
-        raise ReferenceMissingFileError(f"There is no reference at {path}.")
-    meta_path = path / META_FILE
-    if not path.is_dir() or not meta_path.exists():
-        raise ReferenceFormatError(f"{path} is not a tracelib reference: it has no {META_FILE}.")
+def _leftover_note(path: Path, found: list[Path]) -> str:
+    parts = []
+    for leftover in found:
+        complete = _is_reference(leftover)
+        if ".old-" in leftover.name:
+            parts.append(f"{leftover} (the reference an interrupted save replaced)")
+        else:
+            parts.append(f"{leftover} (an interrupted save's {'complete' if complete else 'incomplete'} new reference)")
+    return "; ".join(parts)
+
+
+def _check_leftovers(path: Path, exists: bool) -> None:
+    found = folders.leftovers(path)
+    if not found:
+        return
+    if not exists:
+        restorable = [p for p in found if _is_reference(p)]
+        hint = (
+            f" Restore it with os.replace({str(restorable[0])!r}, {str(path)!r})."
+            if restorable
+            else " None of them is a complete reference."
+        )
+        raise ReferenceMissingFileError(
+            f"There is no reference at {path}, but it left {_leftover_note(path, found)}.{hint}"
+        )
+    warnings.warn(
+        f"{path} loaded, but an interrupted save left {_leftover_note(path, found)} beside it. If the reference at "
+        f"{path} is the one you want, delete them; otherwise move one into its place with os.replace.",
+        ReferenceLeftoverWarning,
+        stacklevel=3,
+    )
+
+
+def _require(cond: bool, field: str, what: str, cls=None) -> None:
+    if not cond:
+        raise (cls or ReferenceFormatError)(f"{META_FILE} field {field!r}: {what}.")
+
+
+def _parse_meta(path: Path, data: bytes) -> dict:
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        raise ReferenceFormatError(f"{meta_path} is not readable JSON: {err}") from err
+        meta = json.loads(data)
+    except RecursionError as err:
+        raise ReferenceFormatError(f"{path / META_FILE} is nested too deeply to be a reference.") from err
+    except ValueError as err:
+        raise ReferenceFormatError(f"{path / META_FILE} is not readable JSON: {err}") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ReferenceFormatError(f"{meta_path} has no format marker {FORMAT!r}, so it is not a tracelib reference.")
+        raise ReferenceFormatError(
+            f"{path / META_FILE} has no format marker {FORMAT!r}, so it is not a tracelib reference."
+        )
     version = meta.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise ReferenceVersionError(f"{meta_path} has format version {version!r}, which is not a version number.")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ReferenceVersionError(
+            f"{path / META_FILE} has format version {version!r}, which is not a version number."
+        )
     if version > FORMAT_VERSION:
         raise ReferenceVersionError(
             f"{path} was saved in reference format version {version}; this tracelib reads up to version "
             f"{FORMAT_VERSION}. Upgrade tracelib to load it."
         )
+    _require(isinstance(meta.get("metadata"), dict), "metadata", "must be an object")
+    for key, value in meta["metadata"].items():
+        _require(value is None or isinstance(value, (str, bool)), f"metadata.{key}", "must be a string")
+    files = meta.get("files")
+    _require(isinstance(files, dict), "files", "must be an object")
+    extra = sorted(set(files) - {TENSOR_FILE})
+    _require(not extra, "files", f"lists {extra[:3]}, which are not part of the format (only {TENSOR_FILE})")
+    _require(TENSOR_FILE in files, "files", f"does not list {TENSOR_FILE}")
+    spec = files[TENSOR_FILE]
+    _require(isinstance(spec, dict), f"files.{TENSOR_FILE}", "must be an object")
+    size, digest = spec.get("bytes"), spec.get("sha256")
+    _require(
+        isinstance(size, int) and not isinstance(size, bool) and size >= 0,
+        f"files.{TENSOR_FILE}.bytes",
+        "must be a byte count",
+    )
+    _require(
+        isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest),
+        f"files.{TENSOR_FILE}.sha256",
+        "must be 64 hex digits",
+    )
+    listed = meta.get("tensors")
+    _require(isinstance(listed, dict), "tensors", "must be an object")
+    for key, t in listed.items():
+        _require(
+            isinstance(t, dict)
+            and isinstance(t.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in t["shape"])
+            and isinstance(t.get("dtype"), str),
+            f"tensors.{key}",
+            "must be {shape: [ints], dtype: string}",
+        )
+    _require(isinstance(meta.get("trace"), dict), "trace", "must be an object")
+    if version >= 4:
+        _require(isinstance(meta.get(CHECKSUM_FIELD), str), CHECKSUM_FIELD, "is missing")
+        body = {k: v for k, v in meta.items() if k != CHECKSUM_FIELD}
+        digest = canonical_sha256(body)
+        if digest != meta[CHECKSUM_FIELD]:
+            raise ReferenceChecksumError(
+                f"{path / META_FILE} changed since it was saved: its content sha256 is {_short(digest)}, the one "
+                f"saved is {_short(meta[CHECKSUM_FIELD])} (an edited field, such as a row's target)."
+            )
     return meta
 
 
-def _read_tensors(path: Path, meta: dict) -> dict[str, Tensor]:
-    from safetensors.torch import load as safetensors_load
+def read_metadata(path) -> dict:
+    """A reference's reference.json (format, metadata, file checksums), checked for format, version and content."""
+    path = Path(path)
+    if not path.exists():
+        _check_leftovers(path, exists=False)
+        raise ReferenceMissingFileError(f"There is no reference at {path}.")
+    if not path.is_dir():
+        raise ReferenceFormatError(f"{path} is not a tracelib reference: it is not a folder.")
+    return _parse_meta(path, _read_meta_bytes(path))
 
-    files = meta.get("files", {})
-    if TENSOR_FILE not in files:
-        raise ReferenceFormatError(f"{path / META_FILE} lists no {TENSOR_FILE}.")
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            raise ReferenceMissingFileError(f"The reference at {path} is missing {name}, which it lists.")
-        data = file.read_bytes()
-        if len(data) != expected["bytes"]:
-            raise ReferenceTruncatedError(
-                f"{file} is {len(data)} bytes, but was {expected['bytes']} when saved: it is "
-                f"{'truncated' if len(data) < expected['bytes'] else 'longer than saved'}."
-            )
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != expected["sha256"]:
-            raise ReferenceChecksumError(
-                f"{file} changed since it was saved: sha256 {_short(digest)}, expected {_short(expected['sha256'])} "
-                "(flipped or edited bytes)."
-            )
-        if name == TENSOR_FILE:
-            blob = data
+
+def _read_tensors(path: Path, meta: dict) -> dict[str, Tensor]:
+    spec = meta["files"][TENSOR_FILE]
+    try:
+        blob = read_member(path, TENSOR_FILE, max_bytes=spec["bytes"], expected_bytes=spec["bytes"])
+    except MemberError as err:
+        if err.kind == "missing":
+            raise ReferenceMissingFileError(
+                f"The reference at {path} is missing {TENSOR_FILE}, which it lists."
+            ) from err
+        if err.kind in ("size", "too-large"):
+            raise ReferenceTruncatedError(f"{err.path} {err.reason}.") from err
+        raise ReferenceFormatError(f"{err.path} {err.reason}.") from err
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != spec["sha256"]:
+        raise ReferenceChecksumError(
+            f"{path / TENSOR_FILE} changed since it was saved: sha256 {_short(digest)}, expected "
+            f"{_short(spec['sha256'])} (flipped or edited bytes)."
+        )
     try:
         tensors = safetensors_load(blob)
     except Exception as err:  # safetensors raises its own SafetensorError for a malformed header
         raise ReferenceFormatError(f"{path / TENSOR_FILE} is not a readable safetensors file: {err}") from err
-    listed = meta.get("tensors", {})
+    listed = meta["tensors"]
     if set(listed) != set(tensors):
         missing, extra = sorted(set(listed) - set(tensors)), sorted(set(tensors) - set(listed))
         raise ReferenceShapeError(f"{TENSOR_FILE} and {META_FILE} disagree: missing {missing[:5]}, extra {extra[:5]}.")
@@ -369,8 +700,7 @@ def _read_tensors(path: Path, meta: dict) -> dict[str, Tensor]:
 
 def check_model(meta: dict, model) -> None:
     """Refuse a model whose weights or tokenizer differ from the ones the reference was saved from."""
-    from tracelib.models import model_name
-
+    check_model_arg(model, "load_reference")
     saved = meta["metadata"]
     name = model_name(model)
     fingerprint = weights_fingerprint(model)
@@ -407,6 +737,12 @@ def check_model(meta: dict, model) -> None:
 def load_reference(path, model=None):
     """Load a reference saved by `Trace.save` as a full `Trace`, with no model needed.
 
+    Only the two files the format defines are opened, directly inside the folder, as regular
+    files (never through a symlink), with their sizes checked before reading. Every field is read
+    against the result classes' types, the parts are cross-checked, and a format-4 reference's
+    `reference.json` is covered by a content checksum, so an edited field is refused rather than
+    explained.
+
     Args:
         path: the reference folder.
         model: optional; when given, the reference must have been saved from these weights and this
@@ -417,13 +753,22 @@ def load_reference(path, model=None):
         work without a model.
 
     Raises:
-        ReferenceMissingFileError: there is no reference at `path`, or it lacks a file it lists.
-        ReferenceFormatError: `path` is not a tracelib reference.
+        ReferenceMissingFileError: there is no reference at `path` (the message names any copy an
+            interrupted save left, and how to restore it), or it lacks a file it lists.
+        ReferenceFormatError: `path` is not a tracelib reference, or a field is malformed (named).
         ReferenceVersionError: it was saved by a newer format version.
         ReferenceTruncatedError, ReferenceChecksumError: a file's bytes changed since saving.
-        ReferenceShapeError: a tensor's shape disagrees with the metadata.
+        ReferenceShapeError: a tensor's shape, dtype or finiteness disagrees with the format.
+        ReferenceContentError: the parts disagree with each other or with the metadata.
         ReferenceModelMismatchError, ReferenceTokenizerMismatchError: `model` is not the one saved from.
+
+    Warns:
+        ReferenceLeftoverWarning: an interrupted save left a copy beside the reference.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_reference: pass a folder path (str or Path), got {type(path).__name__}.")
+    if model is not None:
+        check_model_arg(model, "load_reference")
     path = Path(path)
     meta = read_metadata(path)
     tensors = _read_tensors(path, meta)
@@ -432,13 +777,16 @@ def load_reference(path, model=None):
     tree = meta["trace"]
     if meta["format_version"] == 1:
         tree = _upgrade_v1(tree, path)
-    trace = _decode(tree, tensors)
-    from tracelib.trace import Trace
-
-    if not isinstance(trace, Trace):
-        raise ReferenceFormatError(f"{path / META_FILE} holds a {type(trace).__name__}, not a Trace.")
+    decoder = _Decoder(tensors)
+    trace = decoder.decode(tree, Trace, "trace")
+    if not trace.weights_fingerprint:  # saved before traces carried it: the metadata's is the same
+        fingerprint = meta["metadata"].get("weights_fingerprint") or ""
+        trace = dataclasses.replace(trace, weights_fingerprint=fingerprint)
+    _cross_check(trace, meta, "trace")
+    trace.heads.remember_identity(trace.identity)
     if model is not None:
         trace.heads.remember_model(model)  # so attention_view() needs no model= either
+    _check_leftovers(path, exists=True)
     return trace
 
 
@@ -460,6 +808,8 @@ def _upgrade_v1(tree, path: Path):
     rows = fields.get("rows")
     if not (isinstance(heads, dict) and heads.get("__dataclass__") == _HEADS and isinstance(rows, list)):
         return tree
+    if not isinstance(heads.get("fields"), dict):
+        raise ReferenceFormatError(f"{path / META_FILE} field 'trace.heads.fields' must be an object.")
     try:
         tokens = [row["fields"]["tokens"] for row in rows]
     except (KeyError, TypeError) as err:

@@ -18,7 +18,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tracelib.answers import ResolvedAnswer, resolve_answer, token_str
+from tracelib.answers import ResolvedAnswer, _single_token, decoding_once, resolve_answer, token_str
+from tracelib.attribution import Attribution, compute_attribution, compute_dtype, scaled_directions, warn_if_off
 from tracelib.formats import (
     READABLE_RULE,
     check_batch_size,
@@ -28,9 +29,13 @@ from tracelib.formats import (
     metric_phrase,
     unit_label,
 )
+from tracelib.heads import Heads, compute_heads
 from tracelib.identity import ModelIdentity, check_model_arg, weights_fingerprint
-from tracelib.margin import check_k
+from tracelib.lens import LogitLens, compute_lens
+from tracelib.margin import Margin, check_k, compute_margin
+from tracelib.models import model_name
 from tracelib.plotting import readable_positions_sentence
+from tracelib.positions import Positions, compute_positions
 
 _DIGITS = "0123456789"
 
@@ -91,7 +96,6 @@ def _distractor_ids(model, distractors, resolved: ResolvedAnswer) -> list[int] |
     dropped (a prompt ending in whitespace) is taken off the distractors too, so `" 3"` is a rival
     of `" 2"` on every tokenizer.
     """
-    from tracelib.answers import _single_token
 
     if distractors is None:
         return None
@@ -507,11 +511,11 @@ class Trace:
 
     rows: list[Row]
     distractors: list[list[int]]
-    margin: object
-    lens: object
-    dla: object
-    heads: object
-    positions: object
+    margin: Margin
+    lens: LogitLens
+    dla: Attribution
+    heads: Heads
+    positions: Positions
     model_name: str
     weights_fingerprint: str = ""
 
@@ -697,9 +701,6 @@ def trace(
         NonFiniteError: the logits, the final residual stream or the attributions hold inf or NaN
             (fp16 overflow, usually); the message names the hook where it first appears.
     """
-    from tracelib.answers import decoding_once
-    from tracelib.attribution import warn_if_off
-    from tracelib.models import model_name
     from tracelib.patching import auto_batch_size, progress_bar
 
     check_model_arg(model, "trace")
@@ -724,11 +725,6 @@ def trace(
 
 def _trace_rows(model, rows: list[Row], metric: str, k: int, first_row: int) -> tuple:
     """Every analysis of one batch of rows, from one forward pass: (rivals, margin, lens, dla, heads, positions)."""
-    from tracelib.attribution import compute_attribution, compute_dtype, scaled_directions
-    from tracelib.heads import compute_heads
-    from tracelib.lens import compute_lens
-    from tracelib.margin import compute_margin
-    from tracelib.positions import compute_positions
 
     with torch.no_grad():
         fwd = run_forward(model, rows)
