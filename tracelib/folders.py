@@ -85,8 +85,6 @@ def read_member(folder: Path, name: str, *, max_bytes: int, expected_bytes: int 
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise MemberError(path, f"is {_kind(info.st_mode)}, not a regular file", "not-regular")
-        if info.st_size > max_bytes:
-            raise MemberError(path, f"is {info.st_size} bytes, more than the {max_bytes} allowed", "too-large")
         if expected_bytes is not None and info.st_size != expected_bytes:
             raise MemberError(
                 path,
@@ -94,6 +92,8 @@ def read_member(folder: Path, name: str, *, max_bytes: int, expected_bytes: int 
                 f"{'truncated' if info.st_size < expected_bytes else 'longer than saved'}",
                 "size",
             )
+        if info.st_size > max_bytes:
+            raise MemberError(path, f"is {info.st_size} bytes, more than the {max_bytes} allowed", "too-large")
         # A regular file opened with O_NONBLOCK reads normally; switch it off to be plain.
         os.set_blocking(fd, True)
         chunks, left = [], info.st_size
@@ -134,7 +134,7 @@ def state(path: Path) -> tuple | None:
     """What is at `path` now, as (inode, device, mtime); None when nothing is."""
     try:
         info = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return (info.st_ino, info.st_dev, info.st_mtime_ns)
 
