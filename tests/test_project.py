@@ -100,3 +100,9 @@ def test_colab_install_pins_nothing_colab_already_ships():
 
 def test_package_data_ships_the_bundled_weights():
     assert "weights/*/*" in PYPROJECT["tool"]["setuptools"]["package-data"]["tracelib"]
+
+
+def test_the_package_version_is_pyprojects():
+    import tracelib
+
+    assert tracelib.__version__ == PYPROJECT["project"]["version"]
