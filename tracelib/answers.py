@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import functools
 import re
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -148,13 +149,19 @@ def _check_text(value, what: str) -> str:
     return value
 
 
-@functools.lru_cache(maxsize=32)
+# tokenizer -> whether it adds a BOS; weak, so a deleted model's tokenizer is not kept alive.
+_ADDS_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _tokenizer_adds_bos(tokenizer) -> bool:
+    cached = _ADDS_BOS.get(tokenizer)
+    if cached is not None:
+        return cached
     bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("1 + 1")["input_ids"]
-    return bool(ids) and ids[0] == bos
+    ids = tokenizer("1 + 1")["input_ids"] if bos is not None else []
+    adds = bool(ids) and ids[0] == bos
+    _ADDS_BOS[tokenizer] = adds
+    return adds
 
 
 def prepends_bos(model, prepend_bos: bool | None = None) -> bool:
