@@ -299,8 +299,11 @@ def test_weak_corruption_warns_and_keeps_the_raw_change(tiny, weak, direction):
 
 
 def test_min_effect_is_checked(tiny):
-    for bad in (-1, math.nan, "10%", [0.1]):
+    for bad in (-1, math.nan):
         with pytest.raises(ValueError, match="min_effect"):
+            tl.attribution_patch(tiny, CLEAN, CORRUPTED, ANSWER, min_effect=bad)
+    for bad in ("10%", [0.1]):
+        with pytest.raises(TypeError, match="min_effect"):
             tl.attribution_patch(tiny, CLEAN, CORRUPTED, ANSWER, min_effect=bad)
     assert not tl.attribution_patch(tiny, CLEAN, CORRUPTED, ANSWER).weak_effect  # strong: no warning (an error here)
 

@@ -392,8 +392,11 @@ def test_min_effect_is_a_checked_per_call_threshold(tiny, weak_injection, monkey
     # The default is read from the module constant when patch() runs.
     monkeypatch.setattr(tl.patching, "MIN_EFFECT", 0.0)
     assert not _weak_patch(tiny, injection, what="resid_pre_all_pos").weak_effect
-    for bad in (-0.1, math.nan, math.inf, "0.1", True, [0.1]):
+    for bad in (-0.1, math.nan, math.inf):
         with pytest.raises(ValueError, match="min_effect"):
+            patch(tiny, CLEAN, CORRUPTED, ANSWER, min_effect=bad)
+    for bad in ("0.1", True, [0.1]):  # not a number at all: a TypeError, as for every argument of the wrong type
+        with pytest.raises(TypeError, match="min_effect"):
             patch(tiny, CLEAN, CORRUPTED, ANSWER, min_effect=bad)
     # The exactly-equal case is still refused outright, weak check or not.
     with pytest.raises(SameMetricError):

@@ -46,9 +46,8 @@ from tracelib.reference import (
     ReferenceChecksumError,
     ReferenceConflictError,
     ReferenceContentError,
-    ReferenceLeftoverWarning,
-    ReferenceWriteError,
     ReferenceFormatError,
+    ReferenceLeftoverWarning,
     ReferenceMissingFileError,
     ReferenceModelMismatchError,
     ReferenceOverwriteError,
@@ -56,6 +55,7 @@ from tracelib.reference import (
     ReferenceTokenizerMismatchError,
     ReferenceTruncatedError,
     ReferenceVersionError,
+    ReferenceWriteError,
     TraceReferenceError,
     load_reference,
 )

@@ -26,10 +26,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _temp_name(target: Path) -> Path:
+    """The temporary file `write_atomically` writes beside `target` before renaming it."""
+    return target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+
+
+def _probe_folder(path: Path, target: Path) -> None:
+    """Create and remove the kind of temporary file the write will need, or fail now, saying why.
+
+    Permission bits alone do not tell (root ignores them; a read-only mount or a too-long name does
+    not show in them), so the probe does what `write_atomically` will do, and leaves nothing behind.
+    """
+    probe = _temp_name(target)
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise type(exc)(f"cannot write {path}: cannot create a file in the folder {target.parent} ({reason})") from None
+    os.close(fd)
+    probe.unlink(missing_ok=True)
+
+
 def _check_html_target(path: Path, force: bool) -> Path:
     """The file to write for `path` (a symlink's target), or a clear error before any work is done."""
     path = Path(path)
     if not path.parent.is_dir():
+        if path.parent.exists():
+            raise NotADirectoryError(f"cannot write {path}: {path.parent} is a file, not a folder")
         # Creating folders is left to the user: a typo in a path should not grow a tree of folders.
         raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist; create it first")
     target = Path(os.path.realpath(path))
@@ -45,6 +68,7 @@ def _check_html_target(path: Path, force: bool) -> Path:
                 raise FileExistsError(
                     f"{path} exists and is not a tracelib report; pass --force to overwrite it, or choose another path"
                 )
+    _probe_folder(path, target)
     return target
 
 
@@ -56,7 +80,7 @@ def write_atomically(path: Path, text: str, force: bool = False) -> None:
     """
     target = _check_html_target(path, force)
     mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else None
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+    tmp = _temp_name(target)
     # Not mkstemp: its 0o600 would hide a new report from other users. 0o666 goes through the umask.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:

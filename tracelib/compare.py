@@ -4,7 +4,11 @@
 head and neuron it gives the difference b - a, the Jaccard overlap of the top-k contributors
 (positive and negative apart) and the Spearman rank correlation of the attributions. The traces
 may come from different models (`tiny-arith` vs `tiny-arith-chat`) as long as the models have the
-same shape, so that unit `L2H3` means the same slot in both.
+same shape, so that unit `L2H3` means the same slot in both: unlike every other pairing in
+tracelib, this one is cross-model by design, and the result says which it was (`Comparison.models`).
+
+The argument checks that every "use of traces" shares (`check_trace_arg`, `check_row`) live here,
+the lowest of those modules.
 
 `align_tokens` matches the positions of two prompts that differ in length (a question alone and
 the same question inside a chat template; a prompt with injected tokens), so that nothing is
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,9 +29,63 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tracelib.formats import unit_label
+from tracelib.identity import ModelIdentity
 from tracelib.margin import check_k
+from tracelib.trace import Trace
 
 COMPARE_UNITS = ("component", "head", "neuron")
+
+
+def described(value) -> str:
+    """How an argument check names a wrong value: `None (NoneType)`, `'0' (str)`, or `a Trace` for an object."""
+    if isinstance(value, (str, bytes, int, float, type(None))):
+        text = repr(value)
+        return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def check_trace_arg(value, where: str, name: str) -> None:
+    """Refuse anything but a `Trace` with a TypeError that says what to pass (not an AttributeError later).
+
+    Args:
+        value: the argument; where: the function that took it (`"compare"`); name: the parameter (`"a"`).
+    """
+    if isinstance(value, Trace):
+        return
+    hint = ""
+    if isinstance(value, str):
+        hint = f"; a saved reference is loaded first: tl.load_reference({value!r})"
+    raise TypeError(
+        f"{where}: pass a Trace from tl.trace or tl.load_reference as {name}, got {described(value)}{hint}."
+    )
+
+
+def check_row(row, n_rows: int, where: str, whose: str) -> int:
+    """`row` as an index into `n_rows` rows: an int (not a bool) in range, else TypeError or ValueError.
+
+    Args:
+        row: the argument; n_rows: how many rows there are; where: the function that took it;
+        whose: what has the rows, for the message (`"trace a"`, `"the reference trace"`).
+    """
+    if isinstance(row, bool) or not hasattr(type(row), "__index__"):
+        raise TypeError(f"{where}: row must be an int (which row of the trace), got {described(row)}.")
+    row = operator.index(row)
+    if not 0 <= row < n_rows:
+        raise ValueError(f"row {row} is out of range: {whose} has {n_rows} row(s)")
+    return row
+
+
+def models_sentence(a: ModelIdentity | None, b: ModelIdentity | None) -> str:
+    """Whether two results come from one model, in words: "same model: ..." or "two models: ... vs ..."."""
+    if a is None or b is None or not a.fingerprint or not b.fingerprint:
+        return (
+            f"compares traces from {a or 'an unknown model'} and {b or 'an unknown model'} (one model or two: unknown)"
+        )
+    if a.fingerprint == b.fingerprint:
+        return f"same model: {a}"
+    other = " (same name, other weights)" if a.name == b.name else ""
+    return f"compares traces from two models: {a} vs {b}{other}"
 
 
 def align_tokens(
@@ -48,7 +107,21 @@ def align_tokens(
     Returns:
         A list as long as `b_tokens`: entry j is the index in `a_tokens` matched to b's position j,
         or None where b's token has no counterpart in a (template tokens, inserted junk).
+
+    Raises:
+        TypeError: a prompt's text instead of its tokens, anything not iterable, or a `key` that is not callable.
     """
+    for name, tokens in (("a_tokens", a_tokens), ("b_tokens", b_tokens)):
+        # A string is a sequence too, but of characters: aligning two prompts' text is not what was meant.
+        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+            raise TypeError(
+                f"align_tokens: {name} must be a list of tokens (ids or strings, e.g. trace.rows[0].str_tokens) or a "
+                f"1-d tensor of ids, got {described(tokens)}."
+            )
+    if key is not None and not callable(key):
+        raise TypeError(
+            f"align_tokens: key must be a function applied to every token (e.g. str.strip), got {described(key)}."
+        )
     a = a_tokens.tolist() if isinstance(a_tokens, Tensor) else list(a_tokens)
     b = b_tokens.tolist() if isinstance(b_tokens, Tensor) else list(b_tokens)
     if key is not None:
@@ -118,6 +191,8 @@ class Comparison:
         a_str_tokens: the first prompt's tokens.
         b_str_tokens: the second prompt's tokens.
         alignment: for each position of b, the matching position of a or None (`align_tokens`).
+        a_model: the model that made trace a (`tl.ModelIdentity`); None where unknown.
+        b_model: the same for trace b. They may differ: `compare` is cross-model by design.
     """
 
     a_label: str
@@ -134,6 +209,21 @@ class Comparison:
     a_str_tokens: list[str]
     b_str_tokens: list[str]
     alignment: list[int | None]
+    a_model: ModelIdentity | None = None
+    b_model: ModelIdentity | None = None
+
+    @property
+    def same_model(self) -> bool | None:
+        """Whether both traces come from one model (same weights fingerprint); None where either is unknown."""
+        a, b = self.a_model, self.b_model
+        if a is None or b is None or not a.fingerprint or not b.fingerprint:
+            return None
+        return a.fingerprint == b.fingerprint
+
+    @property
+    def models(self) -> str:
+        """One line on which models made the traces: "same model: ..." or "compares traces from two models: ..."."""
+        return models_sentence(self.a_model, self.b_model)
 
     def __post_init__(self) -> None:
         n = len(self.component_labels)
@@ -275,7 +365,9 @@ class Comparison:
             for unit in COMPARE_UNITS
         ]
         return (
-            f"Comparison({self.metric}, k={self.k}; a = {self.a_label}; b = {self.b_label}; " + "; ".join(parts) + ")"
+            f"Comparison({self.metric}, k={self.k}; {self.models}; a = {self.a_label}; b = {self.b_label}; "
+            + "; ".join(parts)
+            + ")"
         )
 
 
@@ -286,6 +378,10 @@ def _shape(trace) -> tuple[int, int, int, int]:
 
 def compare(a, b, k: int = 10, row: int = 0) -> Comparison:
     """Compare two traces' DLA unit by unit: b - a, top-k overlap of each sign, rank correlation.
+
+    Unlike `damage_report` and `readable_vs_causal`, `compare` accepts traces of two different
+    models on purpose (a base model and its fine-tune); `Comparison.models` and its repr say whether
+    the traces came from one model or two.
 
     Args:
         a: a `Trace` (or a loaded reference, which is one).
@@ -299,11 +395,14 @@ def compare(a, b, k: int = 10, row: int = 0) -> Comparison:
         that changed most, `.plot(unit)` the side-by-side figure.
 
     Raises:
+        TypeError: `a` or `b` is not a `Trace`, or `row` is not an int.
         ValueError: the traces come from differently shaped models, use different DLA metrics, or
             have no row `row`.
     """
+    check_trace_arg(a, "compare", "a")
+    check_trace_arg(b, "compare", "b")
     k = check_k(k)
-    name_a, name_b = getattr(a, "model_name", "a"), getattr(b, "model_name", "b")
+    name_a, name_b = a.model_name, b.model_name
     shape_a, shape_b = _shape(a), _shape(b)
     if shape_a != shape_b:
 
@@ -322,8 +421,7 @@ def compare(a, b, k: int = 10, row: int = 0) -> Comparison:
             f"The traces explain different metrics ({a.dla.metric!r} vs {b.dla.metric!r}); trace both with one metric."
         )
     for name, t in (("a", a), ("b", b)):
-        if not 0 <= row < len(t.rows):
-            raise ValueError(f"row {row} is out of range: trace {name} has {len(t.rows)} row(s)")
+        row = check_row(row, len(t.rows), "compare", f"trace {name}")
     ra, rb = a.rows[row], b.rows[row]
     return Comparison(
         a_label=f"{name_a}: {ra.label}",
@@ -341,4 +439,6 @@ def compare(a, b, k: int = 10, row: int = 0) -> Comparison:
         b_str_tokens=list(rb.str_tokens),
         # Token strings, not ids, so models with different tokenizers of one shape still align.
         alignment=align_tokens(ra.str_tokens, rb.str_tokens),
+        a_model=a.identity,
+        b_model=b.identity,
     )

@@ -15,6 +15,9 @@ reference feature (strong components, top heads) survives, is damaged or becomes
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import random
 import weakref
 from dataclasses import dataclass, field
@@ -25,8 +28,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelib.answers import _check_text, prepends_bos, resolve_answer, token_str
+from tracelib.compare import check_row, check_trace_arg, described
 from tracelib.formats import unit_label
+from tracelib.identity import ModelIdentity, check_model_arg, check_same_model
 from tracelib.margin import check_k
+from tracelib.models import model_name
 
 KINDS = ("random", "undertrained", "junk", "typo", "repeat")
 WHERES = ("before", "between", "after", "before_final")
@@ -144,7 +150,14 @@ class UndertrainedTokens:
         Precision is the share of flagged tokens that are in `truth`; recall the share of `truth`
         that is flagged. NaN where the denominator is empty.
         """
-        truth = {int(t) for t in truth}
+        if isinstance(truth, (str, bytes)) or not hasattr(truth, "__iter__"):
+            raise TypeError(f"precision_recall: truth must be a collection of token ids, got {described(truth)}.")
+        items = list(truth)
+        for t in items:
+            # int() would take 1.7 as token 1; "3" or True as a token id is a mistake too.
+            if isinstance(t, bool) or not hasattr(type(t), "__index__"):
+                raise TypeError(f"precision_recall: truth must hold token ids (ints), got {described(t)}.")
+        truth = {operator.index(t) for t in items}
         flagged = set(self.token_ids.tolist())
         hits = len(flagged & truth)
         return (hits / len(flagged) if flagged else float("nan"), hits / len(truth) if truth else float("nan"))
@@ -162,6 +175,22 @@ class UndertrainedTokens:
         )
 
 
+def check_threshold(threshold) -> float:
+    """`threshold` as a float, checked: a real number, not NaN, not negative (`math.inf` flags every token)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(
+            f"find_undertrained_tokens: threshold must be a number >= 0 (a score; tokens below it are flagged), "
+            f"got {described(threshold)}."
+        )
+    value = float(threshold)
+    if math.isnan(value) or value < 0:
+        raise ValueError(
+            f"find_undertrained_tokens: threshold must be a number >= 0 (scores are norms, so a negative or NaN "
+            f"threshold flags nothing), got {threshold!r}."
+        )
+    return value
+
+
 def find_undertrained_tokens(model, threshold: float | None = None) -> UndertrainedTokens:
     """Flag tokens the model (almost) never trained on, from its unembedding alone.
 
@@ -175,14 +204,22 @@ def find_undertrained_tokens(model, threshold: float | None = None) -> Undertrai
 
     Args:
         model: a loaded model (`tl.load_model`).
-        threshold: flag tokens scoring below this. Default: the middle (geometric) of the widest gap
+        threshold: flag tokens scoring below this: a number >= 0 (scores are norms, so 0 flags
+            nothing and `math.inf` every token). Default: the middle (geometric) of the widest gap
             between consecutive sorted log-scores among the lowest 95% of tokens, which splits the
             two clusters where they are clearly apart (small models, tied embeddings). On a large
             model with a few under-trained tokens, read the ranking in `scores` or pass a threshold.
 
     Returns:
         An `UndertrainedTokens`.
+
+    Raises:
+        TypeError: `model` is not a loaded model, or `threshold` is not a real number (a string, a bool).
+        ValueError: `threshold` is NaN or negative (every score is >= 0, so it would flag nothing).
     """
+    check_model_arg(model, "find_undertrained_tokens")
+    if threshold is not None:
+        threshold = check_threshold(threshold)
     with torch.no_grad():
         rows = model.W_U.detach().T.float().cpu()  # [vocab, d_model]
         rows = rows - rows.mean(0)
@@ -241,15 +278,24 @@ def inject(
         An `Injection`.
 
     Raises:
-        ValueError: an unknown kind or where, n below 1, or a prompt with no place of that kind
-            (no two operands for "between", a final token that is the last operand for "after").
+        TypeError: `model` is not a loaded model, or `n` or `seed` is not an int.
+        ValueError: an unknown kind or where, n below 1, a result longer than the model's context
+            (`model.cfg.n_ctx`, checked before any token is drawn), or a prompt with no place of that
+            kind (no two operands for "between", a final token that is the last operand for "after").
     """
+    check_model_arg(model, "inject")
     if kind not in KINDS:
         raise ValueError(f"Unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     if where not in WHERES:
         raise ValueError(f"Unknown where {where!r}; choose one of {', '.join(WHERES)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not hasattr(type(n), "__index__"):
+        raise TypeError(f"n must be a positive integer (how many to inject), got {described(n)}")
+    n = operator.index(n)
+    if n < 1:
         raise ValueError(f"n must be a positive integer (how many to inject), got {n!r}")
+    if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):
+        raise TypeError(f"seed must be an int, got {described(seed)}")
+    seed = operator.index(seed)
     bos = 1 if prepends_bos(model, prepend_bos) else 0
     if answer is not None:
         resolved = resolve_answer(model, prompt, answer, prepend_bos=prepend_bos)
@@ -259,20 +305,48 @@ def inject(
         clean = _encode(model, prompt, bos)
     if len(clean) - bos < 2:
         raise ValueError(f"The prompt {prompt!r} is too short to inject into: it needs two tokens besides any BOS")
+    if kind != "typo":
+        # Every kind but "typo" adds at least n tokens (a junk string has been two or more on every
+        # tokenizer tried; one is counted), so a result past the context is refused before any draw.
+        _check_fits(model, len(clean), n, kind, at_least=kind == "junk")
     rng = random.Random(seed)
     operands = _operands(model, clean, bos)
     index = _place(model, clean, bos, operands, where, prompt)
     if kind == "typo":
         return _typo(model, prompt, clean, bos, operands, where, n, seed, rng)
+    too_long: list[int] = []  # how many tokens each draw added that made the prompt too long
     for _ in range(MAX_TRIES):
         new = _draw(model, clean, bos, index, kind, n, rng)
         tokens = clean[:index] + new + clean[index:]
+        if not _fits(model, len(tokens)):
+            too_long.append(len(new))
+            continue
         if _round_trips(model, tokens, bos):
             alignment = list(range(index)) + [None] * len(new) + list(range(index, len(clean)))
             return _result(model, prompt, clean, tokens, alignment, kind, where, n, seed, bos)
+    if len(too_long) == MAX_TRIES:
+        _check_fits(model, len(clean), min(too_long), kind, at_least=True)
     raise ValueError(
         f"Could not inject {kind!r} tokens {where!r} in {prompt!r} without them merging with their neighbours "
         f"when the text is tokenised again ({MAX_TRIES} draws); try another seed or place"
+    )
+
+
+def _fits(model, n_tokens: int) -> bool:
+    """Whether a prompt of `n_tokens` tokens fits the model's context (`model.cfg.n_ctx`, where it has one)."""
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    return n_ctx is None or n_tokens <= n_ctx
+
+
+def _check_fits(model, n_clean: int, n_new: int, kind: str, at_least: bool = False) -> None:
+    """Refuse an injection whose result is longer than the model reads (`model.cfg.n_ctx`)."""
+    if _fits(model, n_clean + n_new):
+        return
+    n_ctx = model.cfg.n_ctx
+    raise ValueError(
+        f"inject: the {kind!r} injection would be {'at least ' if at_least else ''}{n_clean + n_new} tokens "
+        f"(the prompt's {n_clean} plus {n_new} injected), but {model_name(model)} reads at most n_ctx = {n_ctx}; "
+        f"there is room for {max(n_ctx - n_clean, 0)} injected tokens: pass a smaller n, or shorten the prompt."
     )
 
 
@@ -394,15 +468,21 @@ def _typo(model, prompt, clean, bos, operands, where, n, seed, rng) -> Injection
         raise ValueError(f"No word to make a typo in {where!r} the operands of {prompt!r}: the place holds no letters")
     i = words[0]
     word = model.tokenizer.decode([clean[i]])
+    too_long: list[int] = []  # as in inject()
     for _ in range(MAX_TRIES):
         typo = word
         for _ in range(n):
             typo = _edit(typo, rng)
         new = model.tokenizer(typo, add_special_tokens=False).input_ids
         tokens = clean[:i] + new + clean[i + 1 :]
+        if not _fits(model, len(tokens)):
+            too_long.append(len(new))
+            continue
         if typo != word and _round_trips(model, tokens, bos):
             alignment = list(range(i)) + [None] * len(new) + list(range(i + 1, len(clean)))
             return _result(model, prompt, clean, tokens, alignment, "typo", where, n, seed, bos)
+    if len(too_long) == MAX_TRIES:
+        _check_fits(model, len(clean) - 1, min(too_long), "typo", at_least=True)
     raise ValueError(f"Could not make a typo in {word!r} that reads back as tokens ({MAX_TRIES} draws)")
 
 
@@ -499,6 +579,7 @@ class DamageReport:
         kinds: `"component"` or `"head"`, one per feature.
         reference: `[feature]`, each feature's DLA in the reference.
         corrupted: `[feature]`, its DLA in the corrupted trace.
+        model_name, weights_fingerprint: the model both traces came from (`identity`); empty where unknown.
     """
 
     reference_label: str
@@ -518,6 +599,13 @@ class DamageReport:
     kinds: list[str]
     reference: Float[Tensor, " feature"]
     corrupted: Float[Tensor, " feature"]
+    model_name: str = ""
+    weights_fingerprint: str = ""
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The model both traces came from: its name and weights fingerprint."""
+        return ModelIdentity(self.model_name, self.weights_fingerprint)
 
     def __post_init__(self) -> None:
         curves = (len(LENSES), len(self.entry_labels))
@@ -648,13 +736,16 @@ def damage_report(reference, corrupted, row: int = 0, k: int = 5) -> DamageRepor
         A `DamageReport`; `.to_frame()` lists the features, `.counts()` the statuses, `.plot()` draws both.
 
     Raises:
+        TypeError: `reference` or `corrupted` is not a `Trace`, or `row` is not an int.
+        ModelMismatchError: the traces come from two different models (names and fingerprints given).
         ValueError: the traces come from differently shaped models, use different DLA metrics,
             track different answer tokens or distractors, or have no row `row`.
     """
+    check_trace_arg(reference, "damage_report", "reference")
+    check_trace_arg(corrupted, "damage_report", "corrupted")
     k = check_k(k)
     for name, t in (("reference", reference), ("corrupted", corrupted)):
-        if not 0 <= row < len(t.rows):
-            raise ValueError(f"row {row} is out of range: the {name} trace has {len(t.rows)} row(s)")
+        row = check_row(row, len(t.rows), "damage_report", f"the {name} trace")
     (ra_layers, ra_heads, ra_comp), (rb_layers, rb_heads, rb_comp) = _model_shape(reference), _model_shape(corrupted)
     if (ra_layers, ra_heads, ra_comp) != (rb_layers, rb_heads, rb_comp):
         raise ValueError(
@@ -663,6 +754,8 @@ def damage_report(reference, corrupted, row: int = 0, k: int = 5) -> DamageRepor
             f"({corrupted.model_name!r}) {rb_layers} layers x {rb_heads} heads and {rb_comp}. Trace the corrupted "
             "prompt with the model the reference was traced with."
         )
+    # Two models of one shape (a fine-tune, other weights) pass the shape check; their DLA does not compare.
+    check_same_model(reference.identity, corrupted.identity, "The reference", "the corrupted trace")
     if reference.dla.metric != corrupted.dla.metric:
         raise ValueError(
             f"The traces explain different DLA metrics ({reference.dla.metric!r} in the reference, "
@@ -715,4 +808,6 @@ def damage_report(reference, corrupted, row: int = 0, k: int = 5) -> DamageRepor
         kinds=["component"] * len(picked) + ["head"] * len(top),
         reference=torch.cat([ref_comp[picked], ref_heads[top]]),
         corrupted=torch.cat([cor_comp[picked], cor_heads[top]]),
+        model_name=reference.model_name if reference.weights_fingerprint else corrupted.model_name,
+        weights_fingerprint=reference.weights_fingerprint or corrupted.weights_fingerprint,
     )

@@ -35,6 +35,7 @@ import contextlib
 import inspect
 import math
 import numbers
+import operator
 import os
 import sys
 import warnings
@@ -46,8 +47,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tracelib.formats import TracelibWarning
+from tracelib.answers import token_str
+from tracelib.compare import align_tokens, check_row, check_trace_arg, described, spearman
+from tracelib.formats import TracelibWarning, check_batch_size
+from tracelib.identity import ModelIdentity, check_model_arg, check_same_model, model_identity
 from tracelib.margin import check_k
+from tracelib.ood import Injection
+from tracelib.plotting import token_labels
+from tracelib.trace import build_rows, real_hook_points
 
 # Which TransformerLens hook each `what` patches, and whether it is split by position and by head.
 # "_all_pos" patches every (aligned) position of the layer at once.
@@ -165,8 +172,6 @@ def auto_batch_size(model, seq_len: int, n_cells: int, cap: int = 256) -> int:
 
 
 def _real_points(model, aliases) -> dict[str, list[str]]:
-    from tracelib.trace import real_hook_points
-
     return real_hook_points(model, aliases, "patch")
 
 
@@ -337,9 +342,7 @@ def run_patched(
         return torch.zeros(0)
     device = model.cfg.device
     tokens = setup.base_tokens.to(device)
-    size = batch_size or auto_batch_size(model, tokens.shape[1], len(cells))
-    if size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    size = check_batch_size(batch_size) or auto_batch_size(model, tokens.shape[1], len(cells))
     points = _real_points(model, {cell.hook for cell in cells})
     alias_of = {name: aliases[0] for name, aliases in points.items()}
     where = None if _full_forward or setup.base_resid is None else _block_list(model)
@@ -420,6 +423,8 @@ class PatchingResult:
             Kept whether or not the effect is weak; derived from `values` when not given.
         min_effect: the fraction of |clean_metric| that |delta| had to reach for recovery to count
             (`MIN_EFFECT` by default, 0 = no check).
+        model_name, weights_fingerprint: the model that made the result (`identity`); empty where
+            unknown, and then never checked.
     """
 
     values: Float[Tensor, "*shape"]
@@ -436,6 +441,13 @@ class PatchingResult:
     method: str = "exact"
     raw_change: Float[Tensor, "*shape"] | None = None
     min_effect: float = MIN_EFFECT
+    model_name: str = ""
+    weights_fingerprint: str = ""
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The model that made this result: its name and weights fingerprint."""
+        return ModelIdentity(self.model_name, self.weights_fingerprint)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -520,9 +532,26 @@ class PatchingResult:
         return "\n".join(lines)
 
 
-def _resolve(model, prompt: str, answer, distractors, prepend_bos: bool | None = None):
-    from tracelib.trace import build_rows
+def check_what(what) -> str:
+    """`what` if it is a key of `WHATS`, else a ValueError naming the choices."""
+    if not isinstance(what, str) or what not in WHATS:
+        raise ValueError(f"what must be one of {sorted(WHATS)}, got {what!r}")
+    return what
 
+
+def _made_by(model) -> dict[str, str]:
+    """The `model_name` and `weights_fingerprint` fields of a result `model` made."""
+    identity = model_identity(model)
+    return {"model_name": identity.name, "weights_fingerprint": identity.fingerprint}
+
+
+def check_patching_result(value, where: str, name: str, made_by: str = "tl.patch or tl.attribution_patch") -> None:
+    """Refuse anything but a `PatchingResult` with a TypeError that says what to pass."""
+    if not isinstance(value, PatchingResult):
+        raise TypeError(f"{where}: pass a PatchingResult from {made_by} as {name}, got {described(value)}.")
+
+
+def _resolve(model, prompt: str, answer, distractors, prepend_bos: bool | None = None):
     rows = build_rows(model, prompt, answer, distractors, prepend_bos=prepend_bos)
     if len(rows) != 1:
         raise ValueError(f"patch() needs a single-token answer; {rows[0].label} has {len(rows)} tokens.")
@@ -530,14 +559,34 @@ def _resolve(model, prompt: str, answer, distractors, prepend_bos: bool | None =
 
 
 def check_alignment(alignment, n_base: int, n_source: int) -> list[int | None]:
-    """An alignment as a list, checked: one entry per base position, each a source position or None."""
+    """An alignment as a list, checked: one entry per base position, each a source position or None.
+
+    Entries are ints (Python or NumPy) or None, nothing else: `int()` would turn 1.7 into 1 and
+    accept "0" and True, patching a position nobody asked for.
+    """
+    if isinstance(alignment, (str, bytes)) or not hasattr(alignment, "__iter__"):
+        raise TypeError(
+            "alignment must be a list with, for each corrupted position, its clean position (an int) or None "
+            f"(or a tl.inject Injection), got {described(alignment)}."
+        )
     alignment = list(alignment)
     if len(alignment) != n_base:
         raise ValueError(f"The alignment has {len(alignment)} entries but the patched prompt has {n_base} tokens.")
-    for j in alignment:
-        if j is not None and not (0 <= int(j) < n_source):
+    out: list[int | None] = []
+    for i, j in enumerate(alignment):
+        if j is None:
+            out.append(None)
+            continue
+        if isinstance(j, bool) or not hasattr(type(j), "__index__"):
+            raise TypeError(
+                f"Alignment entry {i} is {described(j)}; each entry must be a position of the "
+                "other prompt (an int) or None."
+            )
+        j = operator.index(j)
+        if not 0 <= j < n_source:
             raise ValueError(f"Alignment entry {j} is not a position of the other prompt (0..{n_source - 1}).")
-    return [None if j is None else int(j) for j in alignment]
+        out.append(j)
+    return out
 
 
 def invert_alignment(alignment: list[int | None], n_clean: int) -> list[int | None]:
@@ -668,12 +717,14 @@ def patch(
             corrupted in). Both report (patched - corrupted) / (clean - corrupted): 1 = clean.
         distractors: tokens the answer should beat; default as in `trace()` (neighbouring digits,
             else the clean run's strongest competitor).
-        alignment: for each corrupted position, the clean position it corresponds to, or None.
-            Default: `align_tokens(clean tokens, corrupted tokens)`, with substituted tokens mapped
-            one-to-one (`fill_substitutions`), so equal-length prompts align position by position.
-            Positions without a counterpart are never patched: by position they are NaN; "all
-            positions" cells skip them.
-        batch_size: patched runs per forward pass; default from free memory (`auto_batch_size`).
+        alignment: for each corrupted position, the clean position it corresponds to (an int), or
+            None; or the `tl.inject` `Injection` that made the corrupted prompt, whose alignment is
+            then used. Default: `align_tokens(clean tokens, corrupted tokens)`, with substituted
+            tokens mapped one-to-one (`fill_substitutions`), so equal-length prompts align position
+            by position. Positions without a counterpart are never patched: by position they are
+            NaN; "all positions" cells skip them.
+        batch_size: patched runs per forward pass, a positive int; None (the default) picks it
+            from free memory (`auto_batch_size`).
         progress: show a tqdm bar; default only with more than 4 batches and never under pytest or
             nbval (see `_is_quiet`).
         min_effect: the smallest |clean - corrupted| worth normalising by, as a fraction of
@@ -689,19 +740,20 @@ def patch(
 
     Raises:
         SameMetricError: the clean and corrupted logit differences are equal, so no recovery can be normalised.
-        ValueError: an unknown `what` or `direction`, a bad alignment, or a `min_effect` that is not a
-            finite number >= 0.
+        TypeError: `model` is not a loaded model; an alignment entry, `batch_size` or `min_effect` of
+            the wrong type (a float or bool position, `batch_size=1.5`, `min_effect="0.1"`).
+        ValueError: an unknown `what` or `direction`, a bad alignment, `batch_size` below 1, or a
+            `min_effect` that is not a finite number >= 0.
 
     Warns:
         WeakCorruptionWarning: the corruption changes the logit difference by less than `min_effect` of it.
     """
-    if what not in WHATS:
-        raise ValueError(f"what must be one of {sorted(WHATS)}, got {what!r}")
+    check_model_arg(model, "patch")
+    check_what(what)
+    check_batch_size(batch_size)
     min_effect = check_min_effect(min_effect)
     hook = WHATS[what][0]
     hooks = [f"blocks.{layer}.{hook}" for layer in range(model.cfg.n_layers)]
-    from tracelib.answers import token_str
-
     clean, corrupted, clean_metric, corr_metric, setup = prepare(
         model, clean_prompt, corrupted_prompt, answer, direction, distractors, alignment, hooks, prepend_bos
     )
@@ -722,8 +774,6 @@ def patch(
     values[index] = ((patched - corr_metric) / span).float()
     raw[index] = (patched - corr_metric).float()
     base = corrupted if direction == "denoise" else clean
-    from tracelib.plotting import token_labels
-
     axis = {
         "layer": [f"L{i}" for i in range(model.cfg.n_layers)],
         "head": [f"H{i}" for i in range(model.cfg.n_heads)],
@@ -743,6 +793,7 @@ def patch(
         alignment=list(setup.mapping),
         raw_change=raw.reshape(shape),
         min_effect=min_effect,
+        **_made_by(model),
     )
 
 
@@ -764,9 +815,11 @@ ATTRIBUTION_HOOKS = {
 def resolve_pair(
     model, clean_prompt: str, corrupted_prompt: str, answer, distractors, alignment, prepend_bos: bool | None = None
 ):
-    """Both prompts resolved to rows with one answer token, and the checked corrupted -> clean alignment."""
-    from tracelib.compare import align_tokens
+    """Both prompts resolved to rows with one answer token, and the checked corrupted -> clean alignment.
 
+    `alignment` may be the `Injection` that made the corrupted prompt: its alignment is used, once
+    its tokens are checked to be the two prompts' tokens.
+    """
     clean = _resolve(model, clean_prompt, answer, distractors, prepend_bos)
     corrupted = _resolve(model, corrupted_prompt, answer, distractors, prepend_bos)
     if clean.target != corrupted.target:
@@ -774,6 +827,16 @@ def resolve_pair(
             f"The answer resolves to {clean.target_str!r} after the clean prompt but {corrupted.target_str!r} after "
             "the corrupted one; patching compares one answer token."
         )
+    if isinstance(alignment, Injection):
+        if alignment.tokens.tolist() != corrupted.tokens.tolist() or (
+            alignment.clean_tokens.tolist() != clean.tokens.tolist()
+        ):
+            raise ValueError(
+                f"alignment is the Injection {alignment.clean_prompt!r} -> {alignment.prompt!r}, whose tokens are not "
+                f"this clean prompt's ({clean_prompt!r}) and corrupted prompt's ({corrupted_prompt!r}); pass the "
+                "injection's own prompts (corrupted_prompt=injection.prompt), with the same answer and prepend_bos."
+            )
+        alignment = alignment.alignment
     if alignment is None:
         alignment = fill_substitutions(align_tokens(clean.str_tokens, corrupted.str_tokens), len(clean.tokens))
     return clean, corrupted, check_alignment(alignment, len(corrupted.tokens), len(clean.tokens))
@@ -795,8 +858,9 @@ def check_min_effect(min_effect) -> float:
     if min_effect is None:
         min_effect = MIN_EFFECT
     if isinstance(min_effect, bool) or not isinstance(min_effect, numbers.Real):
-        raise ValueError(
-            f"min_effect must be a number (a fraction of the clean logit difference, e.g. 0.1), got {min_effect!r}"
+        raise TypeError(
+            f"min_effect must be a number (a fraction of the clean logit difference, e.g. 0.1), got "
+            f"{described(min_effect)}"
         )
     value = float(min_effect)
     if not math.isfinite(value) or value < 0:
@@ -883,17 +947,15 @@ def attribution_patch(
 
     Raises:
         SameMetricError: the clean and corrupted logit differences are equal.
+        TypeError, ValueError: bad arguments, as in `patch()`.
 
     Warns:
         WeakCorruptionWarning: as in `patch()`: recovery is noise, read `raw_change`.
     """
     from transformer_lens.tools.analysis.attribution_patching import cache_activation_and_gradient
 
-    from tracelib.answers import token_str
-    from tracelib.plotting import token_labels
-
-    if what not in WHATS:
-        raise ValueError(f"what must be one of {sorted(WHATS)}, got {what!r}")
+    check_model_arg(model, "attribution_patch")
+    check_what(what)
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if model.training:
@@ -979,6 +1041,7 @@ def attribution_patch(
         method="attribution",
         raw_change=raw.float(),
         min_effect=min_effect,
+        **_made_by(model),
     )
 
 
@@ -1011,6 +1074,7 @@ class PatchingAgreement:
         weak_effect: either result's corruption barely changed the answer, so recovery is noise and
             `repr` and `plot()` show the raw changes instead.
         delta: the exact result's clean - corrupted logit difference.
+        model_name, weights_fingerprint: the model both results came from (`identity`); empty where unknown.
     """
 
     cells: list[str]
@@ -1024,6 +1088,13 @@ class PatchingAgreement:
     estimate_raw: Float[Tensor, " cell"] | None = None
     weak_effect: bool = False
     delta: float = math.nan
+    model_name: str = ""
+    weights_fingerprint: str = ""
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The model both results came from: its name and weights fingerprint."""
+        return ModelIdentity(self.model_name, self.weights_fingerprint)
 
     def __post_init__(self) -> None:
         if not (len(self.cells) == len(self.exact) == len(self.estimate)):
@@ -1089,20 +1160,26 @@ def compare_patching(exact: PatchingResult, estimate: PatchingResult) -> Patchin
     """Line up exact patching and attribution patching of the same sweep, and correlate them.
 
     Args:
-        exact: a `patch()` result; estimate: an `attribution_patch()` result of the same prompts,
-            answer, `what` and direction.
+        exact: a `patch()` result; estimate: an `attribution_patch()` result of the same model,
+            prompts, answer, `what` and direction.
 
     Returns:
         A `PatchingAgreement` over every cell patched in both (cells with no counterpart are left out).
         Where either result's effect is weak, its `weak_effect` is True and it shows raw changes.
-    """
-    from tracelib.compare import spearman
 
+    Raises:
+        TypeError: either argument is not a `PatchingResult`.
+        ModelMismatchError: the two results come from different models (names and fingerprints given).
+        ValueError: the methods are the wrong way round, or the results differ in what they patched.
+    """
+    check_patching_result(exact, "compare_patching", "exact", "tl.patch")
+    check_patching_result(estimate, "compare_patching", "estimate", "tl.attribution_patch")
     if exact.method != "exact" or estimate.method != "attribution":
         raise ValueError(
             f"compare_patching(exact, estimate) takes a patch() result then an attribution_patch() result; got "
             f"methods {exact.method!r} and {estimate.method!r}."
         )
+    check_same_model(exact.identity, estimate.identity, "The exact patching result", "the attribution estimate")
     for name in ("what", "direction", "dims", "labels", "str_tokens", "answer_str"):
         if getattr(exact, name) != getattr(estimate, name):
             raise ValueError(
@@ -1129,6 +1206,8 @@ def compare_patching(exact: PatchingResult, estimate: PatchingResult) -> Patchin
         estimate_raw=estimate.raw_change.flatten()[keep],
         weak_effect=exact.weak_effect or estimate.weak_effect,
         delta=exact.delta,
+        model_name=exact.model_name,
+        weights_fingerprint=exact.weights_fingerprint,
     )
 
 
@@ -1152,6 +1231,8 @@ class ReadableVsCausal:
         weak_effect: a sweep's corruption barely changed the answer, so recovery is noise and
             `repr` and `plot()` show `raw_change` instead.
         delta: the first sweep's clean - corrupted logit difference.
+        model_name, weights_fingerprint: the model the trace and the sweeps came from (`identity`);
+            empty where unknown.
     """
 
     units: list[str]
@@ -1164,6 +1245,13 @@ class ReadableVsCausal:
     raw_change: Float[Tensor, " unit"] | None = None
     weak_effect: bool = False
     delta: float = math.nan
+    model_name: str = ""
+    weights_fingerprint: str = ""
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The model the trace and the sweeps came from: its name and weights fingerprint."""
+        return ModelIdentity(self.model_name, self.weights_fingerprint)
 
     def __post_init__(self) -> None:
         if not (len(self.units) == len(self.kinds) == len(self.dla) == len(self.recovery)):
@@ -1249,11 +1337,25 @@ def readable_vs_causal(trace, *results: PatchingResult, row: int = 0) -> Readabl
     Returns:
         A `ReadableVsCausal`. Where a sweep's effect is weak (`PatchingResult.weak_effect`), its
         `weak_effect` is True and its repr and plot show the raw change instead of recovery.
+
+    Raises:
+        TypeError: `trace` is not a `Trace`, a result is not a `PatchingResult`, or `row` is not an int.
+        ModelMismatchError: the trace and a sweep (or two sweeps) come from different models.
+        ValueError: no results, mixed directions, an unsupported `what`, another answer, or no row `row`.
     """
+    check_trace_arg(trace, "readable_vs_causal", "trace")
+    for i, result in enumerate(results):
+        check_patching_result(result, "readable_vs_causal", f"results[{i}]", "tl.patch")
     if not results:
         raise ValueError('Pass at least one patching result: what="head", "attn_out_all_pos" or "mlp_out_all_pos".')
-    if not 0 <= row < len(trace.rows):
-        raise ValueError(f"row {row} is out of range: the trace has {len(trace.rows)} rows")
+    row = check_row(row, len(trace.rows), "readable_vs_causal", "the trace")
+    made_by = trace.identity
+    for result in results:
+        check_same_model(made_by, result.identity, "The trace", f"the {result.what} sweep")
+    for result in results[1:]:
+        check_same_model(
+            results[0].identity, result.identity, f"The {results[0].what} sweep", f"the {result.what} sweep"
+        )
     dla = trace.dla
     n_layers, n_heads = dla.heads.shape[:2]
     answer = trace.rows[row].target_str
@@ -1300,4 +1402,6 @@ def readable_vs_causal(trace, *results: PatchingResult, row: int = 0) -> Readabl
         raw_change=torch.tensor(raw),
         weak_effect=any(r.weak_effect for r in results),
         delta=results[0].delta,
+        model_name=made_by.name if made_by.fingerprint else results[0].model_name,
+        weights_fingerprint=made_by.fingerprint or results[0].weights_fingerprint,
     )
