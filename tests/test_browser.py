@@ -304,6 +304,9 @@ def test_explorer_renders_and_answers_in_the_browser(browser, lab):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         (ARTIFACTS / "submit_latency.json").write_text(json.dumps({"latency_ms": latency, "status": status}, indent=1))
         assert all(isinstance(ms, (int, float)) and 0 <= ms < SUBMIT_LIMIT_MS for ms in latency.values()), latency
+        # The notebook traced "what is 2 + 3" and never "what is 1 + 1": the status says which ran a trace.
+        assert status["traced"].strip().startswith("traced in "), status
+        assert status["cached"].strip().startswith("from cache in "), status
         assert app.locator(".widget-html span[style*='color']").count() == 0  # the error went away
         _screenshot(page, "09_explorer-submit")
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import html
 
 import pytest
 import torch
+from ipywidgets.widgets.widget import _instances as live_widgets  # every widget not yet closed
 
 import tracelib as tl
-from tracelib.widgets import PATCH_N, TAB_TITLES
+from tracelib.plotting import SIGN_CAPTION
+from tracelib.widgets import CACHE_SIZE, DLA_UNITS, PATCH_N, TAB_TITLES
 
 PROMPT, ANSWER = "what is 1 + 1", " 2"
 
@@ -277,3 +280,218 @@ def test_inputs_and_buttons_are_sized(app):
     # The buttons size to their labels, so "Run patching" is never cut.
     assert app.patch_button.layout.width == "auto" and app.patch_button.layout.min_width
     assert app.submit_button.layout.width == "auto"
+
+
+# --- issue 18: closed widgets, a bounded cache, bad selections, one model per comparison -----------
+
+
+@pytest.fixture(scope="module")
+def other(tiny):
+    """tiny-arith with one weight changed: the same name, another model."""
+    model = copy.deepcopy(tiny)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    return model
+
+
+def test_repeated_submits_and_selections_leave_no_widgets_behind(app):
+    submit(app)
+    submit(app)
+    before = len(live_widgets)
+    for _ in range(30):  # any widget left per submit would show: the count must not move at all
+        submit(app)  # from the cache: every tab is drawn again all the same
+    assert len(live_widgets) == before
+    for i in range(20):
+        app.select_head(i % 4, (i + 1) % 4)
+        app.dla_unit.value = DLA_UNITS[i % 4]
+    submit(app, MULTI_PROMPT, MULTI_ANSWER)
+    app.select_step(1)
+    app.run_patching()  # refused for a multi-token answer: nothing drawn
+    submit(app)
+    app.run_patching()
+    assert len(live_widgets) > before  # the Patching tab's note and figure
+    submit(app)
+    assert len(live_widgets) == before
+
+
+def test_replaced_widgets_are_closed_with_their_layout_and_style(app):
+    submit(app)
+    replaced = [*app.margin_box.children, *app.head_source.children, *app.heads_grid.children]
+    parts = [x for widget in replaced for x in (widget.layout, getattr(widget, "style", None)) if x is not None]
+    submit(app)
+    assert all(widget.comm is None for widget in replaced + parts)  # closed: the front-end drops them
+    assert all(widget.comm is not None for widget in (*app.margin_box.children, *app.head_source.children))
+
+
+def test_closing_the_app_closes_every_widget_it_made(tiny):
+    before = len(live_widgets)
+    app = tl.explore(tiny)
+    submit(app)
+    app.run_patching()
+    assert len(live_widgets) > before
+    app.close()
+    assert len(live_widgets) == before
+
+
+def test_the_cache_keeps_the_most_recently_used_traces(app):
+    inputs = [f"what is {a} + {b}" for a in range(1, 9) for b in range(1, 6)][:40]
+    for prompt in inputs[:CACHE_SIZE]:
+        submit(app, prompt)
+    submit(app, inputs[0])  # used again: now the most recent
+    assert app.status.value.startswith("from cache") and app.n_traces == CACHE_SIZE == 32
+    for prompt in inputs[CACHE_SIZE:]:
+        submit(app, prompt)
+    assert app.n_traces == 40 and len(app._cache) == CACHE_SIZE
+    for prompt in (inputs[0], inputs[9], inputs[-1]):  # kept
+        submit(app, prompt)
+        assert app.status.value.startswith("from cache") and app.n_traces == 40, prompt
+    submit(app, inputs[1])  # the least recently used went first
+    assert app.status.value.startswith("traced") and app.n_traces == 41
+
+
+def test_a_model_changed_in_place_is_traced_again(tiny):
+    model = copy.deepcopy(tiny)
+    app = tl.explore(model)
+    submit(app)
+    first = app.current
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    submit(app)
+    assert app.n_traces == 2 and app.status.value.startswith("traced")
+    assert app.current.identity == tl.model_identity(model) != first.identity
+
+
+def test_a_head_it_does_not_have_changes_nothing_and_says_which_it_has(app):
+    assert app.select_head(0, 0) is None and "Nothing on show" in app.error.value  # before any submit
+    submit(app)
+    n_layers, n_heads = app.current.heads.values.shape[:2]
+
+    def shown():
+        return (
+            app.selected_head,
+            app.head_sources,
+            (app.head_layer.value, app.head_head.value),
+            app.head_source.children,
+            app.head_pattern.value,
+        )
+
+    before = shown()
+    for layer, head in ((99, 99), (n_layers, 0), (0, -1), (1.5, 0), ("0", 0)):
+        assert app.select_head(layer, head) is None  # no exception
+        assert shown() == before, (layer, head)
+        assert "SelectionError" in app.error.value and "color" in app.error.value
+        assert f"layers 0 to {n_layers - 1} and heads 0 to {n_heads - 1}" in app.error.value
+    assert app.select_head(0, 1) is app.head_sources and app.error.value == ""  # a good one clears it
+
+
+def test_a_step_it_does_not_have_changes_nothing(app):
+    submit(app, MULTI_PROMPT, MULTI_ANSWER)
+    app.select_step(1)
+    label = app.margin_box.children[0].figure.layout.title.text
+    for row in (2, -1, "1"):
+        app.select_step(row)
+        assert app.row == 1 and app.margin_box.children[0].figure.layout.title.text == label
+        assert "SelectionError" in app.error.value and "steps 0 to 1" in app.error.value
+
+
+def test_an_unknown_reference_changes_nothing_and_lists_the_references(tiny):
+    second = tl.trace(tiny, "what is 2 + 3", " 5")
+    app = tl.explore(tiny, reference=second)
+    submit(app)
+    current, figure = app.current, app.margin_box.children[0]
+    assert app.open_reference("nope") is None and app.compare_reference("nope") is None
+    assert app.current is current and app.margin_box.children[0] is figure and app.comparison is None
+    label = app.reference_select.options[1][1]
+    message = html.unescape(app.error.value)
+    assert (
+        "SelectionError" in message
+        and f"No reference 'nope': the references given to the explorer are {label!r}" in message
+    )
+    assert app.open_reference(label) is second and app.reference_select.value == label and app.error.value == ""
+
+
+def test_explore_needs_a_loaded_model():
+    for bad in ("tiny-arith", None, ["tiny-arith"], {"tiny": "tiny-arith"}, []):
+        with pytest.raises(TypeError, match=r"explore: pass a model from tl\.load_model"):
+            tl.explore(bad)
+    with pytest.raises(TypeError, match=r"got 'tiny-arith' \(str\); load it first: model = tl.load_model"):
+        tl.explore("tiny-arith")
+    with pytest.raises(TypeError, match="got None"):
+        tl.explore()
+
+
+def test_compare_with_a_reference_of_the_same_model(tiny, tmp_path):
+    tl.trace(tiny, PROMPT, ANSWER).save(tmp_path / "ref", tiny)
+    app = tl.explore(tiny, reference=tmp_path / "ref")
+    label = str(tmp_path / "ref")
+    submit(app, "what is 1 + 2", " 3")
+    app.compare_select.value = label  # the Compare tab's dropdown
+    expected = tl.compare(tl.load_reference(tmp_path / "ref"), tl.trace(tiny, "what is 1 + 2", " 3"))
+    assert app.error.value == "" and app.comparison is not None
+    torch.testing.assert_close(app.comparison.difference("head"), expected.difference("head"))
+    assert app.compare_box.children[0].value == tl.widgets._table(expected.stats())
+    submit(app, "what is 2 + 3", " 5")  # the comparison follows the trace on show
+    assert "what is 2 + 3" in app.comparison.b_label and app.compare_select.value == label
+    app.compare_select.value = ""
+    assert app.comparison is None and app.compare_box.children == ()
+
+
+def test_compare_refuses_a_reference_from_another_model(tiny, other, tmp_path):
+    ours, theirs = tl.model_identity(tiny), tl.model_identity(other)
+    assert ours.name == theirs.name and ours != theirs  # the premise: same name, other weights
+    tl.trace(tiny, PROMPT, ANSWER).save(tmp_path / "ours", tiny)
+    tl.trace(other, PROMPT, ANSWER).save(tmp_path / "theirs", other)
+    made_by_other = tl.trace(other, "what is 2 + 3", " 5")
+    app = tl.explore(tiny, reference=[tmp_path / "ours", tmp_path / "theirs", made_by_other])
+    ours_label, *theirs_labels = [value for _, value in app.compare_select.options if value]
+    submit(app)
+    comparison = app.compare_reference(ours_label)
+    assert comparison is not None and app.error.value == ""
+    shown = app.compare_box.children
+    for label in theirs_labels:
+        app.compare_select.value = label  # the dropdown: no exception escapes the callback
+        message = html.unescape(app.error.value)
+        assert "ModelMismatchError" in message and f"the reference {label!r} comes from {theirs}" in message
+        assert f"the trace on show comes from {ours}" in message
+        # Nothing changed: the comparison before stays, and the dropdown shows it again.
+        assert app.comparison is comparison and app.compare_box.children == shown
+        assert app.compare_select.value == ours_label
+        assert app.compare_reference(label) is None and app.comparison is comparison  # from code too
+    # A reference of the other model opens for viewing; the comparison, which follows the trace on show, goes.
+    app.reference_select.value = theirs_labels[0]
+    assert app.current_model is None and app.current.identity == theirs
+    assert f"the trace on show comes from {theirs}" in html.unescape(app.error.value)
+    assert app.comparison is None and app.compare_box.children == () and app.compare_select.value == ""
+
+
+def test_a_submit_with_another_model_drops_the_comparison_and_says_why(tiny, other, tmp_path):
+    tl.trace(tiny, PROMPT, ANSWER).save(tmp_path / "ref", tiny)
+    app = tl.explore({"tiny": tiny, "other": other}, reference=tmp_path / "ref")
+    submit(app)
+    assert app.compare_reference(str(tmp_path / "ref")) is not None
+    app.model_select.value = "other"
+    submit(app)
+    assert app.current.identity == tl.model_identity(other) and app.status.value.startswith("traced")
+    assert "ModelMismatchError" in app.error.value and str(tl.model_identity(other)) in app.error.value
+    assert app.comparison is None and app.compare_box.children == () and app.compare_select.value == ""
+
+
+def _texts(widget) -> list[str]:
+    """Every text a widget shows: its value (HTML, labels) and its figures' titles and annotations, children too."""
+    texts = [widget.value] if isinstance(getattr(widget, "value", None), str) else []
+    figure = getattr(widget, "figure", None)
+    if figure is not None:
+        texts += [figure.layout.title.text or "", *(a.text or "" for a in figure.layout.annotations)]
+    for child in getattr(widget, "children", ()):
+        texts += _texts(child)
+    return texts
+
+
+def test_the_heads_tab_says_what_the_colours_mean_once(app):
+    submit(app)
+    heads_tab = app.tabs.children[TAB_TITLES.index("Heads")]
+    for layer, head in ((0, 0), (3, 1)):
+        app.select_head(layer, head)
+        assert " ".join(_texts(heads_tab)).count(SIGN_CAPTION) == 1, (layer, head)
+    assert SIGN_CAPTION not in app.head_source.children[0].figure.layout.title.text
+    assert app.head_sources.plot().layout.title.text.count(SIGN_CAPTION) == 1  # the figure alone still says it

@@ -4,13 +4,21 @@
 show it. Every widget is a plain ipywidgets widget (figures go into `Output`s), so it runs in JupyterLab,
 Notebook 7 and Colab (after `tl.setup_notebook()` enabled Colab's widget manager), and can be
 driven from code: set `app.prompt.value`, call `app.submit()`, read `app.current`.
+
+ipywidgets keeps every widget it ever made alive (in `ipywidgets.widgets.widget._instances`) until
+`.close()` is called on it, and a widget's layout and style are widgets of their own. So the app
+closes every widget it replaces, with all it holds (`_close`): before, 100 identical submits left
+1,500 widgets, and their figures, behind.
 """
 
 from __future__ import annotations
 
 import html
+import operator
 import time
 import warnings
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import ipywidgets as w
@@ -18,14 +26,20 @@ from IPython import get_ipython
 from IPython.display import display
 
 from tracelib.answers import MultiTokenAnswerError, chat_prompt, resolve_answer
+from tracelib.compare import compare
 from tracelib.formats import fmt_prob, fmt_value
+from tracelib.identity import check_model_arg, check_same_model, weights_fingerprint
 from tracelib.models import model_name
 from tracelib.ood import KINDS, WHERES, inject
 from tracelib.patching import WeakCorruptionWarning, patch
+from tracelib.plotting import SIGN_CAPTION, _without_caption
 from tracelib.reference import load_reference
 from tracelib.trace import Trace, trace
 
-TAB_TITLES = ("Margin", "Lens", "DLA", "Heads", "Neurons", "Positions", "Patching")
+TAB_TITLES = ("Margin", "Lens", "DLA", "Heads", "Neurons", "Positions", "Patching", "Compare")
+# Traces kept for inputs seen before, least recently used dropped first: a real model's trace holds
+# its lens over the whole vocabulary, so an unbounded cache grows with every new input.
+CACHE_SIZE = 32
 DLA_UNITS = ("component", "layer", "head", "neuron")
 # How many tokens (junk strings, typo edits) the Patching tab injects by default. With one, nearly
 # every injection barely moves the bundled model's answer, so the tab would only say "nothing to recover".
@@ -38,17 +52,44 @@ PATCH_NOTE = (
     "Injects OOD tokens into the prompt, then patches the clean residual stream (<code>resid_pre</code>) "
     "into the injected run, layer by position. 1 = clean margin recovered."
 )
+COMPARE_NOTE = (
+    "Compares the trace on show (b) with a reference saved from the same model (a): b &minus; a unit by unit, "
+    "how much the top contributors overlap, how alike the units rank. To compare two models, use "
+    "<code>tl.compare</code>."
+)
 
 
-def _models(models) -> dict:
-    """A name -> model dict from one model, a list of models, or a dict."""
-    if models is None:
+class SelectionError(ValueError):
+    """The explorer was asked to show a head, step or reference it does not have; the message lists what it has."""
+
+
+def _index(value) -> int | None:
+    """`value` as an index (an int, a numpy or torch integer), or None for anything else (1.5, "1", None)."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _models(models, has_references: bool) -> dict:
+    """A name -> model dict from one model, a list of models, or a dict; each must be a loaded model.
+
+    None is allowed only when there are references to open without a model.
+    """
+    if models is None and has_references:
         return {}
     if isinstance(models, dict):
-        return dict(models)
-    if isinstance(models, (list, tuple)):
-        return {model_name(m): m for m in models}
-    return {model_name(models): models}
+        named = dict(models)
+        for model in named.values():
+            check_model_arg(model, "explore")
+    else:
+        listed = list(models) if isinstance(models, (list, tuple)) else [models]
+        for model in listed:
+            check_model_arg(model, "explore")
+        named = {model_name(m): m for m in listed}
+    if not named and not has_references:
+        check_model_arg(models, "explore")  # an empty list or dict: say what to pass
+    return named
 
 
 def _references(reference) -> dict:
@@ -88,6 +129,28 @@ def _figure(fig):
             fig.show()
     widget.figure = fig
     return widget
+
+
+def _close(widget) -> None:
+    """Close a widget the app no longer shows, and everything it holds: its children, layout and style.
+
+    ipywidgets keeps a widget (and whatever it refers to, a figure included) until it is closed;
+    dropping it from a box's children only hides it.
+    """
+    for child in getattr(widget, "children", ()):
+        _close(child)
+    for part in (getattr(widget, "layout", None), getattr(widget, "style", None)):
+        if isinstance(part, w.Widget):
+            part.close()
+    widget.close()
+
+
+def _replace(box, children=()) -> None:
+    """Show `children` in `box`, closing the children they replace."""
+    old, box.children = box.children, tuple(children)
+    for child in old:
+        if not any(child is new for new in box.children):
+            _close(child)
 
 
 _ONLINE: list[bool] = []
@@ -133,6 +196,12 @@ class Explorer:
     A multi-token answer (`" 12"`) is traced one teacher-forced step per token, as `tl.trace` does;
     the Step dropdown then picks the step every tab shows. Patching needs a single-token answer.
 
+    Every action is a method (`submit`, `select_step`, `select_head`, `open_reference`,
+    `compare_reference`, `save`, `run_patching`), called by its widget or from code alike. None
+    raises on bad input: each shows the message in `error` (a head, step or reference the app does
+    not have is a `SelectionError` that lists what it has), leaves what is on show as it was, and
+    returns None. The last `CACHE_SIZE` traces are cached, the least recently used dropped first.
+
     Attributes:
         widget: the top container; display it (or the `Explorer`) to show the app.
         prompt, answer, distractors: the input `Text` widgets.
@@ -144,6 +213,8 @@ class Explorer:
         error: an `HTML` with the library's message in red; its value is '' when all is well. A failed
             submit also clears the results of the one before, so none are left under the message.
         tabs: the `Tab` of results, titled as `TAB_TITLES`.
+        compare_select, compare_box: the Compare tab's reference dropdown, and the comparison's table and figure.
+        comparison: the `tl.Comparison` on show in the Compare tab (reference = a, trace on show = b), or None.
         current: the `Trace` on show (None before the first submit, and after a failed one).
         current_model: the model of `current`, None for a saved reference.
         row: the row of `current` on show (the step selector's value).
@@ -158,17 +229,18 @@ class Explorer:
     """
 
     def __init__(self, models=None, reference=None):
-        self.models = _models(models)
         self.references = _references(reference)
-        if not self.models and not self.references:
-            raise ValueError("explore() needs a model (or a dict or list of them), or a saved reference to open.")
-        self._cache: dict[tuple, object] = {}
+        self.models = _models(models, has_references=bool(self.references))
+        self._cache: OrderedDict[tuple, Trace] = OrderedDict()
         self.n_traces = 0
         self.current = None
         self.current_model = None
         self.selected_head = None
         self.head_sources = None
         self.patch_result = None
+        self.comparison = None
+        self._compare_label = ""  # the reference of `comparison`: what compare_select shows
+        self._quiet = False  # True while the app sets its own inputs: their callbacks stay silent
         self._resolved = None
         self._prompt_used = None
         self._distractors_used = None
@@ -219,7 +291,7 @@ class Explorer:
         self.submit_button.on_click(lambda _: self.submit())
         self.save_button.on_click(lambda _: self.save())
         self.model_select.observe(lambda _: self._update_chat(), names="value")
-        self.reference_select.observe(lambda change: self.open_reference(change["new"]), names="value")
+        self.reference_select.observe(self._on_reference, names="value")
         self.step_select.observe(self._on_step, names="value")
         self._update_chat()
         if not self.models:
@@ -262,7 +334,15 @@ class Explorer:
         self.patch_note = w.HTML(value=PATCH_NOTE)
         self.patch_box = w.VBox()
 
-        self._head_syncing = self._step_syncing = False
+        self.compare_select = w.Dropdown(
+            options=[("(none)", "")] + [(k, k) for k in self.references],
+            value="",
+            description="Compare with",
+            style=_LABELLED,
+            layout=w.Layout(width="100%", max_width="480px"),
+        )
+        self.compare_select.observe(self._on_compare, names="value")
+        self.compare_box = w.VBox()
         self.tabs = w.Tab(
             children=[
                 self.margin_box,
@@ -289,6 +369,7 @@ class Explorer:
                         self.patch_box,
                     ]
                 ),
+                w.VBox([w.HTML(COMPARE_NOTE), self.compare_select, self.compare_box]),
             ]
         )
         for i, title in enumerate(TAB_TITLES):
@@ -314,6 +395,10 @@ class Explorer:
 
     def _ipython_display_(self) -> None:
         display(self.widget)
+
+    def close(self) -> None:
+        """Close every widget of the app, so ipywidgets lets them (and their figures) go; it cannot be shown again."""
+        _close(self.widget)
 
     def __repr__(self) -> str:
         shown = (
@@ -354,6 +439,26 @@ class Explorer:
         self.error.value = f'<span style="color:#b00020"><b>{type(exc).__name__}</b>: {html.escape(str(exc))}</span>'
         self.status.value = "failed"
 
+    @contextmanager
+    def _quietly(self):
+        """Set inputs from code without running their callbacks: the app moves them, not the user."""
+        before, self._quiet = self._quiet, True
+        try:
+            yield
+        finally:
+            self._quiet = before
+
+    def _reference(self, label: str) -> Trace:
+        if label not in self.references:
+            have = ", ".join(repr(k) for k in self.references) or "none (pass reference= to tl.explore)"
+            raise SelectionError(f"No reference {label!r}: the references given to the explorer are {have}.")
+        return self.references[label]
+
+    def _on_show(self, what: str) -> Trace:
+        if self.current is None:
+            raise SelectionError(f"Nothing on show to {what}: submit a prompt (or open a reference) first.")
+        return self.current
+
     # Actions ------------------------------------------------------------------------------------
 
     def submit(self) -> None:
@@ -376,11 +481,17 @@ class Explorer:
                 prompt = chat_prompt(model, prompt)
             distractors = self._distractor_list()
             resolved = resolve_answer(model, prompt, self.answer.value)
-            key = (name, prompt, self.answer.value, tuple(distractors or ()), self.chat.value)
+            # The fingerprint, so a model whose weights changed in place since is traced afresh.
+            answer, chat, fingerprint = self.answer.value, self.chat.value, weights_fingerprint(model)
+            key = (name, fingerprint, prompt, answer, tuple(distractors or ()), chat)
             cached = key in self._cache
-            if not cached:
+            if cached:
+                self._cache.move_to_end(key)
+            else:
                 self._cache[key] = trace(model, prompt, self.answer.value, distractors)
                 self.n_traces += 1
+                while len(self._cache) > CACHE_SIZE:
+                    self._cache.popitem(last=False)
             self._resolved, self._prompt_used, self._distractors_used = resolved, prompt, distractors
             self._show(self._cache[key], model)
             self.status.value = f"{'from cache' if cached else 'traced'} in {time.perf_counter() - start:.2f} s"
@@ -390,46 +501,104 @@ class Explorer:
         finally:
             self.submit_button.disabled = not self.models
 
-    def open_reference(self, label: str) -> None:
-        """Show a saved reference's tabs, with no model (the Reference dropdown)."""
+    def open_reference(self, label: str) -> Trace | None:
+        """Show a saved reference's tabs, with no model (the Reference dropdown); returns it.
+
+        An unknown label shows a `SelectionError` listing the references and changes nothing.
+        """
         if not label:
-            return
+            return None
         self.error.value = ""
+        try:
+            reference = self._reference(label)
+        except _INPUT_ERRORS as exc:
+            self._fail(exc)
+            return None
+        with self._quietly():  # called from code, the dropdown follows
+            self.reference_select.value = label
         self._resolved, self._prompt_used, self._distractors_used = None, None, None
-        self._show(self.references[label], None)
+        self._show(reference, None)
         self.status.value = f"opened reference {label}"
+        return reference
 
     def select_step(self, row: int) -> None:
-        """Show one step of a multi-token answer (one row of the trace) in every tab: the Step dropdown."""
-        self.step_select.value = int(row)
+        """Show one step of a multi-token answer (one row of the trace) in every tab: the Step dropdown.
 
-    def select_head(self, layer: int, head: int) -> None:
-        """Show one head's source decomposition and attention pattern (the layer and head dropdowns)."""
-        if self.current is None:
-            return
-        self.selected_head = (int(layer), int(head))
-        self._head_syncing = True
+        A step the trace does not have shows a `SelectionError` and changes nothing.
+        """
+        self.error.value = ""
         try:
-            self.head_layer.value, self.head_head.value = int(layer), int(head)
-        finally:
-            self._head_syncing = False
+            n_rows = len(self._on_show("pick a step of").rows)
+            if _index(row) is None or not 0 <= _index(row) < n_rows:
+                raise SelectionError(f"No step {row!r}: the trace on show has steps 0 to {n_rows - 1}.")
+        except _INPUT_ERRORS as exc:
+            self._fail(exc)
+            return
+        self.step_select.value = _index(row)
+
+    def select_head(self, layer: int, head: int):
+        """Show one head's source decomposition and attention pattern (the layer and head dropdowns).
+
+        Returns the head's `tl.HeadSources`. A head the trace does not have shows a `SelectionError`
+        and changes nothing.
+        """
+        self.error.value = ""
+        try:
+            n_layers, n_heads = self._on_show("pick a head of").heads.values.shape[:2]
+            index = (_index(layer), _index(head))
+            if None in index or not (0 <= index[0] < n_layers and 0 <= index[1] < n_heads):
+                raise SelectionError(
+                    f"No head (layer {layer!r}, head {head!r}): the trace on show has layers 0 to {n_layers - 1} "
+                    f"and heads 0 to {n_heads - 1}."
+                )
+        except _INPUT_ERRORS as exc:
+            self._fail(exc)
+            return None
+        layer, head = index
+        self.selected_head = (layer, head)
+        with self._quietly():
+            self.head_layer.value, self.head_head.value = layer, head
         row = self.row
-        self.head_sources = self.current.heads.source(int(layer), int(head), row)
-        self.head_source.children = [_figure(self.head_sources.plot())]
+        self.head_sources = self.current.heads.source(layer, head, row)
+        # The grid above says what the colours mean; the tab says it once.
+        _replace(self.head_source, [_figure(_without_caption(self.head_sources.plot(), SIGN_CAPTION))])
         if self.current_model is None:
             self.head_pattern.value = (
                 "<i>The attention pattern is recomputed with the model; a saved reference has none.</i>"
             )
-            return
+            return self.head_sources
         try:
-            view = self.current.heads.attention_view(heads=[(int(layer), int(head))], row=row, model=self.current_model)
+            view = self.current.heads.attention_view(heads=[(layer, head)], row=row, model=self.current_model)
         except _INPUT_ERRORS as exc:
+            self.head_pattern.value = ""
             self._fail(exc)
-            return
+            return self.head_sources
         # circuitsvis needs its script to run: an iframe's srcdoc runs it where innerHTML would not.
         self.head_pattern.value = (
             f'<iframe srcdoc="{html.escape(_pattern_source(view))}" style="width:100%;height:420px;border:0"></iframe>'
         )
+        return self.head_sources
+
+    def compare_reference(self, label: str):
+        """Compare the trace on show (b) with a reference (a) in the Compare tab: its dropdown.
+
+        Returns the `tl.Comparison`; `""` takes the comparison away. A reference saved from another
+        model is refused (`tl.ModelMismatchError`, naming both), as is an unknown label
+        (`SelectionError`): the message shows in the app and the comparison before stays.
+        """
+        self.error.value = ""
+        if not label:
+            self._set_comparison(None, "")
+            return None
+        try:
+            comparison = self._compare(label)
+        except _INPUT_ERRORS as exc:
+            with self._quietly():  # picked in the dropdown: back to the comparison on show
+                self.compare_select.value = self._compare_label
+            self._fail(exc)
+            return None
+        self._set_comparison(comparison, label)
+        return comparison
 
     def save(self, path=None) -> Path | None:
         """Save the trace on show as a reference folder: the Save reference button."""
@@ -498,7 +667,7 @@ class Explorer:
                     "difference each patch makes (not recovery)."
                 )
             )
-        self.patch_box.children = [*shown, _figure(result.plot())]
+        _replace(self.patch_box, [*shown, _figure(result.plot())])
         return result
 
     # Rendering ----------------------------------------------------------------------------------
@@ -506,22 +675,15 @@ class Explorer:
     def _show(self, trace, model) -> None:
         """Put a new trace on show: the step selector's options, then every tab at its first row."""
         self.current, self.current_model = trace, model
-        if model is not None and self.reference_select.value:
-            self.reference_select.value = ""  # a submit replaces the reference on show
         options = [(_step_label(trace, r), r) for r in range(len(trace.rows))]
-        self._step_syncing = True
-        try:
+        n_layers, n_heads = trace.heads.values.shape[:2]
+        with self._quietly():
+            if model is not None:
+                self.reference_select.value = ""  # a submit replaces the reference on show
             self.step_select.options = options
             self.step_select.value = 0
-        finally:
-            self._step_syncing = False
-        self.step_select.layout.display = None if len(options) > 1 else "none"
-        n_layers, n_heads = trace.heads.values.shape[:2]
-        self._head_syncing = True
-        try:
             self.head_layer.options, self.head_head.options = list(range(n_layers)), list(range(n_heads))
-        finally:
-            self._head_syncing = False
+        self.step_select.layout.display = None if len(options) > 1 else "none"
         self._render_row()
         # Patching is run per prompt, on demand: a new submit starts the tab afresh.
         self._reset_patching()
@@ -544,20 +706,40 @@ class Explorer:
         step = f" (step {r.step + 1} of {r.n_steps})" if r.n_steps > 1 else ""
         self.prediction.value = f"{m.top_strs[row][0]!r}{step}"
         self.resolution.value = self._resolution_html(trace, row)
-        self.margin_box.children = [_figure(m.plot(row)), w.HTML(_table(m.top(5, row)))]
-        self.lens_box.children = [_figure(trace.lens.plot(row))]
+        _replace(self.margin_box, [_figure(m.plot(row)), w.HTML(_table(m.top(5, row)))])
+        _replace(self.lens_box, [_figure(trace.lens.plot(row))])
         self._render_dla()
-        self.heads_grid.children = [_figure(trace.heads.plot(row))]
+        _replace(self.heads_grid, [_figure(trace.heads.plot(row))])
         self.neurons_box.value = "<b>Top neurons by |DLA|</b>" + _table(trace.dla.top(10, "neuron", row))
-        self.positions_box.children = [_figure(trace.positions.plot(row))]
+        _replace(self.positions_box, [_figure(trace.positions.plot(row))])
         self.select_head(*trace.heads.strongest(row)[0])
+        if self._compare_label:  # the comparison follows the trace and the step on show
+            try:
+                self._set_comparison(self._compare(self._compare_label), self._compare_label)
+            except _INPUT_ERRORS as exc:
+                self._set_comparison(None, "")
+                self._fail(exc)
 
     def _render_dla(self) -> None:
         if self.current is not None:
-            self.dla_box.children = [_figure(self.current.dla.plot(self.dla_unit.value, self.row))]
+            _replace(self.dla_box, [_figure(self.current.dla.plot(self.dla_unit.value, self.row))])
 
     def _reset_patching(self) -> None:
-        self.patch_result, self.patch_box.children, self.patch_progress.value = None, [], 0
+        self.patch_result, self.patch_progress.value = None, 0
+        _replace(self.patch_box)
+
+    def _compare(self, label: str):
+        """The reference `label` (a) against the trace on show (b), at the step on show; both from one model."""
+        reference, current = self._reference(label), self._on_show("compare")
+        check_same_model(reference.identity, current.identity, f"the reference {label!r}", "the trace on show")
+        return compare(reference, current, row=self.row)
+
+    def _set_comparison(self, comparison, label: str) -> None:
+        self.comparison, self._compare_label = comparison, label
+        with self._quietly():
+            self.compare_select.value = label
+        shown = [] if comparison is None else [w.HTML(_table(comparison.stats())), _figure(comparison.plot("head"))]
+        _replace(self.compare_box, shown)
 
     def _clear(self) -> None:
         """Empty every result, so a failed submit leaves nothing of the one before under its message."""
@@ -567,10 +749,11 @@ class Explorer:
         self.prediction.value = self.resolution.value = ""
         boxes = (self.margin_box, self.lens_box, self.dla_box, self.heads_grid, self.head_source, self.positions_box)
         for box in boxes:
-            box.children = []
+            _replace(box)
         self.head_pattern.value = self.neurons_box.value = ""
         self.step_select.layout.display = "none"
         self._reset_patching()
+        self._set_comparison(None, "")
         self.patch_button.disabled = True
         self.patch_note.value = PATCH_NOTE
 
@@ -611,13 +794,23 @@ class Explorer:
         lines.append(f"<b>distractors</b>: {distractors or '(the strongest rival)'}")
         return "<br>".join(lines)
 
+    # Callbacks: each calls the action, which shows its own errors; none runs while the app sets its inputs.
+
     def _on_step(self, _change) -> None:
-        if self.current is not None and not self._step_syncing:
+        if self.current is not None and not self._quiet:
             self._render_row()
 
     def _on_head_dropdown(self, _change) -> None:
-        if not self._head_syncing:
+        if not self._quiet:
             self.select_head(self.head_layer.value, self.head_head.value)
+
+    def _on_reference(self, change) -> None:
+        if not self._quiet:
+            self.open_reference(change["new"])
+
+    def _on_compare(self, change) -> None:
+        if not self._quiet:
+            self.compare_reference(change["new"])
 
 
 def explore(model_or_models=None, reference=None) -> Explorer:
@@ -631,5 +824,9 @@ def explore(model_or_models=None, reference=None) -> Explorer:
     Returns:
         An `Explorer`; end a cell with it to show it. Drive it from code with `app.prompt.value`,
         `app.answer.value` and `app.submit()`; pick a multi-token answer's step with `app.select_step(i)`.
+
+    Raises:
+        TypeError: `model_or_models` is not a loaded model (a name such as `"tiny-arith"`, or None
+            with no `reference`): load it first with `tl.load_model`.
     """
     return Explorer(model_or_models, reference)
