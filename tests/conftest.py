@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import types
 from pathlib import Path
 
 # No test may reach the Hub; set before huggingface_hub is imported anywhere.
@@ -237,3 +239,178 @@ def weak_injection(tiny):
     injection, share = min(shares.values(), key=lambda pair: pair[1])
     assert share < tl.patching.MIN_EFFECT  # the premise: the bundled model shrugs such junk off
     return injection, share
+
+
+# --- Comparing floats across computation paths -----------------------------------------------------
+# Two computation paths (batched or not, blocked or not, a narrow or a wide matmul, one CPU's BLAS
+# kernels or another's) sum in different orders, so their floats agree to rounding, never bit for bit.
+# Bit-for-bit comparisons are kept only where the same kernels run the same inputs (a save/load round
+# trip, the same call twice). Integers decided by floats (ranks, top-k ids) are checked against an
+# independent computation of the logits, and may differ only where a rival ties the answer to rounding.
+
+# (rtol, atol relative to the largest |value|) per dtype: a few ulps of the largest value, and a
+# relative tolerance for the sums' reordering.
+FLOAT_TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 8e-3),
+}
+
+
+def tolerance(*tensors: torch.Tensor, factor: float = 1.0) -> dict:
+    """assert_close's rtol and atol for values of these tensors' dtype and magnitude.
+
+    atol is scaled to the largest finite |value|: a value near 15 in float32 carries rounding of about
+    1e-6 from its sums, far more than an absolute 1e-6 allows of its small neighbours' differences.
+    """
+    dtype = tensors[0].dtype
+    rtol, atol_rel = FLOAT_TOL[dtype]
+    finite = [t[torch.isfinite(t)].abs() for t in tensors if t.numel()]
+    scale = max([1e-30] + [f.max().item() for f in finite if f.numel()])
+    return {"rtol": factor * rtol, "atol": factor * atol_rel * scale}
+
+
+def assert_close_scaled(
+    actual, expected, factor: float = 1.0, scale_of=None, msg=None, equal_nan: bool = False
+) -> None:
+    """torch.testing.assert_close with `tolerance()`: equal up to rounding, scaled to dtype and magnitude.
+
+    `scale_of`: the operands the values were computed from, where they are larger than the result (a
+    difference of two logits carries the logits' rounding, not its own size's).
+    """
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    operands = [] if scale_of is None else [torch.as_tensor(scale_of).to(expected.dtype)]
+    tol = tolerance(expected, actual.to(expected.dtype), *operands, factor=factor)
+    where = (lambda m: f"{msg}: {m}") if msg else None
+    torch.testing.assert_close(actual, expected, msg=where, equal_nan=equal_nan, **tol)
+
+
+def admissible_ranks(logits: torch.Tensor, target, rel: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lowest, highest) rank of the answer that rounding allows, from independently computed logits.
+
+    The rank is the number of tokens with a strictly larger logit. A rival within `rel * max|logit|` of
+    the answer ties it to rounding: another computation path may count it either way.
+    """
+    logits = logits.float()
+    target = torch.as_tensor(target).to(logits.device)
+    answer = logits.gather(-1, target.expand(logits.shape[:-1]).unsqueeze(-1))  # a target per row, or one for all
+    tol = rel * logits.abs().amax(-1, keepdim=True)
+    low = (logits > answer + tol).sum(-1)
+    high = (logits >= answer - tol).sum(-1) - 1  # not the answer itself
+    return low.cpu(), high.cpu()
+
+
+def assert_rank_allowed(rank: torch.Tensor, logits: torch.Tensor, target, rel: float = 1e-5, msg: str = "") -> None:
+    """`rank` is the answer's rank in `logits` (computed another way), up to rivals tied to rounding."""
+    low, high = admissible_ranks(logits, target, rel)
+    rank = torch.as_tensor(rank).cpu()
+    bad = (rank < low) | (rank > high)
+    assert not bad.any(), f"{msg} rank {rank[bad].tolist()} outside [{low[bad].tolist()}, {high[bad].tolist()}]"
+
+
+def assert_topk_allowed(ids: torch.Tensor, values: torch.Tensor, logits: torch.Tensor, msg: str = "") -> None:
+    """`ids`/`values` are a top-k of `logits` (computed another way), up to ties to rounding.
+
+    The values are the true top k to rounding, in order, and each id's own logit is its value: so two
+    tokens may swap places (or one at the edge of the k be replaced) only where their logits tie.
+    """
+    logits = logits.float().cpu()
+    k = ids.shape[-1]
+    assert_close_scaled(values.float(), logits.topk(k).values, factor=10, msg=msg)
+    assert_close_scaled(values.float(), logits.gather(-1, ids.cpu()), factor=10, msg=msg)
+    assert all(len(set(row)) == k for row in ids.reshape(-1, k).tolist()), msg
+
+
+# A printed decimal value ("+9.310", "p=0.999", "+5.72e-06") or percentage ("89%"), not a digit inside a
+# label ("L1N144", "L2H3", "'1'@5", "step 1/2", "rank 15" are text, compared exactly).
+_PRINTED_NUMBER = re.compile(r"(?<![\w.@'])[+-]?(?:\d+\.\d+(?:e[+-]\d+)?|\d+(?=%))")
+
+
+def assert_text_close(a: str, b: str, msg: str = "") -> None:
+    """Two printed texts (summaries, reprs) are the same but for float rounding in their numbers.
+
+    Text is compared exactly. A number printed with d decimals may differ by one unit in its last
+    place (two values within rounding of each other can round either way); a number in e-notation is
+    rounding residue (a reconstruction's residual), held to 1e-5 of the text's largest number.
+    """
+    split_a, split_b = _PRINTED_NUMBER.split(a), _PRINTED_NUMBER.split(b)
+    assert split_a == split_b, f"{msg}\n{a}\n!=\n{b}"
+    nums_a, nums_b = _PRINTED_NUMBER.findall(a), _PRINTED_NUMBER.findall(b)
+    largest = max([1.0] + [abs(float(x)) for x in nums_a + nums_b])
+    for x, y in zip(nums_a, nums_b, strict=True):
+        if "e" in x or "e" in y:
+            allowed = 1e-5 * largest
+        else:
+            allowed = 10.0 ** -(len(x.split(".")[1]) if "." in x else 0)
+        assert abs(float(x) - float(y)) <= allowed * (1 + 1e-9), f"{msg}: {x} != {y} (allowed {allowed:g})"
+
+
+def lens_logits(model, tokens: torch.Tensor, kind: str) -> torch.Tensor:
+    """`[entry, vocab]`: every logit-lens entry's logits at the last position, by TransformerLens alone.
+
+    One unbatched `run_with_cache` of `tokens`; the standard lens re-normalises each partial residual
+    (`recompute_ln=True`), the DLA lens keeps the final norm's cached scale.
+    """
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens[None].to(model.cfg.device))
+        stack = cache.accumulated_resid(layer=None, incl_mid=True, apply_ln=False, pos_slice=-1)
+        normalised = cache.apply_ln_to_stack(stack, layer=None, recompute_ln=kind == "standard", pos_slice=-1)
+        return (normalised[:, 0] @ model.W_U + model.b_U).float().cpu()
+
+
+def final_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """`[pos, vocab]`: the model's own logits for `tokens`, from one plain unbatched forward pass."""
+    with torch.no_grad():
+        return model(tokens[None].to(model.cfg.device))[0].float().cpu()
+
+
+@pytest.fixture(scope="session")
+def floats():
+    """The helpers above, for test modules (a fixture: `make test` collects notebooks/conftest.py too,
+    so a test module cannot rely on `import conftest` finding this file)."""
+    return types.SimpleNamespace(
+        tolerance=tolerance,
+        assert_close=assert_close_scaled,
+        admissible_ranks=admissible_ranks,
+        assert_rank_allowed=assert_rank_allowed,
+        assert_topk_allowed=assert_topk_allowed,
+        lens_logits=lens_logits,
+        final_logits=final_logits,
+        assert_text_close=assert_text_close,
+    )
+
+
+# --- Global torch state --------------------------------------------------------------------------
+
+
+def _torch_state() -> dict:
+    return {
+        "default dtype": torch.get_default_dtype(),
+        "threads": torch.get_num_threads(),
+        "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
+        "deterministic warn only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "grad enabled": torch.is_grad_enabled(),
+        "inference mode": torch.is_inference_mode_enabled(),
+        "anomaly detection": torch.is_anomaly_enabled(),
+        "float32 matmul precision": torch.get_float32_matmul_precision(),
+    }
+
+
+@pytest.fixture(autouse=True)
+def torch_state_is_restored():
+    """Every test leaves torch's process-wide settings as it found them (tests share one process)."""
+    before = _torch_state()
+    yield
+    after = _torch_state()
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    if changed:  # put it back first, so that only the test that leaked fails
+        torch.set_default_dtype(before["default dtype"])
+        torch.set_num_threads(before["threads"])
+        torch.use_deterministic_algorithms(
+            before["deterministic algorithms"], warn_only=before["deterministic warn only"]
+        )
+        torch.set_grad_enabled(before["grad enabled"])
+        torch.autograd.set_detect_anomaly(before["anomaly detection"])
+        torch.set_float32_matmul_precision(before["float32 matmul precision"])
+    assert not changed, f"the test changed torch's global state (before, after) and did not restore it: {changed}"

@@ -118,16 +118,22 @@ def test_per_position_head_dla_is_pattern_times_values(traced):
         torch.testing.assert_close(tr.positions.heads[0][:, layer], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_per_position_blocks_do_not_change_the_numbers(tiny, monkeypatch):
+def test_per_position_blocks_do_not_change_the_numbers(tiny, monkeypatch, floats):
     from tracelib import positions
 
-    whole = tl.trace(tiny, PROMPTS, ANSWERS).positions
+    whole = tl.trace(tiny, PROMPTS, ANSWERS)
     monkeypatch.setattr(positions, "BLOCK_ELEMENTS", 1)  # one position per block
-    blocked = tl.trace(tiny, PROMPTS, ANSWERS).positions
-    for name in ("heads", "values", "lens_logit_diff", "final_rank"):
-        for a, b in zip(getattr(whole, name), getattr(blocked, name)):
-            # A one-position block is a matrix-vector product, whose rounding may differ by an ulp.
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    blocked = tl.trace(tiny, PROMPTS, ANSWERS)
+    # A one-position block is a matrix-vector product, which sums in another order than the whole
+    # prompt's matmul: equal to float rounding, scaled to the logits the values are computed from.
+    scale = whole.margin.logit.abs().max()
+    for name in ("heads", "values", "lens_logit_diff"):
+        for a, b in zip(getattr(whole.positions, name), getattr(blocked.positions, name)):
+            floats.assert_close(b, a, scale_of=scale, msg=name)
+    # Ranks are not computed in position blocks; they are still the model's own, up to ties.
+    for tr in (whole, blocked):
+        for r, row in enumerate(tr.rows):
+            floats.assert_rank_allowed(tr.positions.final_rank[r], floats.final_logits(tiny, row.tokens), row.target)
 
 
 def test_first_nonfinite_finds_z_everywhere_and_the_final_pattern_row(tiny):
@@ -141,8 +147,10 @@ def test_first_nonfinite_finds_z_everywhere_and_the_final_pattern_row(tiny):
     assert first_nonfinite(tiny, fwd) == ("blocks.2.attn.hook_pattern", 0, final)
 
 
-def test_a_format_1_reference_loads_upgraded(tiny, tmp_path):
-    """Written by format-1 tracelib, whose models folded value biases and traced the raw logit."""
+def test_a_format_1_reference_loads_upgraded(tiny, tmp_path, floats):
+    """Written by format-1 tracelib, whose models folded value biases and traced the raw logit.
+
+    On another machine: its numbers equal a fresh trace's to float rounding, not bit for bit."""
     meta = reference.read_metadata(V1_REFERENCE)
     assert meta["format_version"] == 1 and "patterns" in meta["trace"]["fields"]["heads"]["fields"]
     path = shutil.copytree(V1_REFERENCE, tmp_path / "v1")
@@ -154,16 +162,22 @@ def test_a_format_1_reference_loads_upgraded(tiny, tmp_path):
     fresh = tl.trace(tiny, V1_PROMPTS, V1_ANSWERS, metric="logit")
     assert not hasattr(loaded.heads, "patterns")
     assert [t.tolist() for t in loaded.heads.tokens] == [row.tokens.tolist() for row in fresh.rows]
-    torch.testing.assert_close(loaded.heads.sources, fresh.heads.sources)
-    torch.testing.assert_close(loaded.dla.heads, fresh.dla.heads)
+    scale = fresh.margin.logit.abs().max()
+    floats.assert_close(loaded.heads.sources, fresh.heads.sources, scale_of=scale)
+    floats.assert_close(loaded.dla.heads, fresh.dla.heads, scale_of=scale)
     for a, b in zip(loaded.positions.heads, fresh.positions.heads):
-        torch.testing.assert_close(a, b)
-    assert loaded.summary().split("\n")[:4] == fresh.summary().split("\n")[:4]  # model, row, tokens, prediction
+        floats.assert_close(a, b, scale_of=scale)
+    # The summaries say the same, numbers to their printed rounding, except what format 1 did not
+    # record (the metric's words, readability per position). The top-k lists' orders are compared
+    # exactly: their neighbours differ by far more than rounding on this reference.
+    upgraded = ("DLA of", "positions")
+    old, new = ([line for line in t.summary().split("\n") if not line.startswith(upgraded)] for t in (loaded, fresh))
+    floats.assert_text_close("\n".join(old), "\n".join(new))
     assert loaded.heads.attention_view() is not None  # load_reference(path, model) lends its model
-    # Saved again, it is a format-2 reference.
+    # Saved again, it is a reference of the current format.
     again = loaded.save(tmp_path / "v2", tiny)
-    assert reference.read_metadata(again)["format_version"] == reference.FORMAT_VERSION == 3
-    torch.testing.assert_close(tl.load_reference(again).heads.sources, fresh.heads.sources)
+    assert reference.read_metadata(again)["format_version"] == reference.FORMAT_VERSION > 1
+    torch.testing.assert_close(tl.load_reference(again).heads.sources, loaded.heads.sources, rtol=0, atol=0)
 
 
 def test_a_future_format_is_still_refused(tiny, tmp_path):
@@ -171,7 +185,7 @@ def test_a_future_format_is_still_refused(tiny, tmp_path):
     meta = reference.read_metadata(path)
     meta["format_version"] = reference.FORMAT_VERSION + 1
     (path / reference.META_FILE).write_text(json.dumps(meta))
-    with pytest.raises(tl.ReferenceVersionError, match="format version 4"):
+    with pytest.raises(tl.ReferenceVersionError, match=f"format version {reference.FORMAT_VERSION + 1}"):
         tl.load_reference(path)
 
 

@@ -171,8 +171,9 @@ def test_tokens_follow_the_models_own_tokenizer(hf_and_bridge):
     ids = tokenizer(prompt)["input_ids"]
     assert tr.rows[0].tokens.tolist() == ids
     with torch.no_grad():
-        top = int(hf(torch.tensor([ids])).logits[0, -1].argmax())
-    assert int(tr.margin.top_ids[0, 0]) == top
+        logits = hf(torch.tensor([ids])).logits[0, -1]
+    # The raw model's top-1, up to a rival that ties it to rounding (two computations of the logits).
+    assert logits[int(tr.margin.top_ids[0, 0])] >= logits.max() - 1e-5 * logits.abs().max()
 
 
 def test_prepend_bos_overrides_the_tokenizer(gpt2):

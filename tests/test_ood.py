@@ -119,17 +119,26 @@ def test_undertrained_injection_uses_flagged_tokens(tiny):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "error", "message"),
     [
-        ({"kind": "noise", "where": "before"}, "Unknown kind 'noise'; choose one of random, undertrained, junk, typo"),
-        ({"kind": "junk", "where": "inside"}, "Unknown where 'inside'; choose one of before, between, after"),
-        ({"kind": "junk", "where": "before", "n": 0}, "n must be a positive integer"),
-        ({"kind": "junk", "where": "before", "n": 1.5}, "n must be a positive integer"),
-        ({"kind": "junk", "where": "before", "n": True}, "n must be a positive integer"),
+        (
+            {"kind": "noise", "where": "before"},
+            ValueError,
+            "Unknown kind 'noise'; choose one of random, undertrained, junk, typo",
+        ),
+        (
+            {"kind": "junk", "where": "inside"},
+            ValueError,
+            "Unknown where 'inside'; choose one of before, between, after",
+        ),
+        ({"kind": "junk", "where": "before", "n": 0}, ValueError, "n must be a positive integer"),
+        # The wrong type is a TypeError, as for k and batch_size.
+        ({"kind": "junk", "where": "before", "n": 1.5}, TypeError, "n must be a positive integer"),
+        ({"kind": "junk", "where": "before", "n": True}, TypeError, "n must be a positive integer"),
     ],
 )
-def test_inject_refuses_bad_arguments(tiny, kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("?", r"\?")):
+def test_inject_refuses_bad_arguments(tiny, kwargs, error, message):
+    with pytest.raises(error, match=message.replace("?", r"\?")):
         inject(tiny, "what is 1 + 1", **kwargs)
 
 
@@ -260,7 +269,12 @@ def test_damage_statuses_of_scaled_features(junk_damage):
     n_comp = reference.dla.components.shape[0]
     scale = torch.tensor([1.0, 0.5, -1.0, 1.5, 0.1, 0.8, 2.0, 0.3, 1.2])[:n_comp]
     head_scale = torch.full_like(reference.dla.heads, 0.9)
-    head_scale[2, 3] = -0.2  # L2H3, the largest head: flipped and shrunk
+    # The reference's two largest heads by |DLA|, found here (a retrained model has others): the
+    # largest flipped and shrunk (unreadable), the next halved (damaged); so every status occurs.
+    order = reference.dla.heads[:, :, 0].abs().flatten().argsort(descending=True)
+    (l1, h1), (l2, h2) = (divmod(int(i), reference.dla.heads.shape[1]) for i in order[:2])
+    head_scale[l1, h1], head_scale[l2, h2] = -0.2, 0.5
+    largest = f"L{l1}H{h1}"
     dla = replace(
         reference.dla,
         components=reference.dla.components * scale[:, None],
@@ -277,7 +291,7 @@ def test_damage_statuses_of_scaled_features(junk_damage):
         )
         assert ratio == pytest.approx(factor, rel=1e-6)
         assert status == damage_status(factor)
-    assert "L2H3" in report.features and frame.set_index("feature").loc["L2H3", "status"] == "unreadable"
+    assert largest in report.features and frame.set_index("feature").loc[largest, "status"] == "unreadable"
     assert set(frame["status"]) == set(STATUSES)
 
 

@@ -248,8 +248,10 @@ def test_tokens_follow_the_tokenizer(smollm2, smollm2_hf):
     tr = tl.trace(smollm2, PROMPT, ANSWER, distractors=DISTRACTORS, metric="logit_diff")
     assert tr.rows[0].tokens.tolist() == expected
     with torch.no_grad():
-        top = hf(torch.tensor([expected])).logits[0, -1].argmax().item()
-    assert tr.margin.top_ids[0, 0].item() == top
+        logits = hf(torch.tensor([expected])).logits[0, -1]
+    top = tr.margin.top_ids[0, 0].item()
+    # The raw model's top-1 (up to a rival tied to rounding: the two logits are computed differently).
+    assert logits[top] >= logits.max() - 1e-5 * logits.abs().max()
     assert tokenizer.decode([top]) == ANSWER
 
 

@@ -39,7 +39,7 @@ def test_one_forward_pass_for_a_multi_token_answer(tiny):
     assert len(tr.rows[1].tokens) == len(tr.rows[0].tokens) + 1
 
 
-def test_batched_results_equal_single_prompt_results(any_model):
+def test_batched_results_equal_single_prompt_results(any_model, floats):
     batch = tl.trace(any_model, PROMPTS, ANSWERS)
     for i, (prompt, answer) in enumerate(zip(PROMPTS, ANSWERS)):
         single = tl.trace(any_model, prompt, answer)
@@ -54,7 +54,11 @@ def test_batched_results_equal_single_prompt_results(any_model):
         ]
         for got, want in pairs:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        assert torch.equal(batch.lens.standard.rank[:, i], single.lens.standard.rank[:, 0])
+        # Ranks are decided by comparing floats that batching rounds differently: both are the rank in
+        # TransformerLens's own lens, up to rivals that tie the answer to rounding.
+        full = floats.lens_logits(any_model, single.rows[0].tokens, "standard")
+        for rank in (batch.lens.standard.rank[:, i], single.lens.standard.rank[:, 0]):
+            floats.assert_rank_allowed(rank, full, single.rows[0].target)
 
 
 def test_multi_token_steps_are_teacher_forced(tiny):
@@ -76,7 +80,9 @@ def test_non_digit_answers_are_compared_with_the_strongest_rival(gpt2):
     (rival,) = tr.distractors[0]
     logits = gpt2(tl.resolve_answer(gpt2, "The capital of France is", " Paris").prompt_tokens[None])[0, -1]
     logits[tr.rows[0].target] = -torch.inf
-    assert rival == int(logits.argmax())
+    # The strongest rival in a plain forward pass, up to one that ties it to rounding (the trace's
+    # logits come from another, batched computation).
+    assert logits[rival] >= logits.max() - 1e-5 * logits.abs().max()
 
 
 def test_explicit_distractors(tiny):

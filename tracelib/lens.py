@@ -309,9 +309,9 @@ def _readout(
 
     Every row is unembedded against the union of all rows' answer and distractor columns, in one
     matmul. That union is padded to at least `_MIN_COLUMNS` columns: BLAS kernels sum a narrow
-    matmul in another order than a wide one, and at this width the values equal, bit for bit, the
-    same columns of the full `[entry, vocab]` logits with one CPU thread (tests/test_lazy_lens.py
-    checks it); with more threads, or on a GPU, they equal them to float rounding.
+    matmul in another order than a wide one, and at this width the values take the same kernel as
+    the full `[entry, vocab]` logits. They equal those columns to float rounding (tests/test_lazy_lens.py
+    checks it); bit for bit only where the same BLAS kernel runs, which depends on the CPU.
     """
     wanted = sorted({int(t) for t in targets.tolist()} | {d for ds in distractors for d in ds})
     column = {token: i for i, token in enumerate(wanted)}
