@@ -1,6 +1,7 @@
 """tracelib: explain why a language model predicts an answer, on TransformerLens."""
 
 from tracelib._version import __version__ as __version__
+from tracelib.alignment import align_tokens
 from tracelib.answers import (
     AnswerStep,
     ByteFragmentError,
@@ -12,14 +13,14 @@ from tracelib.answers import (
     chat_prompt,
     resolve_answer,
 )
-from tracelib.attribution import Attribution, Reconstruction, ReconstructionWarning, direct_logit_attribution
-from tracelib.compare import Comparison, align_tokens, compare
+from tracelib.attribution import Attribution, Reconstruction, ReconstructionWarning
+from tracelib.compare import Comparison, compare
 from tracelib.formats import TracelibWarning
 from tracelib.heads import Heads, HeadSources, attention_patterns
 from tracelib.identity import ModelIdentity, ModelMismatchError, model_identity
 from tracelib.lean_processing import LeanLoadWarning
-from tracelib.lens import LensCurve, LogitLens, ModelGoneError, logit_lens
-from tracelib.margin import Margin, logit_margin
+from tracelib.lens import LensCurve, LogitLens, ModelGoneError
+from tracelib.margin import Margin
 from tracelib.models import (
     BUNDLED_MODELS,
     ModelLoadError,
@@ -59,6 +60,7 @@ from tracelib.reference import (
     TraceReferenceError,
     load_reference,
 )
+from tracelib.shortcuts import direct_logit_attribution, logit_lens, logit_margin
 from tracelib.smollm2 import fetch_smollm2
 from tracelib.trace import NonFiniteError, Trace, default_distractors, trace
 from tracelib.widgets import Explorer, explore

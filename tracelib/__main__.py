@@ -13,6 +13,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from tracelib import plotting
+
 # report_html puts this in every report's head: it is how --html knows a file is ours to overwrite.
 _GENERATOR_MARKER = b'<meta name="generator" content="tracelib">'
 # Exceptions whose message is written for the reader (tracelib's own too); any other kind is named: likely a bug.
@@ -141,7 +143,6 @@ def _trace(args: argparse.Namespace) -> int:
         _check_html_target(Path(args.html), args.force)
 
     import tracelib as tl
-    from tracelib import plotting
 
     model = tl.load_model(args.model)
     prompt = tl.chat_prompt(model, args.prompt) if args.chat else args.prompt

@@ -22,9 +22,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tracelib.formats import TracelibWarning, check_metric, fmt_value, unit_label
-from tracelib.margin import check_k
+from tracelib import plotting
+from tracelib.formats import TracelibWarning, check_k, check_metric, fmt_value, unit_label
 from tracelib.models import value_bias_convention
+from tracelib.projections import _bias, compute_dtype, layer_weight, scaled_directions
 
 UNITS = ("component", "layer", "head", "neuron")
 # How far the reconstruction may be off, relative to max(1, |actual|), before a warning; keyed by
@@ -199,7 +200,6 @@ class Attribution:
     def plot(self, unit: str = "component", row: int = 0, **layout):
         """Bars for components or layers, a layer x head heatmap for heads (RdBu, centred at 0),
         and for neurons the strongest ten of each sign across all layers."""
-        from tracelib import plotting
 
         title = f"DLA by {unit}: {self.row_labels[row]}<br><sub>{self.metric_label(row)}</sub>"
         layout = {"title": title, **layout}
@@ -214,17 +214,6 @@ class Attribution:
         top = self.top(3)
         parts = ", ".join(f"{u} {fmt_value(v)}" for u, v in zip(top["component"], top["value"]))
         return f"Attribution({self.metric}, {len(self.row_labels)} row(s); top: {parts}; {self.reconstruction!r})"
-
-
-def answer_directions(
-    model, targets: list[int], distractors: list[list[int]], metric: str
-) -> Float[Tensor, "row d_model"]:
-    """Per-row residual direction of the metric: `W_U[:, answer]`, minus the mean distractor column."""
-    W_U = model.W_U
-    dirs = W_U[:, targets].T
-    if metric == "logit_diff":
-        dirs = dirs - torch.stack([W_U[:, d].mean(-1) for d in distractors])
-    return dirs
 
 
 def logit_precision(model) -> torch.dtype:
@@ -246,25 +235,6 @@ def logit_precision(model) -> torch.dtype:
     with torch.no_grad():
         rounds = torch.equal(norm(probe[None, None]), norm(probe.float().double()[None, None]))
     return torch.float32 if rounds else torch.float64
-
-
-def compute_dtype(tensor: Tensor) -> torch.dtype:
-    """Attribute in fp32 (fp64 kept): half-precision sums would drift more than the signal."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
-
-
-def scaled_directions(
-    model, scale: Float[Tensor, "*row 1"], targets: list[int], distractors: list[list[int]], metric: str
-) -> Float[Tensor, "*row d_model"]:
-    """The metric's direction as the un-normalised residual sees it: centred if the final norm
-    centres, divided by the final norm's cached scale. `residual . u` is then the DLA."""
-    directions = answer_directions(model, targets, distractors, metric).to(scale.dtype)
-    if model.cfg.normalization_type in ("LN", "LNPre"):
-        # LayerNorm centres the residual first; (x - mean x) . d == x . (d - mean d).
-        directions = directions - directions.mean(-1, keepdim=True)
-    if scale.ndim == 3:  # [row, pos, 1]: one scale per position
-        return directions[:, None] / scale
-    return directions / scale
 
 
 def compute_attribution(
@@ -355,38 +325,3 @@ def warn_if_off(reconstruction: Reconstruction, metric: str, dtype: torch.dtype,
         ReconstructionWarning,
         stacklevel=stacklevel,
     )
-
-
-def layer_weight(model, path: str, layer: int) -> Tensor | None:
-    """One block's parameter (`"attn.W_O"`, `"mlp.W_out"`, `"attn.b_O"`, ...), or None if absent.
-
-    The bridge's `model.W_O` / `model.W_out` stack every layer on each access: indexing them in a
-    loop over layers copies all layers' weights once per layer (96 s per trace on a
-    Qwen2.5-1.5B-shaped model), so read the block's own parameter instead.
-    """
-    obj = model.blocks[layer]
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    if path == "attn.W_O" and obj.ndim == 2:  # [n_heads * d_head, d_model] -> [n_heads, d_head, d_model]
-        obj = obj.reshape(model.cfg.n_heads, model.cfg.d_head, model.cfg.d_model)
-    return obj
-
-
-def _bias(model, name: str, layer: int, u: Tensor, dtype) -> Tensor:
-    """A layer's output bias (`b_O` or `b_out`) projected on u, `[row]`; zero where there is none."""
-    bias = layer_weight(model, "attn.b_O" if name == "b_O" else "mlp.b_out", layer)
-    if bias is None:
-        return torch.zeros(u.shape[0], dtype=dtype, device=u.device)
-    return u @ bias.to(dtype)
-
-
-def direct_logit_attribution(model, prompt, answer, distractors=None, metric: str = "logit_diff") -> Attribution:
-    """DLA of the answer's logit difference (or raw logit) by component, layer, head and neuron.
-
-    The `.dla` of `tl.trace`; see `Attribution` for the units and the reconstruction check.
-    """
-    from tracelib.trace import trace
-
-    return trace(model, prompt, answer, distractors=distractors, metric=metric).dla

@@ -17,63 +17,20 @@ silently shifted: a position with no counterpart maps to None.
 
 from __future__ import annotations
 
-import difflib
-import math
-import operator
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tracelib.formats import unit_label
+from tracelib import plotting
+from tracelib.alignment import align_tokens
+from tracelib.formats import check_k, check_row, unit_label
 from tracelib.identity import ModelIdentity
-from tracelib.margin import check_k
-from tracelib.trace import Trace
+from tracelib.stats import jaccard, spearman, top_set
+from tracelib.trace import check_trace_arg
 
 COMPARE_UNITS = ("component", "head", "neuron")
-
-
-def described(value) -> str:
-    """How an argument check names a wrong value: `None (NoneType)`, `'0' (str)`, or `a Trace` for an object."""
-    if isinstance(value, (str, bytes, int, float, type(None))):
-        text = repr(value)
-        return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
-    name = type(value).__name__
-    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
-
-
-def check_trace_arg(value, where: str, name: str) -> None:
-    """Refuse anything but a `Trace` with a TypeError that says what to pass (not an AttributeError later).
-
-    Args:
-        value: the argument; where: the function that took it (`"compare"`); name: the parameter (`"a"`).
-    """
-    if isinstance(value, Trace):
-        return
-    hint = ""
-    if isinstance(value, str):
-        hint = f"; a saved reference is loaded first: tl.load_reference({value!r})"
-    raise TypeError(
-        f"{where}: pass a Trace from tl.trace or tl.load_reference as {name}, got {described(value)}{hint}."
-    )
-
-
-def check_row(row, n_rows: int, where: str, whose: str) -> int:
-    """`row` as an index into `n_rows` rows: an int (not a bool) in range, else TypeError or ValueError.
-
-    Args:
-        row: the argument; n_rows: how many rows there are; where: the function that took it;
-        whose: what has the rows, for the message (`"trace a"`, `"the reference trace"`).
-    """
-    if isinstance(row, bool) or not hasattr(type(row), "__index__"):
-        raise TypeError(f"{where}: row must be an int (which row of the trace), got {described(row)}.")
-    row = operator.index(row)
-    if not 0 <= row < n_rows:
-        raise ValueError(f"row {row} is out of range: {whose} has {n_rows} row(s)")
-    return row
 
 
 def models_sentence(a: ModelIdentity | None, b: ModelIdentity | None) -> str:
@@ -86,90 +43,6 @@ def models_sentence(a: ModelIdentity | None, b: ModelIdentity | None) -> str:
         return f"same model: {a}"
     other = " (same name, other weights)" if a.name == b.name else ""
     return f"compares traces from two models: {a} vs {b}{other}"
-
-
-def align_tokens(
-    a_tokens: Sequence | Tensor, b_tokens: Sequence | Tensor, *, key: Callable | None = None
-) -> list[int | None]:
-    """For each position of b, the position of a that holds the same token in the shared text, or None.
-
-    The match is `difflib.SequenceMatcher` on the tokens (ids or strings, compared as given, or
-    through `key`), without its "junk" heuristic: the longest common runs are matched first,
-    in order, so a question wrapped in a chat template maps back onto the bare question, and
-    tokens inserted into a prompt map to None. Positions are never shifted to fill a gap.
-
-    Args:
-        a_tokens: the first prompt's tokens (a list of ids or strings, or a 1-d tensor of ids).
-        b_tokens: the second prompt's tokens, the same kind.
-        key: applied to every token before matching, e.g. `str.strip` so that `" what"` matches
-            `"what"` across two phrasings. Default: tokens compared as they are.
-
-    Returns:
-        A list as long as `b_tokens`: entry j is the index in `a_tokens` matched to b's position j,
-        or None where b's token has no counterpart in a (template tokens, inserted junk).
-
-    Raises:
-        TypeError: a prompt's text instead of its tokens, anything not iterable, or a `key` that is not callable.
-    """
-    for name, tokens in (("a_tokens", a_tokens), ("b_tokens", b_tokens)):
-        # A string is a sequence too, but of characters: aligning two prompts' text is not what was meant.
-        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
-            raise TypeError(
-                f"align_tokens: {name} must be a list of tokens (ids or strings, e.g. trace.rows[0].str_tokens) or a "
-                f"1-d tensor of ids, got {described(tokens)}."
-            )
-    if key is not None and not callable(key):
-        raise TypeError(
-            f"align_tokens: key must be a function applied to every token (e.g. str.strip), got {described(key)}."
-        )
-    a = a_tokens.tolist() if isinstance(a_tokens, Tensor) else list(a_tokens)
-    b = b_tokens.tolist() if isinstance(b_tokens, Tensor) else list(b_tokens)
-    if key is not None:
-        a, b = [key(t) for t in a], [key(t) for t in b]
-    out: list[int | None] = [None] * len(b)
-    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
-    for block in matcher.get_matching_blocks():
-        for t in range(block.size):
-            out[block.b + t] = block.a + t
-    return out
-
-
-def spearman(x: Float[Tensor, " unit"], y: Float[Tensor, " unit"]) -> float:
-    """Spearman's rank correlation: Pearson's on the ranks, ties given their average rank.
-
-    NaN when either side is constant (its ranks have no spread).
-    """
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"spearman needs two 1-d tensors of one length, got {tuple(x.shape)} and {tuple(y.shape)}")
-    rx, ry = _average_ranks(x), _average_ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = (rx.square().sum() * ry.square().sum()).sqrt().item()
-    return (rx @ ry).item() / denom if denom > 0 else math.nan
-
-
-def _average_ranks(x: Tensor) -> Tensor:
-    # torch.unique sorts, so a value's group ends at the cumulative count: its average rank is the
-    # middle of that group (1-based), which is what scipy's rankdata and pandas give for ties.
-    _, inverse, counts = torch.unique(x.double(), return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    return (ends - (counts.double() - 1) / 2)[inverse]
-
-
-def top_set(values: Float[Tensor, " unit"], k: int, sign: int) -> set[int]:
-    """The indices of the (at most) k units that push hardest in `sign`'s direction (+1 or -1).
-
-    Only units of that sign count: a unit that pushes against the answer is never among the top
-    positive contributors, even when fewer than k push toward it.
-    """
-    signed = values * sign
-    picked = signed.topk(min(k, signed.numel())).indices
-    return {int(i) for i in picked if signed[i] > 0}
-
-
-def jaccard(a: set, b: set) -> float:
-    """|a & b| / |a | b|; two empty sets are identical, so 1.0."""
-    union = a | b
-    return len(a & b) / len(union) if union else 1.0
 
 
 @dataclass(frozen=True)
@@ -344,7 +217,6 @@ class Comparison:
         Heads are three layer x head heatmaps; components are paired bars; neurons are paired bars
         for the `k` neurons that changed most.
         """
-        from tracelib import plotting
 
         title = f"DLA compared by {unit}: a = {self.a_label}; b = {self.b_label}"
         layout = {"title": title, **layout}

@@ -6,6 +6,8 @@ reads the same thing everywhere.
 
 from __future__ import annotations
 
+import operator
+
 
 class TracelibWarning(UserWarning):
     """Base of every warning tracelib raises, so they can be filtered (or made errors) together."""
@@ -102,3 +104,63 @@ def check_batch_size(batch_size) -> int | None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, or None for automatic, got {batch_size!r}.")
     return batch_size
+
+
+def described(value) -> str:
+    """How an argument check names a wrong value: `None (NoneType)`, `'0' (str)`, or `a Trace` for an object."""
+    if isinstance(value, (str, bytes, int, float, type(None))):
+        text = repr(value)
+        return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def check_row(row, n_rows: int, where: str, whose: str) -> int:
+    """`row` as an index into `n_rows` rows: an int (not a bool) in range, else TypeError or ValueError.
+
+    Args:
+        row: the argument; n_rows: how many rows there are; where: the function that took it;
+        whose: what has the rows, for the message (`"trace a"`, `"the reference trace"`).
+    """
+    if isinstance(row, bool) or not hasattr(type(row), "__index__"):
+        raise TypeError(f"{where}: row must be an int (which row of the trace), got {described(row)}.")
+    row = operator.index(row)
+    if not 0 <= row < n_rows:
+        raise ValueError(f"row {row} is out of range: {whose} has {n_rows} row(s)")
+    return row
+
+
+def check_k(k) -> int:
+    """`k` as an int, or a clear error: a `top(k)` with `k < 1` would quietly return nothing or everything.
+
+    Raises:
+        TypeError: `k` is not an integer (a bool or a float, say).
+        ValueError: `k` is an integer below 1.
+    """
+    # operator.index takes Python and NumPy integers but refuses 2.5 and "3"; a bool is an int to it.
+    if isinstance(k, bool) or not hasattr(type(k), "__index__"):
+        raise TypeError(f"k must be a positive integer, got {k!r}")
+    value = operator.index(k)
+    if value < 1:
+        raise ValueError(f"k must be a positive integer, got {value}")
+    return value
+
+
+LENS_NAMES = {"standard": "standard logit lens (re-normalised)", "dla": "cached-scale DLA lens"}
+
+
+# A feature's ratio is corrupted / reference, signed, so a sign flip gives a negative ratio.
+# Survives: within a quarter of its reference size (0.75 <= ratio <= 1.25). On the bundled model,
+# junk between the operands moves the features that carry the answer (L1 MLP, L3 MLP, L0H0, L0H2) by
+# under 5%, so a quarter leaves room for that ordinary wobble without calling a real change "survived".
+# Unreadable: below a quarter (ratio < 0.25, sign flips included). Three quarters of the signed size
+# are gone, so the feature is no longer a clear part of the explanation (for a component at the 5%
+# share, what is left is near 1% of the largest one), and a flipped feature now argues the other way:
+# either way the reference's reading of it no longer holds. Damaged: in between, and above 1.25.
+SURVIVES_WITHIN = 0.25
+
+
+UNREADABLE_BELOW = 0.25
+
+
+LENSES = ("standard", "dla")

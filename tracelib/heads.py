@@ -29,8 +29,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tracelib import plotting
+from tracelib.formats import check_k
 from tracelib.identity import ModelIdentity, check_model_arg, check_same_model, model_identity
-from tracelib.margin import check_k
+from tracelib.plotting import token_labels
+from tracelib.projections import layer_weight
 
 VERDICTS = ("final position", "operand", "elsewhere")
 
@@ -88,7 +91,6 @@ class HeadSources:
         return max(VERDICTS, key=shares.get)
 
     def to_frame(self) -> pd.DataFrame:
-        from tracelib.plotting import token_labels
 
         return pd.DataFrame(
             {
@@ -105,7 +107,6 @@ class HeadSources:
         return frame.reindex(frame["contribution"].abs().sort_values(ascending=False).index[:k])
 
     def plot(self, **layout):
-        from tracelib import plotting
 
         return plotting.source_bars(self, **layout)
 
@@ -205,7 +206,6 @@ class Heads:
 
     def plot(self, row: int = 0, **layout):
         """The layer x head DLA grid (RdBu, centred at 0)."""
-        from tracelib import plotting
 
         metric = f"<br><sub>{self.metric_labels[row]}</sub>" if self.metric_labels else ""
         return plotting.head_heatmap(
@@ -285,7 +285,6 @@ def compute_heads(model, fwd, u: Float[Tensor, "row d_model"], rows, metric_labe
     Projects first: `W_O[h] @ u` is `[head, d_head, row]`, then each source's value is dotted with
     it, so the cost is that of one more small matmul per layer, and no `[head, src, d_model]` exists.
     """
-    from tracelib.attribution import layer_weight
 
     cfg = model.cfg
     dtype = u.dtype

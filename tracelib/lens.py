@@ -23,10 +23,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tracelib.formats import READABLE_PROB, fmt_value, unit_label
-from tracelib.margin import check_k
-
-LENS_NAMES = {"standard": "standard logit lens (re-normalised)", "dla": "cached-scale DLA lens"}
+from tracelib import plotting
+from tracelib.formats import LENS_NAMES, READABLE_PROB, check_k, fmt_value, unit_label
 
 # The lazy readout unembeds this many bytes of logits at a time (the [entry, vocab] block of one
 # row is 30 MB on Qwen2.5, 49 x 151,936 float32): rows are grouped up to this size.
@@ -275,7 +273,6 @@ class LogitLens:
 
     def plot(self, row: int = 0, metric: str = "logit_diff", **layout):
         """Both lenses along depth for one row; `metric` is logit, logit_diff, prob or rank."""
-        from tracelib import plotting
 
         return plotting.lens_lines(self, row, metric, **layout)
 
@@ -371,10 +368,3 @@ def compute_lens(
     return LogitLens(
         list(row_labels), curves["standard"], curves["dla"], list(answer_strs or []), list(distractor_strs or [])
     )
-
-
-def logit_lens(model, prompt, answer, distractors=None) -> LogitLens:
-    """Both lenses along depth for a prompt (or a list of prompts): the `.lens` of `tl.trace`."""
-    from tracelib.trace import trace
-
-    return trace(model, prompt, answer, distractors=distractors).lens

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import pandas as pd
@@ -10,21 +9,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-
-def check_k(k) -> int:
-    """`k` as an int, or a clear error: a `top(k)` with `k < 1` would quietly return nothing or everything.
-
-    Raises:
-        TypeError: `k` is not an integer (a bool or a float, say).
-        ValueError: `k` is an integer below 1.
-    """
-    # operator.index takes Python and NumPy integers but refuses 2.5 and "3"; a bool is an int to it.
-    if isinstance(k, bool) or not hasattr(type(k), "__index__"):
-        raise TypeError(f"k must be a positive integer, got {k!r}")
-    value = operator.index(k)
-    if value < 1:
-        raise ValueError(f"k must be a positive integer, got {value}")
-    return value
+from tracelib import plotting
+from tracelib.formats import check_k
 
 
 @dataclass(frozen=True)
@@ -124,7 +110,6 @@ class Margin:
 
     def plot(self, row: int = 0, **layout):
         """Bar chart of the top-k logits of one row: the answer blue, its rivals red."""
-        from tracelib import plotting
 
         return plotting.margin_bars(self, row, **layout)
 
@@ -180,22 +165,3 @@ def compute_margin(
         distractor_ranks=dist_ranks,
         logit_diff=answer_logit - torch.stack([d.mean() for d in dist_logits]),
     )
-
-
-def logit_margin(model, prompt, answer, distractors=None, k: int = 5) -> Margin:
-    """The answer's logit, probability, rank, top-k rivals and logit difference to distractors.
-
-    Args:
-        model: a loaded model (`tl.load_model`).
-        prompt: a prompt, or a list of prompts (run as one batch).
-        answer: the answer, e.g. `" 2"`, or one per prompt.
-        distractors: tokens the answer should beat; default: a digit's neighbours, else the
-            model's strongest competitor.
-        k: how many top tokens to keep.
-
-    Returns:
-        A `Margin` (the `.margin` of `tl.trace`).
-    """
-    from tracelib.trace import trace
-
-    return trace(model, prompt, answer, distractors=distractors, k=k).margin

@@ -27,12 +27,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tracelib import plotting
 from tracelib.answers import _check_text, prepends_bos, resolve_answer, token_str
-from tracelib.compare import check_row, check_trace_arg, described
-from tracelib.formats import unit_label
+from tracelib.formats import LENSES, SURVIVES_WITHIN, UNREADABLE_BELOW, check_k, check_row, described, unit_label
 from tracelib.identity import ModelIdentity, check_model_arg, check_same_model
-from tracelib.margin import check_k
 from tracelib.models import model_name
+from tracelib.plotting import undertrained_figure
+from tracelib.trace import check_trace_arg
 
 KINDS = ("random", "undertrained", "junk", "typo", "repeat")
 WHERES = ("before", "between", "after", "before_final")
@@ -164,7 +165,6 @@ class UndertrainedTokens:
 
     def plot(self, truth=None, **layout):
         """Every token's score as a histogram with the threshold; with `truth`, never-trained tokens apart."""
-        from tracelib.plotting import undertrained_figure
 
         return undertrained_figure(self, truth, **layout)
 
@@ -518,21 +518,10 @@ def _result(model, prompt, clean, tokens, alignment, kind, where, n, seed, bos: 
 
 # --- Damage: the corrupted trace measured against the clean reference --------------------------------
 
-# A feature's ratio is corrupted / reference, signed, so a sign flip gives a negative ratio.
-# Survives: within a quarter of its reference size (0.75 <= ratio <= 1.25). On the bundled model,
-# junk between the operands moves the features that carry the answer (L1 MLP, L3 MLP, L0H0, L0H2) by
-# under 5%, so a quarter leaves room for that ordinary wobble without calling a real change "survived".
-# Unreadable: below a quarter (ratio < 0.25, sign flips included). Three quarters of the signed size
-# are gone, so the feature is no longer a clear part of the explanation (for a component at the 5%
-# share, what is left is near 1% of the largest one), and a flipped feature now argues the other way:
-# either way the reference's reading of it no longer holds. Damaged: in between, and above 1.25.
-SURVIVES_WITHIN = 0.25
-UNREADABLE_BELOW = 0.25
 STATUSES = ("survives", "damaged", "unreadable")
 # A component is a reference feature when its |DLA| is at least this share of the largest
 # component's: smaller ones are the rounding of the explanation, and their ratios are noise.
 COMPONENT_SHARE = 0.05
-LENSES = ("standard", "dla")
 
 
 def damage_status(ratio: float) -> str:
@@ -685,7 +674,6 @@ class DamageReport:
 
     def plot(self, **layout):
         """Readability curves (reference vs corrupted) and each feature's ratio against the thresholds."""
-        from tracelib import plotting
 
         return plotting.damage_figure(self, **layout)
 

@@ -36,8 +36,6 @@ import inspect
 import math
 import numbers
 import operator
-import os
-import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -47,14 +45,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tracelib.alignment import align_tokens
 from tracelib.answers import token_str
-from tracelib.compare import align_tokens, check_row, check_trace_arg, described, spearman
-from tracelib.formats import TracelibWarning, check_batch_size
+from tracelib.batching import auto_batch_size, progress_bar
+from tracelib.formats import TracelibWarning, check_batch_size, check_k, check_row, described
 from tracelib.identity import ModelIdentity, check_model_arg, check_same_model, model_identity
-from tracelib.margin import check_k
 from tracelib.ood import Injection
-from tracelib.plotting import token_labels
-from tracelib.trace import build_rows, real_hook_points
+from tracelib.plotting import agreement_figure, patching_figure, readable_causal_figure, token_labels
+from tracelib.stats import spearman
+from tracelib.trace import build_rows, check_trace_arg, real_hook_points
 
 # Which TransformerLens hook each `what` patches, and whether it is split by position and by head.
 # "_all_pos" patches every (aligned) position of the layer at once.
@@ -127,48 +126,6 @@ class PatchSetup:
 def logit_diff(logits: Float[Tensor, "batch vocab"], target: int, distractors: list[int]) -> Float[Tensor, " batch"]:
     """The answer's logit minus the mean distractor logit (at the position the caller picked)."""
     return logits[:, target] - logits[:, distractors].mean(-1)
-
-
-def _is_quiet() -> bool:
-    """Progress bars stay off under pytest and nbval, whose stderr comparisons they would break.
-
-    The rule: off when `PYTEST_CURRENT_TEST` is set (pytest sets it during every test, and a
-    notebook kernel that nbval starts inherits it), when nbval is imported in this process, or
-    when `TRACELIB_PROGRESS=0`. Whether pytest is merely imported says nothing: TransformerLens
-    imports it in every process. Notebook cells that show a bar should start with
-    `# NBVAL_IGNORE_OUTPUT` as well.
-    """
-    return "PYTEST_CURRENT_TEST" in os.environ or "nbval" in sys.modules or os.environ.get("TRACELIB_PROGRESS") == "0"
-
-
-def progress_bar(items, progress: bool | None, desc: str):
-    """`items`, under a tqdm bar when `progress` is True, or by default when there are more than 4
-    of them and `_is_quiet()` is False (the rule `patch` and `trace` share)."""
-    from tqdm.auto import tqdm
-
-    items = list(items)
-    show = progress if progress is not None else (len(items) > 4 and not _is_quiet())
-    return tqdm(items, disable=not show, desc=desc, leave=False) if show else items
-
-
-def auto_batch_size(model, seq_len: int, n_cells: int, cap: int = 256) -> int:
-    """A batch size that fits in a quarter of free memory, by a rough per-row estimate.
-
-    Per batch row the forward keeps about 16 d_model-wide activations per layer per position
-    (residuals, attention, the MLP's wider hidden layer) plus the full logits.
-    """
-    cfg = model.cfg
-    itemsize = next(model.parameters()).element_size()
-    per_row = seq_len * (16 * cfg.d_model * cfg.n_layers + 2 * cfg.d_vocab) * itemsize
-    device = torch.device(cfg.device) if cfg.device is not None else torch.device("cpu")
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            free = 2**31
-    return max(1, min(cap, n_cells, int(free // 4 // max(per_row, 1))))
 
 
 def _real_points(model, aliases) -> dict[str, list[str]]:
@@ -502,7 +459,6 @@ class PatchingResult:
 
     def plot(self, **layout):
         """A heatmap (bars for one axis) on RdBu centred at 0: blue recovers the clean answer."""
-        from tracelib.plotting import patching_figure
 
         return patching_figure(self, **layout)
 
@@ -1131,7 +1087,6 @@ class PatchingAgreement:
 
     def plot(self, **layout):
         """The estimate against exact recovery, one marker per cell, with the line where they agree."""
-        from tracelib.plotting import agreement_figure
 
         return agreement_figure(self, **layout)
 
@@ -1299,7 +1254,6 @@ class ReadableVsCausal:
 
     def plot(self, **layout):
         """DLA against patching recovery, one marker per unit, labelled."""
-        from tracelib.plotting import readable_causal_figure
 
         return readable_causal_figure(self, **layout)
 

@@ -6,7 +6,17 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from tracelib.formats import READABLE_PROB, fmt_value, metric_phrase, token_labels, unit_label
+from tracelib.formats import (
+    LENS_NAMES,
+    LENSES,
+    READABLE_PROB,
+    SURVIVES_WITHIN,
+    UNREADABLE_BELOW,
+    fmt_value,
+    metric_phrase,
+    token_labels,
+    unit_label,
+)
 
 DIVERGING = "RdBu"
 # RdBu runs red (low) to blue (high): with its midpoint at 0, a positive attribution (toward the
@@ -156,7 +166,6 @@ def log_ticks(top: float) -> tuple[list[int], list[str]]:
 
 def lens_lines(lens, row: int = 0, metric: str = "logit_diff", **layout) -> go.Figure:
     """Both lenses along depth, labelled apart (they differ on purpose before the last entry)."""
-    from tracelib.lens import LENS_NAMES
 
     if metric not in METRIC_TITLES:
         raise ValueError(f"metric must be one of {list(METRIC_TITLES)}, got {metric!r}")
@@ -298,7 +307,6 @@ def _prediction_line(trace, row: int) -> str:
 
 def report_figures(trace, row: int = 0) -> list[dict]:
     """The report's workflow steps, in order: id, heading, what it shows, figures, caption."""
-    from tracelib.lens import LENS_NAMES
 
     dla = trace.dla
     what = dla.metric_label(row)
@@ -789,9 +797,6 @@ def damage_figure(report, **layout) -> go.Figure:
     status over the bands the thresholds draw.
     """
     from plotly.subplots import make_subplots
-
-    from tracelib.lens import LENS_NAMES
-    from tracelib.ood import LENSES, SURVIVES_WITHIN, UNREADABLE_BELOW
 
     low, high = 1 - SURVIVES_WITHIN, 1 + SURVIVES_WITHIN
     fig = make_subplots(

@@ -16,8 +16,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tracelib.formats import READABLE_PROB, token_labels, unit_label
-from tracelib.margin import check_k
+from tracelib import plotting
+from tracelib.formats import READABLE_PROB, check_k, token_labels, unit_label
+from tracelib.projections import _bias, compute_dtype, layer_weight, scaled_directions
 
 VERDICTS = ("written at the final position", "copied from an operand", "assembled gradually")
 # Where the answer is not the model's own top prediction, the verdicts above would explain a
@@ -159,7 +160,6 @@ class Positions:
 
     def plot(self, row: int = 0, **layout):
         """Position x component heatmap (RdBu, centred at 0), positions ticked with their tokens."""
-        from tracelib import plotting
 
         return plotting.position_heatmap(self, row, **layout)
 
@@ -181,7 +181,6 @@ def compute_positions(
     `decompose_resid`, `accumulated_resid` and `apply_ln_to_stack` compute every number, and no
     `[entry, row, pos, d_model]` stack of the whole prompt ever exists.
     """
-    from tracelib.attribution import compute_dtype, scaled_directions
 
     targets = [row.target for row in rows]
     scale = fwd.full["ln_final.hook_scale"]
@@ -283,7 +282,6 @@ def _heads_at_every_position(model, fwd, u: Float[Tensor, "row pos d_model"]):
     per position, so no `[head, pos, d_model]` ever exists, and positions go in blocks of about
     `BLOCK_ELEMENTS` elements, so the intermediates stay bounded however long the prompt.
     """
-    from tracelib.attribution import _bias, layer_weight
 
     cfg = model.cfg
     n_rows, n_pos, _ = u.shape

@@ -19,11 +19,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelib.answers import ResolvedAnswer, _single_token, decoding_once, resolve_answer, token_str
-from tracelib.attribution import Attribution, compute_attribution, compute_dtype, scaled_directions, warn_if_off
+from tracelib.attribution import Attribution, compute_attribution, warn_if_off
+from tracelib.batching import auto_batch_size, progress_bar
 from tracelib.formats import (
     READABLE_RULE,
     check_batch_size,
     check_metric,
+    described,
     fmt_prob,
     fmt_value,
     metric_phrase,
@@ -36,6 +38,8 @@ from tracelib.margin import Margin, check_k, compute_margin
 from tracelib.models import model_name
 from tracelib.plotting import readable_positions_sentence
 from tracelib.positions import Positions, compute_positions
+from tracelib.projections import compute_dtype, scaled_directions
+from tracelib.reference_format import save_reference
 
 _DIGITS = "0123456789"
 
@@ -591,8 +595,6 @@ class Trace:
         Returns:
             The folder's `Path`.
         """
-        from tracelib.reference import save_reference
-
         return save_reference(self, path, model)
 
     def summary(self, k: int = 5) -> str:
@@ -701,7 +703,6 @@ def trace(
         NonFiniteError: the logits, the final residual stream or the attributions hold inf or NaN
             (fp16 overflow, usually); the message names the hook where it first appears.
     """
-    from tracelib.patching import auto_batch_size, progress_bar
 
     check_model_arg(model, "trace")
     check_metric(metric)
@@ -829,3 +830,19 @@ def _cat_padded(tensors: list[Tensor], axis: int) -> Tensor:
             t = out
         padded.append(t)
     return torch.cat(padded, dim=axis)
+
+
+def check_trace_arg(value, where: str, name: str) -> None:
+    """Refuse anything but a `Trace` with a TypeError that says what to pass (not an AttributeError later).
+
+    Args:
+        value: the argument; where: the function that took it (`"compare"`); name: the parameter (`"a"`).
+    """
+    if isinstance(value, Trace):
+        return
+    hint = ""
+    if isinstance(value, str):
+        hint = f"; a saved reference is loaded first: tl.load_reference({value!r})"
+    raise TypeError(
+        f"{where}: pass a Trace from tl.trace or tl.load_reference as {name}, got {described(value)}{hint}."
+    )

@@ -1,0 +1,50 @@
+"""Running the model: batch sizes, progress bars, and stopping a forward pass after a hook point."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+def _is_quiet() -> bool:
+    """Progress bars stay off under pytest and nbval, whose stderr comparisons they would break.
+
+    The rule: off when `PYTEST_CURRENT_TEST` is set (pytest sets it during every test, and a
+    notebook kernel that nbval starts inherits it), when nbval is imported in this process, or
+    when `TRACELIB_PROGRESS=0`. Whether pytest is merely imported says nothing: TransformerLens
+    imports it in every process. Notebook cells that show a bar should start with
+    `# NBVAL_IGNORE_OUTPUT` as well.
+    """
+    return "PYTEST_CURRENT_TEST" in os.environ or "nbval" in sys.modules or os.environ.get("TRACELIB_PROGRESS") == "0"
+
+
+def progress_bar(items, progress: bool | None, desc: str):
+    """`items`, under a tqdm bar when `progress` is True, or by default when there are more than 4
+    of them and `_is_quiet()` is False (the rule `patch` and `trace` share)."""
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    show = progress if progress is not None else (len(items) > 4 and not _is_quiet())
+    return tqdm(items, disable=not show, desc=desc, leave=False) if show else items
+
+
+def auto_batch_size(model, seq_len: int, n_cells: int, cap: int = 256) -> int:
+    """A batch size that fits in a quarter of free memory, by a rough per-row estimate.
+
+    Per batch row the forward keeps about 16 d_model-wide activations per layer per position
+    (residuals, attention, the MLP's wider hidden layer) plus the full logits.
+    """
+    cfg = model.cfg
+    itemsize = next(model.parameters()).element_size()
+    per_row = seq_len * (16 * cfg.d_model * cfg.n_layers + 2 * cfg.d_vocab) * itemsize
+    device = torch.device(cfg.device) if cfg.device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            free = 2**31
+    return max(1, min(cap, n_cells, int(free // 4 // max(per_row, 1))))
