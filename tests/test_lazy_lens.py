@@ -234,7 +234,7 @@ def test_batch_size_is_checked(tiny):
 
 
 def test_progress_is_quiet_under_pytest_even_though_pytest_is_always_imported(monkeypatch):
-    from tracelib.patching import _is_quiet, progress_bar
+    from tracelib.batching import _is_quiet, progress_bar
 
     assert _is_quiet()
     assert list(progress_bar(range(10), None, "x")) == list(range(10))

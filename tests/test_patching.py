@@ -208,7 +208,7 @@ def test_heads_by_position(any_model):
 
 
 def test_progress_is_quiet_under_pytest():
-    from tracelib.patching import _is_quiet
+    from tracelib.batching import _is_quiet
 
     assert _is_quiet()
     assert tl.patch is patch and tl.PatchingResult.__name__ == "PatchingResult"

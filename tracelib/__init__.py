@@ -17,9 +17,9 @@ from tracelib.attribution import Attribution, Reconstruction, ReconstructionWarn
 from tracelib.compare import Comparison, compare
 from tracelib.formats import TracelibWarning
 from tracelib.heads import Heads, HeadSources, attention_patterns
-from tracelib.identity import ModelIdentity, ModelMismatchError, model_identity
+from tracelib.identity import ModelGoneError, ModelIdentity, ModelMismatchError, model_identity
 from tracelib.lean_processing import LeanLoadWarning
-from tracelib.lens import LensCurve, LogitLens, ModelGoneError
+from tracelib.lens import LensCurve, LogitLens
 from tracelib.margin import Margin
 from tracelib.models import (
     BUNDLED_MODELS,

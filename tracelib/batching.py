@@ -48,3 +48,31 @@ def auto_batch_size(model, seq_len: int, n_cells: int, cap: int = 256) -> int:
         except (ValueError, OSError, AttributeError):
             free = 2**31
     return max(1, min(cap, n_cells, int(free // 4 // max(per_row, 1))))
+
+
+class _Stop(Exception):
+    """Raised by `forward_until`'s last hook: nothing after that hook point is needed."""
+
+
+def forward_until(model, tokens: torch.Tensor, hooks: list, stop_after: str | None, **kwargs):
+    """Run `model(tokens, **kwargs)` with forward `hooks`, stopping right after the hook point `stop_after`.
+
+    The one way tracelib stops a forward pass early (the trace at the unembedding's input, the
+    attention patterns after the last layer shown). The hooks on `stop_after` run first, then the
+    pass ends: TransformerLens runs a point's hooks in the order they were added. TransformerLens's
+    own `stop_at_layer` stops only at a block boundary, before the final norm, so it cannot stop
+    at the unembedding's input.
+
+    Returns:
+        The model's output, or None when the pass stopped at `stop_after`.
+    """
+
+    def stop(act, hook) -> None:
+        raise _Stop
+
+    hooks = list(hooks) + ([(stop_after, stop)] if stop_after else [])
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        try:
+            return model(tokens, **kwargs)
+        except _Stop:
+            return None

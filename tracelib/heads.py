@@ -21,7 +21,6 @@ sources still add up to the head. With `load_model(..., fold_value_biases=True)`
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -30,8 +29,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelib import plotting
+from tracelib.batching import forward_until
 from tracelib.formats import check_k
-from tracelib.identity import ModelIdentity, check_model_arg, check_same_model, model_identity
+from tracelib.identity import ModelIdentity, ModelRef, check_model_arg, check_same_model, model_from, model_identity
 from tracelib.plotting import token_labels
 from tracelib.projections import layer_weight
 
@@ -227,7 +227,11 @@ class Heads:
         import circuitsvis as cv
 
         if model is None:
-            model = self._model_ref() if getattr(self, "_model_ref", None) is not None else None
+            model = model_from(
+                getattr(self, "_model_ref", None),
+                "attention_view() recomputes the patterns it shows, so it needs the model",
+                "Pass it: attention_view(model=model).",
+            )
         else:
             check_model_arg(model, "attention_view")
             check_same_model(
@@ -235,11 +239,6 @@ class Heads:
                 model_identity(model),
                 "These heads",
                 "the model passed to attention_view()",
-            )
-        if model is None:
-            raise ValueError(
-                "attention_view() recomputes the patterns it shows, so it needs the model: this Heads has none "
-                "(a loaded reference, or the trace's model was deleted). Pass it: attention_view(model=model)."
             )
         if heads is None:
             heads = [tuple(int(x) for x in h[1:].split("H")) for h in self.top(4, row)["head"]]
@@ -255,8 +254,9 @@ class Heads:
 
         Weak, so a result never keeps a model alive; it is not a field, so it is never saved.
         """
-        object.__setattr__(self, "_model_ref", weakref.ref(model))
-        self.remember_identity(model_identity(model))
+        ref = ModelRef(model)
+        object.__setattr__(self, "_model_ref", ref)
+        self.remember_identity(ref.identity)
 
     def remember_identity(self, identity: ModelIdentity) -> None:
         """Record which model made these heads, so `attention_view(model=)` refuses another one."""
@@ -317,10 +317,6 @@ def compute_heads(model, fwd, u: Float[Tensor, "row d_model"], rows, metric_labe
     return heads
 
 
-class _Done(Exception):
-    """Raised by the last pattern hook: nothing after that layer is needed."""
-
-
 def attention_patterns(
     model, tokens: Int[Tensor, " pos"], heads: list[tuple[int, int]]
 ) -> Float[Tensor, "head dst src"]:
@@ -364,14 +360,9 @@ def attention_patterns(
         layer = points[hook.name]
         # Advanced indexing copies the wanted heads, so the full pattern is not kept alive.
         got[layer] = act[0, by_layer[layer]].detach().cpu().clone()
-        if layer == last:
-            raise _Done
 
-    with torch.no_grad(), model.hooks(fwd_hooks=[(name, keep) for name in points]):
-        try:
-            model(tokens.to(model.cfg.device), return_type=None)
-        except _Done:
-            pass
+    last_point = next(name for name, layer in points.items() if layer == last)
+    forward_until(model, tokens.to(model.cfg.device), [(name, keep) for name in points], last_point, return_type=None)
     missing = set(by_layer) - set(got)
     if missing:
         raise RuntimeError(f"The pattern hooks of layers {sorted(missing)} did not fire.")

@@ -144,3 +144,41 @@ def check_same_model(made_by: ModelIdentity | None, other: ModelIdentity | None,
             f"{what} comes from {made_by}, but {other_what} comes from {other}{same_name}. "
             "They must come from one model: trace, patch and load references with the same model."
         )
+
+
+class ModelGoneError(RuntimeError, ValueError):
+    """A result needs the model that made it (to compute something on demand), and that model is gone.
+
+    Either it was freed (results hold it weakly, never keeping a model alive) or none was ever
+    recorded (a loaded reference). The message says what to pass instead.
+    """
+
+
+class ModelRef:
+    """The one weak reference to the model that made a result, with that model's identity.
+
+    Results that compute something on demand (the lenses' probabilities, `attention_view`) keep
+    one; it never keeps the model alive, is never saved, and a copy of the result has none.
+    """
+
+    __slots__ = ("_ref", "identity")
+
+    def __init__(self, model) -> None:
+        self._ref = weakref.ref(model)
+        self.identity = model_identity(model)
+
+    def __call__(self):
+        return self._ref()
+
+
+def model_from(ref: ModelRef | None, needs: str, remedy: str):
+    """The model `ref` points to, or `ModelGoneError` saying that `needs` it and what to do (`remedy`)."""
+    model = ref() if ref is not None else None
+    if model is None:
+        gone = (
+            f"the model that made this result ({ref.identity}) has been freed"
+            if ref is not None
+            else "no model is recorded with this result (a loaded reference, or a copy)"
+        )
+        raise ModelGoneError(f"{needs}, and {gone}. {remedy}")
+    return model

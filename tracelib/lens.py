@@ -15,7 +15,6 @@ right tool for "what would be predicted"; the DLA lens for "how much has been wr
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -25,6 +24,7 @@ from torch import Tensor
 
 from tracelib import plotting
 from tracelib.formats import LENS_NAMES, READABLE_PROB, check_k, fmt_value, unit_label
+from tracelib.identity import ModelGoneError, ModelRef, model_from  # noqa: F401 - ModelGoneError re-exported
 
 # The lazy readout unembeds this many bytes of logits at a time (the [entry, vocab] block of one
 # row is 30 MB on Qwen2.5, 49 x 151,936 float32): rows are grouped up to this size.
@@ -33,17 +33,13 @@ _CHUNK_BYTES = 64 * 2**20
 _MIN_COLUMNS = 64
 
 
-class ModelGoneError(RuntimeError):
-    """A lens's probabilities or ranks were read after the model that made them was freed."""
-
-
 class _Pending:
     """What a lazy `LensCurve` needs to compute `prob` and `rank`: the normalised residuals (on
     the CPU), each row's target, and a weak reference to the model, so a trace never keeps a model
     alive."""
 
     def __init__(self, model, normalised: Tensor, targets: Tensor) -> None:
-        self.model = weakref.ref(model)
+        self.model = ModelRef(model)
         self.normalised = normalised.detach().cpu()
         self.targets = targets.detach().cpu()
         self.device = normalised.device
@@ -161,13 +157,11 @@ class LensCurve:
         if pending is None:
             raise ValueError("LensCurve.prob and .rank were never given")
         if model is None:
-            model = pending.model()
-        if model is None:
-            raise ModelGoneError(
-                f"The {LENS_NAMES[self.kind]}'s prob and rank are computed on first read, from the model, and "
-                "the model that made this trace has been freed. Read .prob or .rank (or call "
-                "trace.lens.materialise(model)) while the model is alive; or pass a model now: "
-                "trace.lens.materialise(model)."
+            model = model_from(
+                pending.model,
+                f"The {LENS_NAMES[self.kind]}'s prob and rank are computed on first read, from the model",
+                "Read .prob or .rank (or call trace.lens.materialise(model)) while the model is alive; or pass "
+                "a model now: trace.lens.materialise(model).",
             )
         prob, rank = _full_readout(model, pending.normalised, pending.targets, pending.device)
         self.__dict__["_prob"], self.__dict__["_rank"] = prob, rank

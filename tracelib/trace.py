@@ -20,7 +20,7 @@ from torch import Tensor
 
 from tracelib.answers import ResolvedAnswer, _single_token, decoding_once, resolve_answer, token_str
 from tracelib.attribution import Attribution, compute_attribution, warn_if_off
-from tracelib.batching import auto_batch_size, progress_bar
+from tracelib.batching import auto_batch_size, forward_until, progress_bar
 from tracelib.formats import (
     READABLE_RULE,
     check_batch_size,
@@ -253,10 +253,6 @@ class Forward:
     answer_prob: Float[Tensor, "row pos"]
 
 
-class _Unembedding(Exception):
-    """Raised at the unembedding's input: the trace scores positions in blocks itself."""
-
-
 # Elements of the largest logits block scored at once ([row, positions, vocab]).
 LOGIT_BLOCK_ELEMENTS = 2**24
 # Fewest (row, position) pairs scored at once, so the matmul takes the full pass's kernel.
@@ -347,19 +343,15 @@ def run_forward(model, rows: list[Row]) -> Forward:
     point = getattr(getattr(model, "unembed", None), "hook_in", None)  # not hook_dict: the bridge rebuilds it per read
     hidden: dict[str, Tensor] = {}
 
-    def stop(act: Tensor, hook) -> None:
+    def unembedding_input(act: Tensor, hook) -> None:
         hidden["in"] = act.detach()
-        raise _Unembedding
 
     hooks = [(name, keep) for name in aliases]
+    stop_after = None
     if unembed is not None and getattr(point, "name", None):
-        hooks.append((point.name, stop))
-    logits = None
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        try:
-            logits = model(tokens.to(device), return_type="logits")
-        except _Unembedding:
-            pass
+        hooks.append((point.name, unembedding_input))
+        stop_after = point.name
+    logits = forward_until(model, tokens.to(device), hooks, stop_after, return_type="logits")
     missing = set(wanted) - set(final_store)
     if missing:
         raise RuntimeError(f"These hooks did not fire, so this architecture is not supported: {sorted(missing)[:5]}")
