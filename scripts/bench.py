@@ -412,7 +412,8 @@ def measure_patch(source: str, repeat: int, loader: str, tool: str) -> dict:
     import torch
 
     import tracelib as tl
-    from tracelib.patching import auto_batch_size, logit_diff, prepare
+    from tracelib.batching import auto_batch_size
+    from tracelib.patching import logit_diff, prepare
 
     model = _loader(loader)(source)
     clean, corrupted = patch_prompts(model, source)

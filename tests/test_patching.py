@@ -292,7 +292,7 @@ def test_a_start_at_layer_that_goes_wrong_falls_back_to_full_runs(tiny, monkeypa
     # If a TransformerLens or transformers release changed how a run started at a layer treats the
     # block list (say, start_at_layer skipping the blocks itself, so cutting the list skips twice),
     # the once-per-model check sees it, warns, and the sweep runs from the tokens.
-    from tracelib import patching
+    from tracelib.patching import runs as patching
 
     expected = patch(tiny, CLEAN, CORRUPTED, ANSWER, what="resid_pre")
     cut = patching._blocks_from
@@ -392,7 +392,7 @@ def test_min_effect_is_a_checked_per_call_threshold(tiny, weak_injection, monkey
             tiny, CLEAN, CORRUPTED, ANSWER, "resid_pre_all_pos", min_effect=2 * strong.delta / strong.clean_metric
         ).weak_effect
     # The default is read from the module constant when patch() runs.
-    monkeypatch.setattr(tl.patching, "MIN_EFFECT", 0.0)
+    monkeypatch.setattr(tl.patching.result, "MIN_EFFECT", 0.0)
     assert not _weak_patch(tiny, injection, what="resid_pre_all_pos").weak_effect
     for bad in (-0.1, math.nan, math.inf):
         with pytest.raises(ValueError, match="min_effect"):
@@ -430,7 +430,7 @@ def test_recovery_colours_are_bounded(tiny):
 def test_cells_before_the_first_difference_are_not_run(tiny, monkeypatch):
     """Attention looks back only: before the prompts differ, a patch changes nothing, so those cells are
     the base run's own metric (recovery 0 denoising, 1 noising) and no forward pass is spent on them."""
-    from tracelib import patching
+    from tracelib.patching import exact as patching
 
     seen = []
     real = patching.run_patched

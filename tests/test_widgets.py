@@ -152,7 +152,7 @@ def test_patching_tab_says_when_there_is_nothing_to_recover(app, tiny, monkeypat
     assert "not recovery" in fig.layout.title.text and fig.data[0].colorbar.title.text.startswith("raw change")
     assert fig.data[0].zmax == pytest.approx(result.raw_change[~result.raw_change.isnan()].abs().max().item())
     # With the check off (the module's default threshold at 0), the tab draws recovery and no note.
-    monkeypatch.setattr(tl.patching, "MIN_EFFECT", 0.0)
+    monkeypatch.setattr(tl.patching.result, "MIN_EFFECT", 0.0)
     result = app.run_patching()
     assert not result.weak_effect and len(app.patch_box.children) == 2
     assert "recovery of" in app.patch_box.children[-1].figure.layout.title.text
