@@ -13,6 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import tracelib as tl
 from tracelib import plotting
 
 # report_html puts this in every report's head: it is how --html knows a file is ours to overwrite.
@@ -141,8 +142,6 @@ def _one_line(exc: BaseException) -> str:
 def _trace(args: argparse.Namespace) -> int:
     if args.html:  # refuse a bad destination before spending time on the model
         _check_html_target(Path(args.html), args.force)
-
-    import tracelib as tl
 
     model = tl.load_model(args.model)
     prompt = tl.chat_prompt(model, args.prompt) if args.chat else args.prompt

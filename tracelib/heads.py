@@ -30,9 +30,8 @@ from torch import Tensor
 
 from tracelib import plotting
 from tracelib.batching import forward_until
-from tracelib.formats import check_k
+from tracelib.formats import check_k, token_labels
 from tracelib.identity import ModelIdentity, ModelRef, check_model_arg, check_same_model, model_from, model_identity
-from tracelib.plotting import token_labels
 from tracelib.projections import layer_weight
 
 VERDICTS = ("final position", "operand", "elsewhere")

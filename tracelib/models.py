@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from tracelib import lean_processing
+
 # The bundled models ship inside the package; tracelib/tiny_arith.py trains them (`make model`).
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 BUNDLED_MODELS: tuple[str, ...] = ("tiny-arith", "tiny-arith-chat")
@@ -550,8 +552,6 @@ def load_model(
         ValueError: a device that is not available here, or a dtype that is not a float type.
     """
     from transformer_lens.model_bridge import TransformerBridge
-
-    from tracelib import lean_processing
 
     if not isinstance(name, (str, Path)) or not str(name).strip():
         raise UnknownModelError(f"load_model needs a model name or folder, got {name!r}. {_help_text()}")

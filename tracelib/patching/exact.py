@@ -9,11 +9,10 @@ import torch
 
 from tracelib.alignment import align_tokens
 from tracelib.answers import token_str
-from tracelib.formats import check_batch_size, described
+from tracelib.formats import check_batch_size, described, token_labels
 from tracelib.identity import check_model_arg
 from tracelib.patching.result import PatchingResult, _check_span, _made_by, _warn_if_weak, check_min_effect, check_what
 from tracelib.patching.runs import DIRECTIONS, WHATS, Cell, PatchSetup, logit_diff, run_cached, run_patched
-from tracelib.plotting import token_labels
 from tracelib.trace import build_rows
 
 

@@ -8,11 +8,11 @@ import torch
 from torch import Tensor
 
 from tracelib.answers import token_str
+from tracelib.formats import token_labels
 from tracelib.identity import check_model_arg
 from tracelib.patching.exact import invert_alignment, resolve_pair
 from tracelib.patching.result import PatchingResult, _check_span, _made_by, _warn_if_weak, check_min_effect, check_what
 from tracelib.patching.runs import DIRECTIONS, WHATS, logit_diff
-from tracelib.plotting import token_labels
 
 # Attribution patching: the first-order estimate of every cell from one backward pass.
 # Which hook each `what` reads its activation and gradient at (TL aliases, `{layer}` filled in).

@@ -1,0 +1,65 @@
+"""Every plotly figure tracelib draws. Functions return figures and never call `.show()`.
+
+One module per view, as CircuitsVis does: `style` (colours, captions, layout), `trace_views`,
+`report`, `comparison`, `patching`, `ood`. Plotting imports no step: a result's `.plot()` calls
+down into it with tensors, labels and formats.
+"""
+
+from tracelib.plotting.comparison import (  # noqa: F401
+    comparison_bars,
+    comparison_heatmaps,
+)
+from tracelib.plotting.ood import (  # noqa: F401
+    CORRUPTED_COLOR,
+    RATIO_RANGE,
+    REFERENCE_COLOR,
+    STATUS_STYLE,
+    damage_figure,
+    undertrained_figure,
+)
+from tracelib.plotting.patching import (  # noqa: F401
+    NOT_PATCHED_COLOR,
+    NOT_PATCHED_MARK,
+    NOT_PATCHED_NAME,
+    PATCHING_CAPTION,
+    RAW_CHANGE_CAPTION,
+    RECOVERY_COLOR_LIMIT,
+    _weak_title,
+    agreement_figure,
+    patching_figure,
+    readable_causal_figure,
+    recovery_color_limit,
+)
+from tracelib.plotting.report import (  # noqa: F401
+    _prediction_line,
+    readable_positions_sentence,
+    report_figures,
+    report_html,
+)
+from tracelib.plotting.style import (  # noqa: F401
+    BLUE,
+    DIVERGING,
+    LENS_COLORS,
+    METRIC_TITLES,
+    PALE_RED,
+    RED,
+    SIGN_CAPTION,
+    _diverging_heatmap,
+    _layout,
+    _rdbu_heatmap,
+    _signed_title,
+    _without_caption,
+    component_label,
+    log_ticks,
+)
+from tracelib.plotting.trace_views import (  # noqa: F401
+    MARGIN_CAPTION,
+    component_bars,
+    head_heatmap,
+    lens_lines,
+    margin_bars,
+    neuron_strip,
+    position_heatmap,
+    signed_bars,
+    source_bars,
+)
