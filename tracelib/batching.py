@@ -6,6 +6,7 @@ import os
 import sys
 
 import torch
+from tqdm.auto import tqdm
 
 
 def _is_quiet() -> bool:
@@ -23,8 +24,6 @@ def _is_quiet() -> bool:
 def progress_bar(items, progress: bool | None, desc: str):
     """`items`, under a tqdm bar when `progress` is True, or by default when there are more than 4
     of them and `_is_quiet()` is False (the rule `patch` and `trace` share)."""
-    from tqdm.auto import tqdm
-
     items = list(items)
     show = progress if progress is not None else (len(items) > 4 and not _is_quiet())
     return tqdm(items, disable=not show, desc=desc, leave=False) if show else items

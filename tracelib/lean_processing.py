@@ -32,8 +32,11 @@ import contextlib
 import copy
 import hashlib
 import inspect
+import json
 import re
 import warnings
+from importlib.metadata import version
+from pathlib import Path
 
 import torch
 
@@ -98,7 +101,6 @@ def _fingerprint() -> str | None:
 
 def unsupported_reason() -> str | None:
     """Why the lean path cannot be used with the installed TransformerLens, or None if it can."""
-    from importlib.metadata import version
 
     installed = version("transformer-lens")
     if installed not in CHECKED_VERSIONS:
@@ -259,8 +261,6 @@ def _chunked_pipeline(original):
 
 def checkpoint_dtype(folder) -> torch.dtype | None:
     """The dtype a saved checkpoint's config declares (`dtype`, or the older `torch_dtype`)."""
-    import json
-    from pathlib import Path
 
     try:
         config = json.loads((Path(folder) / "config.json").read_text())

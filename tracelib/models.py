@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -324,7 +325,6 @@ def file_sha256(path) -> str:
 
 def _require_gguf() -> str:
     """The installed `gguf` package's version, or an ImportError that says how to install it."""
-    from importlib.metadata import PackageNotFoundError, version
 
     hint = "pip install 'gguf>=0.10' (or tracelib's extra: pip install 'tracelib-interp[gguf]')"
     try:

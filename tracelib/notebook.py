@@ -6,6 +6,11 @@ import functools
 import random
 import sys
 
+import numpy as np
+import pandas as pd
+import plotly.io as pio
+import torch
+
 from tracelib.formats import fmt_float
 
 # In Jupyter, figures go out as plotly's JSON MIME type only: JupyterLab, Notebook 7 and VS Code draw
@@ -32,10 +37,6 @@ def setup_notebook(seed: int = 0, precision: int = 3, renderer: str | None = Non
             "plotly_mimetype+notebook" (embeds plotly.js, about 3.5 MB) or
             "plotly_mimetype+notebook_connected" (loads plotly.js from a CDN when opened).
     """
-    import numpy as np
-    import pandas as pd
-    import plotly.io as pio
-    import torch
 
     random.seed(seed)
     np.random.seed(seed)

@@ -13,7 +13,7 @@ from tracelib.formats import check_batch_size, described, token_labels
 from tracelib.identity import check_model_arg
 from tracelib.patching.result import PatchingResult, _check_span, _made_by, _warn_if_weak, check_min_effect, check_what
 from tracelib.patching.runs import DIRECTIONS, WHATS, Cell, PatchSetup, logit_diff, run_cached, run_patched
-from tracelib.trace import build_rows
+from tracelib.rows import build_rows
 
 
 def _resolve(model, prompt: str, answer, distractors, prepend_bos: bool | None = None):

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from tracelib.batching import auto_batch_size, progress_bar
 from tracelib.formats import TracelibWarning, check_batch_size
-from tracelib.trace import real_hook_points
+from tracelib.forward import real_hook_points
 
 # Which TransformerLens hook each `what` patches, and whether it is split by position and by head.
 # "_all_pos" patches every (aligned) position of the layer at once.
