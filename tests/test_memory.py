@@ -191,7 +191,7 @@ def test_a_future_format_is_still_refused(tiny, tmp_path):
 
 @pytest.mark.parametrize("block", [None, 1])
 def test_logits_scored_in_blocks_equal_the_models(any_model, block, monkeypatch):
-    trace_module = importlib.import_module("tracelib.trace")  # tl.trace is the function
+    trace_module = importlib.import_module("tracelib.forward")  # where the trace scores positions in blocks
     if block is not None:
         monkeypatch.setattr(trace_module, "LOGIT_BLOCK_ELEMENTS", block)  # one position per block
     long = "what is 1 + 1 and 2 + 3 and 4 + 5 and 6 + 7 and 8 + 9 and 1 + 1"  # several blocks of 16 positions

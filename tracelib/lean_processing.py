@@ -31,11 +31,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import re
 import warnings
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -102,7 +102,7 @@ def _fingerprint() -> str | None:
 def unsupported_reason() -> str | None:
     """Why the lean path cannot be used with the installed TransformerLens, or None if it can."""
 
-    installed = version("transformer-lens")
+    installed = importlib.metadata.version("transformer-lens")
     if installed not in CHECKED_VERSIONS:
         return f"TransformerLens {installed} is not one of the versions it was checked against {CHECKED_VERSIONS}"
     fingerprint = _fingerprint()

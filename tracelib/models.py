@@ -11,6 +11,7 @@ import contextlib
 import difflib
 import gc
 import hashlib
+import importlib.metadata
 import io
 import json
 import os
@@ -21,7 +22,6 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -328,8 +328,8 @@ def _require_gguf() -> str:
 
     hint = "pip install 'gguf>=0.10' (or tracelib's extra: pip install 'tracelib-interp[gguf]')"
     try:
-        found = version("gguf")
-    except PackageNotFoundError:
+        found = importlib.metadata.version("gguf")
+    except importlib.metadata.PackageNotFoundError:
         raise ImportError(f"Loading a GGUF file needs the `gguf` package, which is not installed: {hint}.") from None
     numbers = tuple(int(part) for part in re.findall(r"\d+", found)[:2])
     if numbers < GGUF_MIN_VERSION:
