@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tracelib as tl
-from tracelib import reference
+from tracelib import reference_format as reference
 from tracelib.trace import FINAL, FULL, build_rows, first_nonfinite, hook_names, run_forward
 
 PROMPTS, ANSWERS = ["what is 1 + 1", "what is 12 + 13"], [" 2", " 25"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tracelib as tl
-from tracelib import reference
+from tracelib import reference_format as reference
 
 PROMPTS, ANSWERS = ["what is 1 + 1", "what is 2 + 3"], [" 2", " 5"]
 

@@ -19,7 +19,8 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
 import tracelib as tl
-from tracelib import folders, reference
+from tracelib import folders
+from tracelib import reference_format as reference
 
 PROMPTS, ANSWERS = ["what is 1 + 1", "what is 2 + 3"], [" 2", " 5"]
 

@@ -43,7 +43,8 @@ from tracelib.patching import (
     readable_vs_causal,
 )
 from tracelib.positions import Positions
-from tracelib.reference import (
+from tracelib.reference import load_reference
+from tracelib.reference_format import (
     ReferenceChecksumError,
     ReferenceConflictError,
     ReferenceContentError,
@@ -58,7 +59,6 @@ from tracelib.reference import (
     ReferenceVersionError,
     ReferenceWriteError,
     TraceReferenceError,
-    load_reference,
 )
 from tracelib.shortcuts import direct_logit_attribution, logit_lens, logit_margin
 from tracelib.smollm2 import fetch_smollm2

@@ -164,3 +164,8 @@ UNREADABLE_BELOW = 0.25
 
 
 LENSES = ("standard", "dla")
+
+
+def shown_entry(entry: str | None) -> str:
+    """A lens entry as written in summaries ("L3 attn"), or "never" where there is none."""
+    return "never" if entry is None else unit_label(entry)

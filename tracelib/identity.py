@@ -59,6 +59,15 @@ class ModelIdentity:
         return f"{self.name} (weights {self.fingerprint[:8] or 'unknown'})"
 
 
+class MadeByModel:
+    """For result dataclasses with `model_name` and `weights_fingerprint` fields: the model that made them."""
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The model that made this result: its name and weights fingerprint."""
+        return ModelIdentity(self.model_name, self.weights_fingerprint)
+
+
 def is_model(obj) -> bool:
     """Whether `obj` looks like a model from `tl.load_model` (a TransformerLens bridge or module with a config)."""
     return isinstance(obj, torch.nn.Module) and hasattr(obj, "cfg")

@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelib import plotting
-from tracelib.formats import LENS_NAMES, READABLE_PROB, check_k, fmt_value, unit_label
+from tracelib.formats import LENS_NAMES, READABLE_PROB, check_k, fmt_value, shown_entry, unit_label
 from tracelib.identity import ModelGoneError, ModelRef, model_from  # noqa: F401 - ModelGoneError re-exported
 
 # The lazy readout unembeds this many bytes of logits at a time (the [entry, vocab] block of one
@@ -274,15 +274,11 @@ class LogitLens:
         lines = [f"LogitLens({len(self.labels)} entries, {len(self.row_labels)} row(s))"]
         for r, label in enumerate(self.row_labels[:5]):
             lines.append(
-                f"  {label}: readable from {_shown(self.standard.readable_from(r))} (standard), "
-                f"{_shown(self.dla.readable_from(r))} (dla); "
+                f"  {label}: readable from {shown_entry(self.standard.readable_from(r))} (standard), "
+                f"{shown_entry(self.dla.readable_from(r))} (dla); "
                 f"final logit diff {fmt_value(self.standard.logit_diff[-1, r])}"
             )
         return "\n".join(lines)
-
-
-def _shown(entry: str | None) -> str:
-    return "never" if entry is None else unit_label(entry)
 
 
 def _unembed(model, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -323,6 +323,11 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def _error_text(exc: Exception) -> str:
+    """An exception as one line for a load error: its type and the first 500 characters of its message."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+
+
 def _require_gguf() -> str:
     """The installed `gguf` package's version, or an ImportError that says how to install it."""
 
@@ -405,9 +410,8 @@ def dequantize_gguf(path, folder) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     except Exception as exc:
-        detail = " ".join(str(exc).split())[:500]
         raise ModelLoadError(
-            f"transformers could not read the GGUF file {path} ({type(exc).__name__}: {detail}). Its architecture "
+            f"transformers could not read the GGUF file {path} ({_error_text(exc)}). Its architecture "
             "may be one transformers cannot load from GGUF; convert it to a Hugging Face checkpoint instead."
         ) from exc
     loaded_s = time.perf_counter() - start
@@ -586,9 +590,8 @@ def load_model(
             with lean_processing.lean_processing(model) if lean else contextlib.nullcontext():
                 model.enable_compatibility_mode(disable_warnings=True, fold_value_biases=fold_value_biases)
         except Exception as exc:
-            detail = " ".join(str(exc).split())[:500]
             raise ModelLoadError(
-                f"Could not load {name!r} from {source} ({origin}): {type(exc).__name__}: {detail}. Check that "
+                f"Could not load {name!r} from {source} ({origin}): {_error_text(exc)}. Check that "
                 "the folder holds a complete checkpoint saved with `save_pretrained` (config.json and the weights)."
             ) from exc
         finally:

@@ -30,7 +30,7 @@ from torch import Tensor
 from tracelib import plotting
 from tracelib.answers import _check_text, prepends_bos, resolve_answer, token_str
 from tracelib.formats import LENSES, SURVIVES_WITHIN, UNREADABLE_BELOW, check_k, check_row, described, unit_label
-from tracelib.identity import ModelIdentity, check_model_arg, check_same_model
+from tracelib.identity import MadeByModel, check_model_arg, check_same_model
 from tracelib.models import model_name
 from tracelib.plotting import undertrained_figure
 from tracelib.trace import check_trace_arg
@@ -545,7 +545,7 @@ def damage_status(ratio: float) -> str:
 
 
 @dataclass(frozen=True)
-class DamageReport:
+class DamageReport(MadeByModel):
     """A corrupted trace measured against its clean reference, at the answer (final) position.
 
     Attributes:
@@ -590,11 +590,6 @@ class DamageReport:
     corrupted: Float[Tensor, " feature"]
     model_name: str = ""
     weights_fingerprint: str = ""
-
-    @property
-    def identity(self) -> ModelIdentity:
-        """The model both traces came from: its name and weights fingerprint."""
-        return ModelIdentity(self.model_name, self.weights_fingerprint)
 
     def __post_init__(self) -> None:
         curves = (len(LENSES), len(self.entry_labels))

@@ -19,38 +19,19 @@ from pathlib import Path
 from jaxtyping import AbstractArray
 from torch import Tensor
 
-from tracelib import folders  # noqa: F401 - tests reach the file layer through this module
-from tracelib.identity import check_model_arg, weights_fingerprint  # noqa: F401 - re-exported
-from tracelib.reference_format import (  # noqa: F401 - re-exported: the reference API in one place
+from tracelib.identity import check_model_arg
+from tracelib.reference_format import (
     _MAX_DEPTH,
-    CHECKSUM_FIELD,
-    FORMAT,
-    FORMAT_VERSION,
-    MAX_META_BYTES,
     META_FILE,
     TENSOR_FILE,
-    ReferenceChecksumError,
-    ReferenceConflictError,
     ReferenceContentError,
     ReferenceFormatError,
-    ReferenceLeftoverWarning,
-    ReferenceMissingFileError,
-    ReferenceModelMismatchError,
-    ReferenceOverwriteError,
     ReferenceShapeError,
-    ReferenceTokenizerMismatchError,
-    ReferenceTruncatedError,
-    ReferenceVersionError,
-    ReferenceWriteError,
     TraceReferenceError,
     _check_leftovers,
     _read_tensors,
-    canonical_sha256,
     check_model,
-    model_metadata,
     read_metadata,
-    save_reference,
-    tokenizer_hash,
 )
 from tracelib.trace import Trace
 

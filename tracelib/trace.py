@@ -27,7 +27,7 @@ from tracelib.formats import (
     fmt_prob,
     fmt_value,
     metric_phrase,
-    unit_label,
+    shown_entry,
 )
 from tracelib.forward import (  # noqa: F401 - FINAL, FULL, first_nonfinite, hook_names, real_hook_points re-exported
     FINAL,
@@ -40,7 +40,7 @@ from tracelib.forward import (  # noqa: F401 - FINAL, FULL, first_nonfinite, hoo
     run_forward,
 )
 from tracelib.heads import Heads, compute_heads
-from tracelib.identity import ModelIdentity, check_model_arg, weights_fingerprint
+from tracelib.identity import MadeByModel, check_model_arg, weights_fingerprint
 from tracelib.lens import LogitLens, compute_lens
 from tracelib.margin import Margin, check_k, compute_margin
 from tracelib.models import model_name
@@ -52,7 +52,7 @@ from tracelib.rows import Row, _fill_distractors, build_rows, default_distractor
 
 
 @dataclass(frozen=True)
-class Trace:
+class Trace(MadeByModel):
     """Everything `trace()` found, from one forward pass.
 
     Attributes:
@@ -76,11 +76,6 @@ class Trace:
     positions: Positions
     model_name: str
     weights_fingerprint: str = ""
-
-    @property
-    def identity(self) -> ModelIdentity:
-        """The model that made this trace: its name and weights fingerprint."""
-        return ModelIdentity(self.model_name, self.weights_fingerprint)
 
     def to_dict(self, k: int = 5) -> dict:
         """A JSON-able summary, one entry per row, with the top `k` heads and neurons."""
@@ -166,8 +161,8 @@ class Trace:
                 f"prediction  {m.top_strs[r][0]!r} (p={fmt_prob(m.top_probs[r, 0])}); answer {row.target_str!r} "
                 f"rank {int(m.rank[r])}, p={fmt_prob(m.prob[r])}, logit {fmt_value(m.logit[r])}",
                 f"margin      logit diff {fmt_value(m.logit_diff[r])} against {m.distractor_strs[r]}",
-                f"readable    from {_shown(readable)} by the standard lens; from "
-                f"{_shown(self.lens.dla.readable_from(r))} by the cached-scale DLA lens ({READABLE_RULE})",
+                f"readable    from {shown_entry(readable)} by the standard lens; from "
+                f"{shown_entry(self.lens.dla.readable_from(r))} by the cached-scale DLA lens ({READABLE_RULE})",
                 f"DLA of the {dla.metric_label(r)}:",
             ]
             for unit in ("component", "head", "neuron"):
@@ -201,14 +196,10 @@ class Trace:
             lines.append(
                 f"  {row.label}: rank {int(m.rank[r])}, p {fmt_prob(m.prob[r])}, logit diff "
                 f"{fmt_value(m.logit_diff[r])} vs {m.distractor_strs[r]}; readable from "
-                f"{_shown(self.lens.standard.readable_from(r))}; "
+                f"{shown_entry(self.lens.standard.readable_from(r))}; "
                 f"DLA residual {self.dla.reconstruction.residual[r].item():+.1e}"
             )
         return "\n".join(lines)
-
-
-def _shown(entry: str | None) -> str:
-    return "never" if entry is None else unit_label(entry)
 
 
 def trace(

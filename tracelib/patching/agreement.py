@@ -11,7 +11,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tracelib.formats import check_k, check_row
-from tracelib.identity import ModelIdentity, check_same_model
+from tracelib.identity import MadeByModel, check_same_model
 from tracelib.patching.result import PatchingResult, check_patching_result
 from tracelib.plotting import agreement_figure, readable_causal_figure
 from tracelib.stats import spearman
@@ -33,7 +33,7 @@ def _cell_names(result: PatchingResult) -> list[str]:
 
 
 @dataclass(frozen=True)
-class PatchingAgreement:
+class PatchingAgreement(MadeByModel):
     """How well attribution patching's estimate matches exact patching, cell by cell.
 
     Attributes:
@@ -63,11 +63,6 @@ class PatchingAgreement:
     delta: float = math.nan
     model_name: str = ""
     weights_fingerprint: str = ""
-
-    @property
-    def identity(self) -> ModelIdentity:
-        """The model both results came from: its name and weights fingerprint."""
-        return ModelIdentity(self.model_name, self.weights_fingerprint)
 
     def __post_init__(self) -> None:
         if not (len(self.cells) == len(self.exact) == len(self.estimate)):
@@ -188,7 +183,7 @@ CAUSAL_UNITS = {"head": "head", "attn_out_all_pos": "attn", "mlp_out_all_pos": "
 
 
 @dataclass(frozen=True)
-class ReadableVsCausal:
+class ReadableVsCausal(MadeByModel):
     """Each component's and head's DLA (readable) beside its patching effect (causal).
 
     Attributes:
@@ -219,11 +214,6 @@ class ReadableVsCausal:
     delta: float = math.nan
     model_name: str = ""
     weights_fingerprint: str = ""
-
-    @property
-    def identity(self) -> ModelIdentity:
-        """The model the trace and the sweeps came from: its name and weights fingerprint."""
-        return ModelIdentity(self.model_name, self.weights_fingerprint)
 
     def __post_init__(self) -> None:
         if not (len(self.units) == len(self.kinds) == len(self.dla) == len(self.recovery)):

@@ -13,7 +13,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tracelib.formats import TracelibWarning, check_k, described
-from tracelib.identity import ModelIdentity, model_identity
+from tracelib.identity import MadeByModel, model_identity
 from tracelib.patching.runs import METHODS, WHATS
 from tracelib.plotting import patching_figure
 
@@ -33,7 +33,7 @@ class WeakCorruptionWarning(TracelibWarning):
 
 
 @dataclass(frozen=True)
-class PatchingResult:
+class PatchingResult(MadeByModel):
     """How much of the clean logit difference each patched cell recovers (1 = clean, 0 = corrupted).
 
     Recovery is `raw_change / delta`: the change each patch makes, over the change the corruption
@@ -82,11 +82,6 @@ class PatchingResult:
     min_effect: float = MIN_EFFECT
     model_name: str = ""
     weights_fingerprint: str = ""
-
-    @property
-    def identity(self) -> ModelIdentity:
-        """The model that made this result: its name and weights fingerprint."""
-        return ModelIdentity(self.model_name, self.weights_fingerprint)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
