@@ -33,16 +33,54 @@ _CHUNK_BYTES = 64 * 2**20
 _MIN_COLUMNS = 64
 
 
-class _Pending:
-    """What a lazy `LensCurve` needs to compute `prob` and `rank`: the normalised residuals (on
-    the CPU), each row's target, and a weak reference to the model, so a trace never keeps a model
-    alive."""
+class _Joint:
+    """What both lazy lenses of one batch need to compute `prob` and `rank`, shared so that one
+    full-vocabulary matmul per entry serves both.
 
-    def __init__(self, model, normalised: Tensor, targets: Tensor) -> None:
+    Before `b_U`, the two lenses' logits at an entry differ only by a positive scale: the standard
+    lens divides the (centred) residual by its own norm's scale, the DLA lens by the final position's
+    cached scale. So `normalised` holds the DLA lens's residuals and `scale` the standard lens's factor
+    on them, `[entry, row]`; the residuals live on the CPU, and the model is held weakly, so a trace
+    never keeps a model alive.
+    """
+
+    def __init__(self, model, normalised: Tensor, scale: Tensor, targets: Tensor, device) -> None:
         self.model = ModelRef(model)
         self.normalised = normalised.detach().cpu()
+        self.scale = scale.detach().cpu()
         self.targets = targets.detach().cpu()
-        self.device = normalised.device
+        self.device = device
+        self.results: dict[str, tuple[Tensor, Tensor]] = {}
+        self.joined: dict[tuple, _Joint] = {}
+
+    def result(self, model, kind: str) -> tuple[Tensor, Tensor]:
+        """(prob, rank) of lens `kind`, computing both lenses' the first time either is asked for."""
+        if kind not in self.results:
+            self.results.update(_full_readout(model, self.normalised, self.scale, self.targets, self.device))
+        return self.results.pop(kind)
+
+    @staticmethod
+    def join(parts: list[_Joint]) -> _Joint:
+        """The joint of batches `parts`, row after row; both lenses' joins get the same one."""
+        key = tuple(id(p) for p in parts)
+        if key not in parts[0].joined:
+            model = parts[0].model()
+            parts[0].joined[key] = _Joint(
+                model,
+                torch.cat([p.normalised for p in parts], dim=1),
+                torch.cat([p.scale for p in parts], dim=1),
+                torch.cat([p.targets for p in parts]),
+                parts[0].device,
+            )
+        return parts[0].joined[key]
+
+
+class _Pending:
+    """A lazy `LensCurve`'s link to the batch's shared `_Joint`, and which lens it is."""
+
+    def __init__(self, joint: _Joint, kind: str) -> None:
+        self.joint, self.kind = joint, kind
+        self.model = joint.model
 
 
 class _LazyStat:
@@ -141,12 +179,8 @@ class LensCurve:
         diff = torch.cat([c.logit_diff for c in curves], dim=1)
         pending = [c.__dict__.get("_pending") for c in curves]
         if all(p is not None for p in pending) and all(p.model() is pending[0].model() for p in pending):
-            model = pending[0].model()
-            if model is not None:
-                joined = _Pending(
-                    model, torch.cat([p.normalised for p in pending], dim=1), torch.cat([p.targets for p in pending])
-                )
-                joined.device = pending[0].device
+            if pending[0].model() is not None:
+                joined = _Pending(_Joint.join([p.joint for p in pending]), first.kind)
                 return cls.lazy(first.kind, list(first.labels), logit, diff, joined)
         prob = torch.cat([c.prob for c in curves], dim=1)
         rank = torch.cat([c.rank for c in curves], dim=1)
@@ -163,7 +197,7 @@ class LensCurve:
                 "Read .prob or .rank (or call trace.lens.materialise(model)) while the model is alive; or pass "
                 "a model now: trace.lens.materialise(model).",
             )
-        prob, rank = _full_readout(model, pending.normalised, pending.targets, pending.device)
+        prob, rank = pending.joint.result(model, self.kind)
         self.__dict__["_prob"], self.__dict__["_rank"] = prob, rank
         del self.__dict__["_pending"]
 
@@ -312,26 +346,34 @@ def _readout(
     return tuple(torch.stack(x, dim=1).cpu() for x in (logit, diff))
 
 
-def _full_readout(model, normalised: Tensor, targets: Tensor, device) -> tuple[Tensor, Tensor]:
-    """The answer's probability and rank among the whole vocabulary, `[entry, row]` each.
+def _full_readout(
+    model, normalised: Tensor, scale: Tensor, targets: Tensor, device
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Both lenses' answer probability and rank among the whole vocabulary, `[entry, row]` each.
 
-    Rows are unembedded together, `_CHUNK_BYTES` of logits at a time, on the device that traced.
+    One matmul per block of rows: `normalised @ W_U` is the DLA lens's logits before `b_U`, and
+    `scale` times it the standard lens's (see `_Joint`). Rows are unembedded together, about
+    `_CHUNK_BYTES` of logits at a time, on the device that traced.
     """
     n_entry, n_row = normalised.shape[:2]
     W_U, b_U = _unembed(model, normalised.dtype)
     W_U, b_U = W_U.to(device), b_U.to(device)
-    per_row = n_entry * W_U.shape[1] * normalised.element_size()
+    per_row = 2 * n_entry * W_U.shape[1] * normalised.element_size()  # the product and one lens's logits
     step = max(1, _CHUNK_BYTES // max(per_row, 1))
-    prob, rank = [], []
+    out: dict[str, tuple[list, list]] = {"standard": ([], []), "dla": ([], [])}
     with torch.no_grad():
         for start in range(0, n_row, step):
             block = normalised[:, start : start + step].to(device)  # [entry, rows, d_model]
-            logits = block.transpose(0, 1) @ W_U + b_U  # [rows, entry, vocab]
+            product = block.transpose(0, 1) @ W_U  # [rows, entry, vocab]
             t = targets[start : start + step].to(device)
-            answer = logits.gather(-1, t[:, None, None].expand(-1, n_entry, 1))[..., 0]  # [rows, entry]
-            prob.append((answer - logits.logsumexp(-1)).exp().T.cpu())
-            rank.append((logits > answer[..., None]).sum(-1).T.cpu())
-    return torch.cat(prob, dim=1), torch.cat(rank, dim=1)
+            factor = scale[:, start : start + step].to(device).T[..., None]  # [rows, entry, 1]
+            for kind in ("dla", "standard"):
+                logits = product + b_U if kind == "dla" else torch.addcmul(b_U, product, factor)
+                answer = logits.gather(-1, t[:, None, None].expand(-1, n_entry, 1))[..., 0]  # [rows, entry]
+                out[kind][0].append((answer - logits.logsumexp(-1)).exp().T.cpu())
+                out[kind][1].append((logits > answer[..., None]).sum(-1).T.cpu())
+                del logits
+    return {kind: (torch.cat(prob, dim=1), torch.cat(rank, dim=1)) for kind, (prob, rank) in out.items()}
 
 
 def compute_lens(
@@ -349,12 +391,19 @@ def compute_lens(
     )  # [entry, row, 1, d_model]
     dtype = torch.float64 if stack.dtype == torch.float64 else torch.float32
     W_U, b_U = _unembed(model, dtype)
+    normalised = {
+        kind: cache.apply_ln_to_stack(stack, layer=None, recompute_ln=recompute)[:, :, 0].to(dtype)
+        for kind, recompute in (("standard", True), ("dla", False))
+    }
+    # The standard lens's residuals are the DLA lens's times a positive factor per entry and row.
+    dla = normalised["dla"]
+    norm = dla.square().sum(-1)
+    scale = torch.where(norm > 0, (normalised["standard"] * dla).sum(-1) / norm.clamp_min(torch.finfo(dtype).tiny), 0)
+    joint = _Joint(model, dla, scale, targets, dla.device)
     curves = {}
-    for kind, recompute in (("standard", True), ("dla", False)):
-        normalised = cache.apply_ln_to_stack(stack, layer=None, recompute_ln=recompute)[:, :, 0].to(dtype)
-        logit, diff = _readout(normalised, W_U, b_U, targets, distractors)
-        pending = _Pending(model, normalised, targets)
-        curves[kind] = LensCurve.lazy(kind, list(labels), logit, diff, pending)
+    for kind in ("standard", "dla"):
+        logit, diff = _readout(normalised[kind], W_U, b_U, targets, distractors)
+        curves[kind] = LensCurve.lazy(kind, list(labels), logit, diff, _Pending(joint, kind))
     return LogitLens(
         list(row_labels), curves["standard"], curves["dla"], list(answer_strs or []), list(distractor_strs or [])
     )
