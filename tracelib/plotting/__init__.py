@@ -5,6 +5,8 @@ One module per view, as CircuitsVis does: `style` (colours, captions, layout), `
 down into it with tensors, labels and formats.
 """
 
+# Labels and numbers as the figures write them (from formats), where plotting always offered them.
+from tracelib.formats import READABLE_PROB, fmt_value, metric_phrase, token_labels, unit_label  # noqa: F401
 from tracelib.plotting.comparison import (  # noqa: F401
     comparison_bars,
     comparison_heatmaps,
