@@ -72,15 +72,21 @@ def test_narrow_unembedding_matches_the_wide_one(floats):
         rivals = [torch.randint(0, vocab, (2,), generator=gen).tolist() for _ in range(rows)]
         logit, diff = lens_module._readout(normalised, W_U, b_U, targets, rivals)
         model = types.SimpleNamespace(W_U=W_U, b_U=b_U)
-        prob, rank = lens_module._full_readout(model, normalised, targets, torch.device("cpu"))
+        # The standard lens's residuals are the DLA lens's times a positive factor per entry and row.
+        scale = torch.rand(entries, rows, generator=gen) + 0.5
+        both = lens_module._full_readout(model, normalised, scale, targets, torch.device("cpu"))
         for r in range(rows):
             full = normalised[:, r] @ W_U + b_U
             answer = full[:, targets[r]]
             floats.assert_close(logit[:, r], answer)
             floats.assert_close(diff[:, r], answer - full[:, rivals[r]].mean(-1), scale_of=answer)
-            # ...and the lazy readout, several rows per matmul, equals the row-by-row one.
-            floats.assert_close(prob[:, r], (answer - full.logsumexp(-1)).exp())
-            floats.assert_rank_allowed(rank[:, r], full, targets[r].expand(entries))
+            # ...and the lazy readout, several rows and both lenses per matmul, equals the row-by-row one.
+            for kind, residual in (("dla", normalised[:, r]), ("standard", normalised[:, r] * scale[:, r, None])):
+                prob, rank = both[kind]
+                logits = residual @ W_U + b_U  # computed on its own, as the standard lens would
+                at = logits[:, targets[r]]
+                floats.assert_close(prob[:, r], (at - logits.logsumexp(-1)).exp())
+                floats.assert_rank_allowed(rank[:, r], logits, targets[r].expand(entries))
 
 
 def test_prob_and_rank_are_computed_once(tiny, monkeypatch):
@@ -95,10 +101,11 @@ def test_prob_and_rank_are_computed_once(tiny, monkeypatch):
     monkeypatch.setattr(lens_module, "_full_readout", counting)
     curve = tr.lens.standard
     prob, rank = curve.prob, curve.rank
-    assert len(calls) == 1  # one batched readout gives both
+    assert len(calls) == 1  # one batched readout gives both prob and rank
     assert curve.prob is prob and curve.rank is rank and len(calls) == 1
     tr.lens.readable_from(3), tr.lens.to_frame(), tr.summary()
-    assert len(calls) == 2  # the DLA lens, once
+    assert tr.lens.dla.is_materialised
+    assert len(calls) == 1  # the same readout gave the DLA lens too: one full-vocabulary matmul per entry
 
 
 def test_model_gone_error_then_materialise():
