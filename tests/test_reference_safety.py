@@ -6,7 +6,6 @@ specific error and that nothing outside the reference was read, and nothing the 
 
 from __future__ import annotations
 
-import copy
 import errno
 import json
 import multiprocessing
@@ -33,16 +32,6 @@ def clean(tiny):
 @pytest.fixture
 def saved(tiny, clean, tmp_path):
     return clean.save(tmp_path / "ref", tiny)
-
-
-@pytest.fixture(scope="module")
-def other(tiny):
-    """tiny-arith with one weight changed: same name, other weights."""
-    model = copy.deepcopy(tiny)
-    with torch.no_grad():
-        next(model.parameters()).add_(1.0)
-    assert tl.model_identity(model).fingerprint != tl.model_identity(tiny).fingerprint
-    return model
 
 
 def read_meta(folder) -> dict:

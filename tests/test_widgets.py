@@ -285,15 +285,6 @@ def test_inputs_and_buttons_are_sized(app):
 # --- issue 18: closed widgets, a bounded cache, bad selections, one model per comparison -----------
 
 
-@pytest.fixture(scope="module")
-def other(tiny):
-    """tiny-arith with one weight changed: the same name, another model."""
-    model = copy.deepcopy(tiny)
-    with torch.no_grad():
-        next(model.parameters()).add_(1.0)
-    return model
-
-
 def test_repeated_submits_and_selections_leave_no_widgets_behind(app):
     submit(app)
     submit(app)
