@@ -166,6 +166,15 @@ UNREADABLE_BELOW = 0.25
 LENSES = ("standard", "dla")
 
 
+def rows_repr(head: str, labels: list[str], line, shown: int = 5) -> str:
+    """A result's repr: `head`, then one line per row for the first `shown` rows (`line(r)`
+    writes what follows the row's label), then how many rows were left out."""
+    lines = [head] + [f"  {label}: {line(r)}" for r, label in enumerate(labels[:shown])]
+    if len(labels) > shown:
+        lines.append(f"  ... {len(labels) - shown} more")
+    return "\n".join(lines)
+
+
 def shown_entry(entry: str | None) -> str:
     """A lens entry as written in summaries ("L3 attn"), or "never" where there is none."""
     return "never" if entry is None else unit_label(entry)

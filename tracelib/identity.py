@@ -68,6 +68,15 @@ class MadeByModel:
         return ModelIdentity(self.model_name, self.weights_fingerprint)
 
 
+@dataclass(frozen=True, kw_only=True)
+class MadeByModelFields(MadeByModel):
+    """A result's last two fields, keyword-only: the name and weights fingerprint of the model that
+    made it ("" where unknown, as in results built by hand)."""
+
+    model_name: str = ""
+    weights_fingerprint: str = ""
+
+
 def is_model(obj) -> bool:
     """Whether `obj` looks like a model from `tl.load_model` (a TransformerLens bridge or module with a config)."""
     return isinstance(obj, torch.nn.Module) and hasattr(obj, "cfg")

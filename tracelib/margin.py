@@ -10,7 +10,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tracelib import plotting
-from tracelib.formats import check_k
+from tracelib.formats import check_k, rows_repr
 
 
 @dataclass(frozen=True)
@@ -114,15 +114,15 @@ class Margin:
         return plotting.margin_bars(self, row, **layout)
 
     def __repr__(self) -> str:
-        lines = [f"Margin({len(self.row_labels)} row{'s' if len(self.row_labels) != 1 else ''})"]
-        for i, label in enumerate(self.row_labels[:5]):
-            lines.append(
-                f"  {label}: logit {self.logit[i].item():+.3f}, p {self.prob[i].item():.3f}, "
-                f"rank {int(self.rank[i])}, diff vs {self.distractor_strs[i]} {self.logit_diff[i].item():+.3f}"
-            )
-        if len(self.row_labels) > 5:
-            lines.append(f"  ... {len(self.row_labels) - 5} more")
-        return "\n".join(lines)
+        n = len(self.row_labels)
+        return rows_repr(
+            f"Margin({n} row{'s' if n != 1 else ''})",
+            self.row_labels,
+            lambda i: (
+                f"logit {self.logit[i].item():+.3f}, p {self.prob[i].item():.3f}, rank {int(self.rank[i])}, "
+                f"diff vs {self.distractor_strs[i]} {self.logit_diff[i].item():+.3f}"
+            ),
+        )
 
 
 def compute_margin(

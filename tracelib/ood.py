@@ -30,7 +30,7 @@ from torch import Tensor
 from tracelib import plotting
 from tracelib.answers import _check_text, prepends_bos, resolve_answer, token_str
 from tracelib.formats import LENSES, SURVIVES_WITHIN, UNREADABLE_BELOW, check_k, check_row, described, unit_label
-from tracelib.identity import MadeByModel, check_model_arg, check_same_model
+from tracelib.identity import MadeByModelFields, check_model_arg, check_same_model
 from tracelib.models import model_name
 from tracelib.plotting import undertrained_figure
 from tracelib.trace import check_trace_arg
@@ -545,7 +545,7 @@ def damage_status(ratio: float) -> str:
 
 
 @dataclass(frozen=True)
-class DamageReport(MadeByModel):
+class DamageReport(MadeByModelFields):
     """A corrupted trace measured against its clean reference, at the answer (final) position.
 
     Attributes:
@@ -588,8 +588,6 @@ class DamageReport(MadeByModel):
     kinds: list[str]
     reference: Float[Tensor, " feature"]
     corrupted: Float[Tensor, " feature"]
-    model_name: str = ""
-    weights_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         curves = (len(LENSES), len(self.entry_labels))

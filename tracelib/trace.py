@@ -27,6 +27,7 @@ from tracelib.formats import (
     fmt_prob,
     fmt_value,
     metric_phrase,
+    rows_repr,
     shown_entry,
 )
 from tracelib.forward import (  # noqa: F401 - FINAL, FULL, first_nonfinite, hook_names, real_hook_points re-exported
@@ -191,15 +192,15 @@ class Trace(MadeByModel):
 
     def __repr__(self) -> str:
         m = self.margin
-        lines = [f"Trace({self.model_name}, {len(self.rows)} row(s))"]
-        for r, row in enumerate(self.rows[:5]):
-            lines.append(
-                f"  {row.label}: rank {int(m.rank[r])}, p {fmt_prob(m.prob[r])}, logit diff "
-                f"{fmt_value(m.logit_diff[r])} vs {m.distractor_strs[r]}; readable from "
-                f"{shown_entry(self.lens.standard.readable_from(r))}; "
+        return rows_repr(
+            f"Trace({self.model_name}, {len(self.rows)} row(s))",
+            [row.label for row in self.rows],
+            lambda r: (
+                f"rank {int(m.rank[r])}, p {fmt_prob(m.prob[r])}, logit diff {fmt_value(m.logit_diff[r])} "
+                f"vs {m.distractor_strs[r]}; readable from {shown_entry(self.lens.standard.readable_from(r))}; "
                 f"DLA residual {self.dla.reconstruction.residual[r].item():+.1e}"
-            )
-        return "\n".join(lines)
+            ),
+        )
 
 
 def trace(

@@ -11,7 +11,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tracelib.formats import check_k, check_row
-from tracelib.identity import MadeByModel, check_same_model
+from tracelib.identity import MadeByModelFields, check_same_model
 from tracelib.patching.result import PatchingResult, check_patching_result
 from tracelib.plotting import agreement_figure, readable_causal_figure
 from tracelib.stats import spearman
@@ -33,7 +33,7 @@ def _cell_names(result: PatchingResult) -> list[str]:
 
 
 @dataclass(frozen=True)
-class PatchingAgreement(MadeByModel):
+class PatchingAgreement(MadeByModelFields):
     """How well attribution patching's estimate matches exact patching, cell by cell.
 
     Attributes:
@@ -61,8 +61,6 @@ class PatchingAgreement(MadeByModel):
     estimate_raw: Float[Tensor, " cell"] | None = None
     weak_effect: bool = False
     delta: float = math.nan
-    model_name: str = ""
-    weights_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         if not (len(self.cells) == len(self.exact) == len(self.estimate)):
@@ -183,7 +181,7 @@ CAUSAL_UNITS = {"head": "head", "attn_out_all_pos": "attn", "mlp_out_all_pos": "
 
 
 @dataclass(frozen=True)
-class ReadableVsCausal(MadeByModel):
+class ReadableVsCausal(MadeByModelFields):
     """Each component's and head's DLA (readable) beside its patching effect (causal).
 
     Attributes:
@@ -212,8 +210,6 @@ class ReadableVsCausal(MadeByModel):
     raw_change: Float[Tensor, " unit"] | None = None
     weak_effect: bool = False
     delta: float = math.nan
-    model_name: str = ""
-    weights_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         if not (len(self.units) == len(self.kinds) == len(self.dla) == len(self.recovery)):

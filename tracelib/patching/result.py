@@ -13,7 +13,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tracelib.formats import TracelibWarning, check_k, described
-from tracelib.identity import MadeByModel, model_identity
+from tracelib.identity import MadeByModelFields, model_identity
 from tracelib.patching.runs import METHODS, WHATS
 from tracelib.plotting import patching_figure
 
@@ -33,7 +33,7 @@ class WeakCorruptionWarning(TracelibWarning):
 
 
 @dataclass(frozen=True)
-class PatchingResult(MadeByModel):
+class PatchingResult(MadeByModelFields):
     """How much of the clean logit difference each patched cell recovers (1 = clean, 0 = corrupted).
 
     Recovery is `raw_change / delta`: the change each patch makes, over the change the corruption
@@ -80,8 +80,6 @@ class PatchingResult(MadeByModel):
     method: str = "exact"
     raw_change: Float[Tensor, "*shape"] | None = None
     min_effect: float = MIN_EFFECT
-    model_name: str = ""
-    weights_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -38,22 +38,7 @@ from tracelib.plotting.report import (  # noqa: F401
     report_figures,
     report_html,
 )
-from tracelib.plotting.style import (  # noqa: F401
-    BLUE,
-    DIVERGING,
-    LENS_COLORS,
-    METRIC_TITLES,
-    PALE_RED,
-    RED,
-    SIGN_CAPTION,
-    _diverging_heatmap,
-    _layout,
-    _rdbu_heatmap,
-    _signed_title,
-    _without_caption,
-    component_label,
-    log_ticks,
-)
+from tracelib.plotting.style import *  # noqa: F403 (style.__all__)
 from tracelib.plotting.trace_views import (  # noqa: F401
     MARGIN_CAPTION,
     component_bars,

@@ -5,9 +5,25 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from torch import Tensor
 
-from tracelib.formats import (
-    unit_label,
-)
+from tracelib.formats import unit_label
+
+# What `tracelib.plotting` re-exports (the underscored helpers too: the other views and tests use them).
+__all__ = [
+    "BLUE",
+    "DIVERGING",
+    "LENS_COLORS",
+    "METRIC_TITLES",
+    "PALE_RED",
+    "RED",
+    "SIGN_CAPTION",
+    "_diverging_heatmap",
+    "_layout",
+    "_rdbu_heatmap",
+    "_signed_title",
+    "_without_caption",
+    "component_label",
+    "log_ticks",
+]
 
 DIVERGING = "RdBu"
 
