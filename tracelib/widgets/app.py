@@ -1,196 +1,30 @@
-"""The ipywidgets explorer: type a prompt and an answer, see every step of the trace in tabs.
-
-`tl.explore(model)` returns an `Explorer`; end a notebook cell with it (or with `app.widget`) to
-show it. Every widget is a plain ipywidgets widget (figures go into `Output`s), so it runs in JupyterLab,
-Notebook 7 and Colab (after `tl.setup_notebook()` enabled Colab's widget manager), and can be
-driven from code: set `app.prompt.value`, call `app.submit()`, read `app.current`.
-
-ipywidgets keeps every widget it ever made alive (in `ipywidgets.widgets.widget._instances`) until
-`.close()` is called on it, and a widget's layout and style are widgets of their own. So the app
-closes every widget it replaces, with all it holds (`_close`): before, 100 identical submits left
-1,500 widgets, and their figures, behind.
-"""
+"""The explorer app: its inputs, what it has on show, and the actions that change it (`tl.explore`)."""
 
 from __future__ import annotations
 
 import html
-import operator
 import time
 import warnings
-from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
 import ipywidgets as w
-from IPython import get_ipython
 from IPython.display import display
 
 from tracelib.answers import MultiTokenAnswerError, chat_prompt, resolve_answer
 from tracelib.compare import compare
-from tracelib.formats import fmt_prob, fmt_value
-from tracelib.identity import check_model_arg, check_same_model, weights_fingerprint
-from tracelib.models import model_name
-from tracelib.ood import KINDS, WHERES, inject
+from tracelib.identity import check_same_model
+from tracelib.ood import inject
 from tracelib.patching import WeakCorruptionWarning, patch
-from tracelib.plotting import SIGN_CAPTION, _without_caption
-from tracelib.reference import load_reference
-from tracelib.trace import Trace, trace
-
-TAB_TITLES = ("Margin", "Lens", "DLA", "Heads", "Neurons", "Positions", "Patching", "Compare")
-# Traces kept for inputs seen before, least recently used dropped first: a real model's trace holds
-# its lens over the whole vocabulary, so an unbounded cache grows with every new input.
-CACHE_SIZE = 32
-DLA_UNITS = ("component", "layer", "head", "neuron")
-# How many tokens (junk strings, typo edits) the Patching tab injects by default. With one, nearly
-# every injection barely moves the bundled model's answer, so the tab would only say "nothing to recover".
-PATCH_N = 3
-# Errors the library raises on bad input; anything else is a bug and should surface as one.
-_INPUT_ERRORS = (ValueError, TypeError, FloatingPointError, OSError)
-# One description width for the labelled inputs, so their boxes line up under each other.
-_LABELLED = {"description_width": "90px"}
-PATCH_NOTE = (
-    "Injects OOD tokens into the prompt, then patches the clean residual stream (<code>resid_pre</code>) "
-    "into the injected run, layer by position. 1 = clean margin recovered."
-)
-COMPARE_NOTE = (
-    "Compares the trace on show (b) with a reference saved from the same model (a): b &minus; a unit by unit, "
-    "how much the top contributors overlap, how alike the units rank. To compare two models, use "
-    "<code>tl.compare</code>."
-)
+from tracelib.trace import Trace
+from tracelib.widgets.cache import CACHE_SIZE, TraceCache
+from tracelib.widgets.captions import _multi_token_note, _resolution_html, _step_label
+from tracelib.widgets.drawing import _close, _dropdown, _pattern_frame, _reference_dropdown, _replace, _text_box
+from tracelib.widgets.inputs import _INPUT_ERRORS, SelectionError, _index, _models, _references
+from tracelib.widgets.tabs import PATCH_NOTE, ResultTabs
 
 
-class SelectionError(ValueError):
-    """The explorer was asked to show a head, step or reference it does not have; the message lists what it has."""
-
-
-def _index(value) -> int | None:
-    """`value` as an index (an int, a numpy or torch integer), or None for anything else (1.5, "1", None)."""
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
-def _models(models, has_references: bool) -> dict:
-    """A name -> model dict from one model, a list of models, or a dict; each must be a loaded model.
-
-    None is allowed only when there are references to open without a model.
-    """
-    if models is None and has_references:
-        return {}
-    if isinstance(models, dict):
-        named = dict(models)
-        for model in named.values():
-            check_model_arg(model, "explore")
-    else:
-        listed = list(models) if isinstance(models, (list, tuple)) else [models]
-        for model in listed:
-            check_model_arg(model, "explore")
-        named = {model_name(m): m for m in listed}
-    if not named and not has_references:
-        check_model_arg(models, "explore")  # an empty list or dict: say what to pass
-    return named
-
-
-def _references(reference) -> dict:
-    """A label -> loaded Trace dict from a path, a Trace, or a list of either."""
-    if reference is None:
-        return {}
-    if isinstance(reference, (str, Path, Trace)):
-        reference = [reference]
-    out = {}
-    for ref in reference:
-        if isinstance(ref, Trace):
-            out[f"{ref.model_name}: {ref.rows[0].label}"] = ref
-        else:
-            out[str(ref)] = load_reference(ref)
-    return out
-
-
-def _table(frame) -> str:
-    """A DataFrame as a small HTML table, in the package's number format: probabilities `0.999`,
-    logits and attributions `+1.234`. Token columns arrive already written with repr (`'7'`)."""
-    floats = frame.select_dtypes("float").columns
-    formatters = {c: fmt_prob if c == "prob" else fmt_value for c in floats}
-    return frame.to_html(index=False, formatters=formatters, border=0)
-
-
-def _figure(fig):
-    """A widget showing a plotly figure: an `Output` that displays it through the notebook's renderer.
-
-    Not a `FigureWidget`: on plotly 6 and later each one ships its own copy of plotly.js (5 MB) to
-    the browser, so a submit that rebuilds six figures took 8-10 s in JupyterLab (measured by
-    tests/test_browser.py) against well under 1 s of work in the kernel. Heads are picked with the
-    layer and head dropdowns instead of a click on the grid. The figure is kept as `.figure`.
-    """
-    widget = w.Output()
-    if get_ipython() is not None:  # outside a kernel, display() would print to stdout
-        with widget:
-            fig.show()
-    widget.figure = fig
-    return widget
-
-
-def _close(widget) -> None:
-    """Close a widget the app no longer shows, and everything it holds: its children, layout and style.
-
-    ipywidgets keeps a widget (and whatever it refers to, a figure included) until it is closed;
-    dropping it from a box's children only hides it.
-    """
-    for child in getattr(widget, "children", ()):
-        _close(child)
-    for part in (getattr(widget, "layout", None), getattr(widget, "style", None)):
-        if isinstance(part, w.Widget):
-            part.close()
-    widget.close()
-
-
-def _replace(box, children=()) -> None:
-    """Show `children` in `box`, closing the children they replace."""
-    old, box.children = box.children, tuple(children)
-    for child in old:
-        if not any(child is new for new in box.children):
-            _close(child)
-
-
-_ONLINE: list[bool] = []
-
-
-def _pattern_source(view) -> str:
-    """circuitsvis's HTML: loading its script from the CDN when online (1 kB), inlined when offline (1.3 MB).
-
-    circuitsvis decides the same way for `_repr_html_`, but asks the network every time; the
-    explorer asks once per session, since every head selection sends the HTML to the browser.
-    """
-    if not _ONLINE:
-        from circuitsvis.utils.render import internet_on
-
-        _ONLINE.append(internet_on())
-    return view.cdn_src if _ONLINE[0] else view.local_src
-
-
-def _step_label(trace, row: int) -> str:
-    """A step selector entry: `step 2 of 2: '2', after the prompt + '1'` (or the row's label)."""
-    r = trace.rows[row]
-    if r.n_steps == 1 or len({x.prompt for x in trace.rows}) > 1:
-        return r.label
-    forced = trace.rows[row - r.step : row]
-    after = " + ".join(["the prompt", *(repr(x.target_str) for x in forced)])
-    return f"step {r.step + 1} of {r.n_steps}: {r.target_str!r}, after {after}"
-
-
-def _text_box(description: str, placeholder: str, max_width: str):
-    """An input of the app: labelled like the others, as wide as the app allows up to `max_width`."""
-    return w.Text(
-        value="",
-        description=description,
-        placeholder=placeholder,
-        style=_LABELLED,
-        layout=w.Layout(width="100%", max_width=max_width),
-    )
-
-
-class Explorer:
+class Explorer(ResultTabs):
     """An ipywidgets app over `tl.trace`: one trace per new input, cached, shown in tabs.
 
     A multi-token answer (`" 12"`) is traced one teacher-forced step per token, as `tl.trace` does;
@@ -212,27 +46,22 @@ class Explorer:
         status: a `Label` that says "tracing..." while busy, then what was done.
         error: an `HTML` with the library's message in red; its value is '' when all is well. A failed
             submit also clears the results of the one before, so none are left under the message.
-        tabs: the `Tab` of results, titled as `TAB_TITLES`.
-        compare_select, compare_box: the Compare tab's reference dropdown, and the comparison's table and figure.
+        tabs: the `Tab` of results, titled as `TAB_TITLES`. Its widgets (`margin_box`, `head_layer`,
+            `patch_button`, `compare_select`, ...) are attributes of the app too; `ResultTabs` lists them.
         comparison: the `tl.Comparison` on show in the Compare tab (reference = a, trace on show = b), or None.
         current: the `Trace` on show (None before the first submit, and after a failed one).
         current_model: the model of `current`, None for a saved reference.
         row: the row of `current` on show (the step selector's value).
         n_traces: how many times `tl.trace` ran (cached inputs do not run it again).
         selected_head: the (layer, head) on show in the Heads tab.
-        head_source, head_pattern: the selected head's source decomposition (an `Output` in a
-            `Box`) and its circuitsvis attention pattern (an `HTML`).
         head_sources: the selected head's `tl.HeadSources`.
-        patch_kind, patch_n, patch_where, patch_button, patch_progress: the Patching tab's inputs:
-            what to inject, how many (default `PATCH_N`), where, and the button that runs it.
         patch_result: the last `tl.PatchingResult` of the Patching tab (reset on every submit).
     """
 
     def __init__(self, models=None, reference=None):
         self.references = _references(reference)
         self.models = _models(models, has_references=bool(self.references))
-        self._cache: OrderedDict[tuple, Trace] = OrderedDict()
-        self.n_traces = 0
+        self._cache = TraceCache(CACHE_SIZE)
         self.current = None
         self.current_model = None
         self.selected_head = None
@@ -241,29 +70,14 @@ class Explorer:
         self.comparison = None
         self._compare_label = ""  # the reference of `comparison`: what compare_select shows
         self._quiet = False  # True while the app sets its own inputs: their callbacks stay silent
-        self._resolved = None
-        self._prompt_used = None
-        self._distractors_used = None
+        self._remember_inputs()
 
         self.prompt = _text_box("Prompt", "what is 1 + 1", "720px")
         self.answer = _text_box("Answer", '" 2" (leading space kept)', "360px")
         self.distractors = _text_box("Distractors", "comma-separated, optional", "480px")
-        names = list(self.models)
-        self.model_select = w.Dropdown(
-            options=names,
-            value=names[0] if names else None,
-            description="Model",
-            style=_LABELLED,
-            layout=w.Layout(width="360px"),
-        )
+        self.model_select = _dropdown("Model", self.models, width="360px")
         self.chat = w.Checkbox(value=False, description="chat template", indent=False, layout=w.Layout(width="140px"))
-        self.reference_select = w.Dropdown(
-            options=[("(none)", "")] + [(k, k) for k in self.references],
-            value="",
-            description="Reference",
-            style=_LABELLED,
-            layout=w.Layout(width="360px"),
-        )
+        self.reference_select = _reference_dropdown("Reference", self.references, width="360px")
         self.submit_button = w.Button(
             description="Submit", button_style="primary", icon="play", layout=w.Layout(width="auto", min_width="110px")
         )
@@ -271,109 +85,25 @@ class Explorer:
         self.prediction = w.Label(value="")
         self.resolution = w.HTML(value="")
         self.error = w.HTML(value="")
-        self.step_select = w.Dropdown(
-            options=[("step 1", 0)],
-            value=0,
-            description="Step",
-            style=_LABELLED,
-            layout=w.Layout(width="100%", max_width="720px", display="none"),
-        )
-        self.save_path = w.Text(
-            value="",
-            description="Save to",
-            placeholder="folder for trace.save()",
-            style=_LABELLED,
-            layout=w.Layout(width="100%", max_width="480px"),
-        )
+        self.step_select = _dropdown("Step", [("step 1", 0)], width="100%", max_width="720px", display="none")
+        self.save_path = _text_box("Save to", "folder for trace.save()", "480px")
         self.save_button = w.Button(description="Save reference", icon="save", layout=w.Layout(width="auto"))
         self.save_status = w.Label(value="")
+        super().__init__(self.references)
 
         self.submit_button.on_click(lambda _: self.submit())
         self.save_button.on_click(lambda _: self.save())
         self.model_select.observe(lambda _: self._update_chat(), names="value")
         self.reference_select.observe(self._on_reference, names="value")
         self.step_select.observe(self._on_step, names="value")
+        self.dla_unit.observe(lambda _: self._render_dla(), names="value")
+        for dropdown in (self.head_layer, self.head_head):
+            dropdown.observe(self._on_head_dropdown, names="value")
+        self.patch_button.on_click(lambda _: self.run_patching())
+        self.compare_select.observe(self._on_compare, names="value")
         self._update_chat()
         if not self.models:
             self.submit_button.disabled = True
-
-        # Tabs: each holds a Box whose children are replaced on every update.
-        self.margin_box = w.VBox()
-        self.lens_box = w.VBox()
-        self.dla_unit = w.Dropdown(options=DLA_UNITS, value="component", description="DLA by")
-        self.dla_unit.observe(lambda _: self._render_dla(), names="value")
-        self.dla_box = w.VBox()
-        self.head_layer = w.Dropdown(options=[0], value=0, description="Layer", layout=w.Layout(width="180px"))
-        self.head_head = w.Dropdown(options=[0], value=0, description="Head", layout=w.Layout(width="180px"))
-        for dropdown in (self.head_layer, self.head_head):
-            dropdown.observe(self._on_head_dropdown, names="value")
-        self.heads_grid = w.Box()
-        self.head_source = w.Box()
-        self.head_pattern = w.HTML(value="")
-        self.neurons_box = w.HTML(value="")
-        self.positions_box = w.VBox()
-
-        self.patch_kind = w.Dropdown(options=KINDS, value="junk", description="Inject", layout=w.Layout(width="220px"))
-        self.patch_n = w.BoundedIntText(
-            value=PATCH_N,
-            min=1,
-            max=20,
-            description="How many",
-            tooltip="how many tokens, junk strings or typo edits to inject",
-            layout=w.Layout(width="150px"),
-        )
-        self.patch_where = w.Dropdown(
-            options=WHERES, value="after", description="Where", layout=w.Layout(width="220px")
-        )
-        # Sized to its label: in a row of fixed-width inputs a default-width button is squeezed.
-        self.patch_button = w.Button(
-            description="Run patching", icon="play", layout=w.Layout(width="auto", min_width="140px", flex="0 0 auto")
-        )
-        self.patch_button.on_click(lambda _: self.run_patching())
-        self.patch_progress = w.IntProgress(value=0, min=0, max=2, description="", layout=w.Layout(width="140px"))
-        self.patch_note = w.HTML(value=PATCH_NOTE)
-        self.patch_box = w.VBox()
-
-        self.compare_select = w.Dropdown(
-            options=[("(none)", "")] + [(k, k) for k in self.references],
-            value="",
-            description="Compare with",
-            style=_LABELLED,
-            layout=w.Layout(width="100%", max_width="480px"),
-        )
-        self.compare_select.observe(self._on_compare, names="value")
-        self.compare_box = w.VBox()
-        self.tabs = w.Tab(
-            children=[
-                self.margin_box,
-                self.lens_box,
-                w.VBox([self.dla_unit, self.dla_box]),
-                w.VBox(
-                    [
-                        w.HTML("Pick a layer and a head to see where it reads from."),
-                        self.heads_grid,
-                        w.HBox([self.head_layer, self.head_head]),
-                        self.head_source,
-                        self.head_pattern,
-                    ]
-                ),
-                self.neurons_box,
-                self.positions_box,
-                w.VBox(
-                    [
-                        self.patch_note,
-                        w.HBox(
-                            [self.patch_kind, self.patch_n, self.patch_where, self.patch_button, self.patch_progress],
-                            layout=w.Layout(flex_flow="row wrap", align_items="center"),
-                        ),
-                        self.patch_box,
-                    ]
-                ),
-                w.VBox([w.HTML(COMPARE_NOTE), self.compare_select, self.compare_box]),
-            ]
-        )
-        for i, title in enumerate(TAB_TITLES):
-            self.tabs.set_title(i, title)
 
         self.widget = w.VBox(
             [
@@ -420,6 +150,11 @@ class Explorer:
         """The row of the trace on show: the step chosen in the step selector (0 for a one-token answer)."""
         return int(self.step_select.value or 0)
 
+    @property
+    def n_traces(self) -> int:
+        """How many times `tl.trace` ran (cached inputs do not run it again)."""
+        return self._cache.n_traces
+
     def _update_chat(self) -> None:
         model = self.model
         has_template = model is not None and bool(getattr(model.tokenizer, "chat_template", None))
@@ -434,6 +169,10 @@ class Explorer:
             return None
         lead = self.answer.value[: len(self.answer.value) - len(self.answer.value.lstrip())]
         return [lead + p for p in pieces]
+
+    def _remember_inputs(self, resolved=None, prompt=None, distractors=None) -> None:
+        """Keep what the trace on show was made from, since the boxes may be edited; None for a saved reference."""
+        self._resolved, self._prompt_used, self._distractors_used = resolved, prompt, distractors
 
     def _fail(self, exc: BaseException) -> None:
         self.error.value = f'<span style="color:#b00020"><b>{type(exc).__name__}</b>: {html.escape(str(exc))}</span>'
@@ -481,19 +220,9 @@ class Explorer:
                 prompt = chat_prompt(model, prompt)
             distractors = self._distractor_list()
             resolved = resolve_answer(model, prompt, self.answer.value)
-            # The fingerprint, so a model whose weights changed in place since is traced afresh.
-            answer, chat, fingerprint = self.answer.value, self.chat.value, weights_fingerprint(model)
-            key = (name, fingerprint, prompt, answer, tuple(distractors or ()), chat)
-            cached = key in self._cache
-            if cached:
-                self._cache.move_to_end(key)
-            else:
-                self._cache[key] = trace(model, prompt, self.answer.value, distractors)
-                self.n_traces += 1
-                while len(self._cache) > CACHE_SIZE:
-                    self._cache.popitem(last=False)
-            self._resolved, self._prompt_used, self._distractors_used = resolved, prompt, distractors
-            self._show(self._cache[key], model)
+            traced, cached = self._cache.trace(name, model, prompt, self.answer.value, distractors, self.chat.value)
+            self._remember_inputs(resolved, prompt, distractors)
+            self._show(traced, model)
             self.status.value = f"{'from cache' if cached else 'traced'} in {time.perf_counter() - start:.2f} s"
         except _INPUT_ERRORS as exc:
             self._clear()
@@ -516,7 +245,7 @@ class Explorer:
             return None
         with self._quietly():  # called from code, the dropdown follows
             self.reference_select.value = label
-        self._resolved, self._prompt_used, self._distractors_used = None, None, None
+        self._remember_inputs()
         self._show(reference, None)
         self.status.value = f"opened reference {label}"
         return reference
@@ -560,8 +289,7 @@ class Explorer:
             self.head_layer.value, self.head_head.value = layer, head
         row = self.row
         self.head_sources = self.current.heads.source(layer, head, row)
-        # The grid above says what the colours mean; the tab says it once.
-        _replace(self.head_source, [_figure(_without_caption(self.head_sources.plot(), SIGN_CAPTION))])
+        self._draw_head_sources(self.head_sources)
         if self.current_model is None:
             self.head_pattern.value = (
                 "<i>The attention pattern is recomputed with the model; a saved reference has none.</i>"
@@ -573,10 +301,7 @@ class Explorer:
             self.head_pattern.value = ""
             self._fail(exc)
             return self.head_sources
-        # circuitsvis needs its script to run: an iframe's srcdoc runs it where innerHTML would not.
-        self.head_pattern.value = (
-            f'<iframe srcdoc="{html.escape(_pattern_source(view))}" style="width:100%;height:420px;border:0"></iframe>'
-        )
+        self.head_pattern.value = _pattern_frame(view)
         return self.head_sources
 
     def compare_reference(self, label: str):
@@ -626,7 +351,7 @@ class Explorer:
             self._fail(ValueError("Patching runs the model: submit a prompt with a model first."))
             return None
         if len(self._resolved.answer_tokens) > 1:
-            self._fail(MultiTokenAnswerError(self._multi_token_note()))
+            self._fail(MultiTokenAnswerError(_multi_token_note(self._resolved)))
             return None
         # What was traced, not what the boxes hold now: they may have been edited since.
         model, prompt, answer = self.current_model, self._prompt_used, self._resolved.typed_answer
@@ -656,18 +381,7 @@ class Explorer:
         finally:
             self.patch_button.disabled = False
         self.patch_result = result
-        shown = [w.HTML(f"<b>injected prompt</b>: <code>{html.escape(repr(injected.prompt))}</code>")]
-        if result.weak_effect:
-            # Recovery divides by Δ; here that is noise, so the tab leads with what happened instead.
-            shown.append(
-                w.HTML(
-                    f"<b>This corruption barely changes the answer (Δ = {result.delta:+.3f}): nothing to recover.</b> "
-                    f"The logit difference moves from {result.clean_metric:+.3f} to {result.corrupted_metric:+.3f}. "
-                    "Try more tokens, or another kind or place of injection; below, the raw change of the logit "
-                    "difference each patch makes (not recovery)."
-                )
-            )
-        _replace(self.patch_box, [*shown, _figure(result.plot())])
+        self._draw_patching(result, injected.prompt)
         return result
 
     # Rendering ----------------------------------------------------------------------------------
@@ -694,24 +408,18 @@ class Explorer:
                 "<i>Patching runs the model; a saved reference has none. Submit with a model to patch.</i>"
             )
         elif multi:
-            self.patch_note.value = f"<b>{html.escape(self._multi_token_note())}</b>"
+            self.patch_note.value = f"<b>{html.escape(_multi_token_note(self._resolved))}</b>"
         else:
             self.patch_note.value = PATCH_NOTE
 
     def _render_row(self) -> None:
         """Draw every tab for the row on show (the step selector's value)."""
         trace, row = self.current, self.row
-        m = trace.margin
         r = trace.rows[row]
         step = f" (step {r.step + 1} of {r.n_steps})" if r.n_steps > 1 else ""
-        self.prediction.value = f"{m.top_strs[row][0]!r}{step}"
-        self.resolution.value = self._resolution_html(trace, row)
-        _replace(self.margin_box, [_figure(m.plot(row)), w.HTML(_table(m.top(5, row)))])
-        _replace(self.lens_box, [_figure(trace.lens.plot(row))])
-        self._render_dla()
-        _replace(self.heads_grid, [_figure(trace.heads.plot(row))])
-        self.neurons_box.value = "<b>Top neurons by |DLA|</b>" + _table(trace.dla.top(10, "neuron", row))
-        _replace(self.positions_box, [_figure(trace.positions.plot(row))])
+        self.prediction.value = f"{trace.margin.top_strs[row][0]!r}{step}"
+        self.resolution.value = _resolution_html(trace, row, self._resolved)
+        self._draw_row(trace, row)
         self.select_head(*trace.heads.strongest(row)[0])
         if self._compare_label:  # the comparison follows the trace and the step on show
             try:
@@ -722,7 +430,7 @@ class Explorer:
 
     def _render_dla(self) -> None:
         if self.current is not None:
-            _replace(self.dla_box, [_figure(self.current.dla.plot(self.dla_unit.value, self.row))])
+            self._draw_dla(self.current, self.row)
 
     def _reset_patching(self) -> None:
         self.patch_result, self.patch_progress.value = None, 0
@@ -738,61 +446,20 @@ class Explorer:
         self.comparison, self._compare_label = comparison, label
         with self._quietly():
             self.compare_select.value = label
-        shown = [] if comparison is None else [w.HTML(_table(comparison.stats())), _figure(comparison.plot("head"))]
-        _replace(self.compare_box, shown)
+        self._draw_comparison(comparison)
 
     def _clear(self) -> None:
         """Empty every result, so a failed submit leaves nothing of the one before under its message."""
         self.current = self.current_model = None
-        self._resolved, self._prompt_used, self._distractors_used = None, None, None
+        self._remember_inputs()
         self.selected_head = self.head_sources = None
         self.prediction.value = self.resolution.value = ""
-        boxes = (self.margin_box, self.lens_box, self.dla_box, self.heads_grid, self.head_source, self.positions_box)
-        for box in boxes:
-            _replace(box)
-        self.head_pattern.value = self.neurons_box.value = ""
+        self._clear_tabs()
         self.step_select.layout.display = "none"
         self._reset_patching()
         self._set_comparison(None, "")
         self.patch_button.disabled = True
         self.patch_note.value = PATCH_NOTE
-
-    def _multi_token_note(self) -> str:
-        resolved = self._resolved
-        tokens = ", ".join(repr(t) for t in resolved.answer_str_tokens)
-        return (
-            f"Patching explains a single-token answer; {resolved.typed_answer!r} is "
-            f"{len(resolved.answer_tokens)} tokens ({tokens}). The other tabs show each step; to patch, "
-            "submit an answer of one token."
-        )
-
-    def _resolution_html(self, trace, row: int = 0) -> str:
-        r = trace.rows[row]
-        tokens = f"<code>{html.escape(repr(r.str_tokens))}</code>"
-        if r.step:  # a later step reads the prompt and the answer's tokens before it
-            forced = ", ".join(html.escape(repr(t)) for t in r.str_tokens[-r.step :])
-            head = f"<b>{len(r.str_tokens)} tokens</b>, the prompt then the answer's {forced} (teacher-forced)"
-        else:
-            head = f"<b>{len(r.str_tokens)} prompt tokens</b>"
-        lines = [f"{head}: {tokens}"]
-        resolved = self._resolved
-        if resolved is not None:
-            several = len(resolved.answer_str_tokens) > 1
-            split = ", ".join(  # the step on show in bold
-                f"<b>{html.escape(repr(t))}</b>" if several and i == r.step else html.escape(repr(t))
-                for i, t in enumerate(resolved.answer_str_tokens)
-            )
-            lines.append(f"<b>answer tokens</b>: [{split}]")
-            if resolved.moved_whitespace:
-                lines.append(
-                    f"moved whitespace into the prompt: <code>{html.escape(repr(resolved.moved_whitespace))}</code>"
-                )
-            lines += [html.escape(note) for note in resolved.notes]
-        else:
-            lines.append(f"<b>answer</b>: <code>{html.escape(repr(r.target_str))}</code> (saved reference)")
-        distractors = ", ".join(html.escape(repr(d)) for d in trace.margin.distractor_strs[row])
-        lines.append(f"<b>distractors</b>: {distractors or '(the strongest rival)'}")
-        return "<br>".join(lines)
 
     # Callbacks: each calls the action, which shows its own errors; none runs while the app sets its inputs.
 

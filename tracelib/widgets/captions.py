@@ -1,0 +1,54 @@
+"""What the explorer writes about a trace: the step selector's entries, the answer's resolution, notes."""
+
+from __future__ import annotations
+
+import html
+
+
+def _step_label(trace, row: int) -> str:
+    """A step selector entry: `step 2 of 2: '2', after the prompt + '1'` (or the row's label)."""
+    r = trace.rows[row]
+    if r.n_steps == 1 or len({x.prompt for x in trace.rows}) > 1:
+        return r.label
+    forced = trace.rows[row - r.step : row]
+    after = " + ".join(["the prompt", *(repr(x.target_str) for x in forced)])
+    return f"step {r.step + 1} of {r.n_steps}: {r.target_str!r}, after {after}"
+
+
+def _multi_token_note(resolved) -> str:
+    """Why the Patching tab does not run for `resolved`, an answer of several tokens."""
+    tokens = ", ".join(repr(t) for t in resolved.answer_str_tokens)
+    return (
+        f"Patching explains a single-token answer; {resolved.typed_answer!r} is "
+        f"{len(resolved.answer_tokens)} tokens ({tokens}). The other tabs show each step; to patch, "
+        "submit an answer of one token."
+    )
+
+
+def _resolution_html(trace, row: int, resolved) -> str:
+    """The tokens the model read at `row` and how the answer was split (`resolved`; None for a saved reference)."""
+    r = trace.rows[row]
+    tokens = f"<code>{html.escape(repr(r.str_tokens))}</code>"
+    if r.step:  # a later step reads the prompt and the answer's tokens before it
+        forced = ", ".join(html.escape(repr(t)) for t in r.str_tokens[-r.step :])
+        head = f"<b>{len(r.str_tokens)} tokens</b>, the prompt then the answer's {forced} (teacher-forced)"
+    else:
+        head = f"<b>{len(r.str_tokens)} prompt tokens</b>"
+    lines = [f"{head}: {tokens}"]
+    if resolved is not None:
+        several = len(resolved.answer_str_tokens) > 1
+        split = ", ".join(  # the step on show in bold
+            f"<b>{html.escape(repr(t))}</b>" if several and i == r.step else html.escape(repr(t))
+            for i, t in enumerate(resolved.answer_str_tokens)
+        )
+        lines.append(f"<b>answer tokens</b>: [{split}]")
+        if resolved.moved_whitespace:
+            lines.append(
+                f"moved whitespace into the prompt: <code>{html.escape(repr(resolved.moved_whitespace))}</code>"
+            )
+        lines += [html.escape(note) for note in resolved.notes]
+    else:
+        lines.append(f"<b>answer</b>: <code>{html.escape(repr(r.target_str))}</code> (saved reference)")
+    distractors = ", ".join(html.escape(repr(d)) for d in trace.margin.distractor_strs[row])
+    lines.append(f"<b>distractors</b>: {distractors or '(the strongest rival)'}")
+    return "<br>".join(lines)
