@@ -62,6 +62,18 @@ from tracelib.reference_format import (
 )
 from tracelib.shortcuts import direct_logit_attribution, logit_lens, logit_margin
 from tracelib.smollm2 import fetch_smollm2
+from tracelib.studies import (
+    Study,
+    StudyFolderError,
+    StudyMismatchError,
+    StudySpecError,
+    StudyVersionWarning,
+    arithmetic_items,
+    load_study,
+    parse_injection,
+    read_items,
+    study,
+)
 from tracelib.trace import NonFiniteError, Trace, default_distractors, trace
 from tracelib.widgets import Explorer, explore
 
@@ -140,5 +152,15 @@ __all__ = [
     "ReferenceLeftoverWarning",
     "ReferenceWriteError",
     "load_reference",
+    "Study",
+    "StudyFolderError",
+    "StudyMismatchError",
+    "StudySpecError",
+    "StudyVersionWarning",
+    "arithmetic_items",
+    "load_study",
+    "parse_injection",
+    "read_items",
+    "study",
     "trace",
 ]

@@ -1,4 +1,5 @@
-"""Command line: `python -m tracelib trace --prompt "what is 1 + 1" --answer " 2"` (also `tracelib`)."""
+"""Command line: `python -m tracelib trace --prompt "what is 1 + 1" --answer " 2"` (also `tracelib`), and
+`python -m tracelib study --prompts FILE --inject junk:after:2 --out DIR` (also under `accelerate launch`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import tracelib as tl
 from tracelib import plotting
+from tracelib.studies import process_state
 
 # report_html puts this in every report's head: it is how --html knows a file is ours to overwrite.
 _GENERATOR_MARKER = b'<meta name="generator" content="tracelib">'
@@ -156,6 +158,50 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    seeds = []
+    for text in args.seeds.split(","):
+        if not text.strip().lstrip("-").isdigit():
+            raise tl.StudySpecError(f"--seeds: write integers separated by commas, such as 0,1; got {args.seeds!r}")
+        seeds.append(int(text))
+    injections = [str(tl.parse_injection(spec)) for spec in args.inject]  # a bad spec fails before the model loads
+    items = tl.arithmetic_items() if args.prompts == "arithmetic" else tl.read_items(args.prompts)
+    state = process_state()
+    model = tl.load_model(args.model, device=state.device if state is not None else None)
+    result = tl.study(
+        model,
+        items,
+        injections=injections,
+        seeds=seeds,
+        patch=args.patch,
+        out=args.out,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        progress=True,
+        overwrite=args.overwrite,
+    )
+    if state is None or state.is_main_process:
+        if state is not None:
+            print(f"ran on {state.num_processes} processes ({state.distributed_type.value})")
+        print(result.summary())
+        print(f"\nwrote {args.out} (read it with tl.load_study)")
+    return 0
+
+
+def _study_parser(sub) -> None:
+    p = sub.add_parser("study", help="a robustness study over a prompt set, streamed to Parquet (resumable)")
+    p.add_argument("--model", default="tiny-arith", help="bundled name, local folder, .gguf file or Hub name")
+    p.add_argument("--prompts", required=True, help="a .jsonl or .csv file with prompt and answer, or 'arithmetic'")
+    p.add_argument("--inject", action="append", required=True, help="kind:where:n, e.g. junk:after:2 (repeatable)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1")
+    p.add_argument("--patch", default=None, help="also run the exact patching sweep: resid_pre, attn_out, ...")
+    p.add_argument("--out", required=True, help="the study's folder (resumes a study already there)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: from free memory)")
+    p.add_argument("--shard-size", type=int, default=16, help="items per shard (the unit of resumption)")
+    p.add_argument("--overwrite", action="store_true", help="start over where the folder holds another study")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="tracelib", description="Explain why a model predicts an answer.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--html", default="report.html" if demo else None, help="write an offline HTML report")
         p.add_argument("--force", action="store_true", help="let --html overwrite a file tracelib did not write")
         p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    _study_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return _trace(args)
+        return _study(args) if args.command == "study" else _trace(args)
     except Exception as exc:  # every failure, load errors included, ends as one readable line
         if args.debug:
             traceback.print_exc()

@@ -691,7 +691,7 @@ def _model_shape(trace) -> tuple[int, int, list[str]]:
     return trace.dla.heads.shape[0], trace.dla.heads.shape[1], list(trace.dla.component_labels)
 
 
-def damage_report(reference, corrupted, row: int = 0, k: int = 5) -> DamageReport:
+def damage_report(reference, corrupted, row: int = 0, k: int = 5, *, corrupted_row: int | None = None) -> DamageReport:
     """Measure a corrupted trace against its clean reference: margin, readability, features.
 
     Everything is read at the final position, which predicts the answer (`inject` keeps it final),
@@ -712,6 +712,8 @@ def damage_report(reference, corrupted, row: int = 0, k: int = 5) -> DamageRepor
             `tl.trace(model, injection.prompt, answer)`.
         row: which row of each trace to measure (row r of one with row r of the other).
         k: how many top heads to follow.
+        corrupted_row: the corrupted trace's row to measure against the reference's `row`, where
+            the two traces' rows are not in the same order (default: `row`).
 
     Returns:
         A `DamageReport`; `.to_frame()` lists the features, `.counts()` the statuses, `.plot()` draws both.
@@ -725,8 +727,10 @@ def damage_report(reference, corrupted, row: int = 0, k: int = 5) -> DamageRepor
     check_trace_arg(reference, "damage_report", "reference")
     check_trace_arg(corrupted, "damage_report", "corrupted")
     k = check_k(k)
-    for name, t in (("reference", reference), ("corrupted", corrupted)):
-        row = check_row(row, len(t.rows), "damage_report", f"the {name} trace")
+    row = check_row(row, len(reference.rows), "damage_report", "the reference trace")
+    c_row = check_row(
+        row if corrupted_row is None else corrupted_row, len(corrupted.rows), "damage_report", "the corrupted trace"
+    )
     (ra_layers, ra_heads, ra_comp), (rb_layers, rb_heads, rb_comp) = _model_shape(reference), _model_shape(corrupted)
     if (ra_layers, ra_heads, ra_comp) != (rb_layers, rb_heads, rb_comp):
         raise ValueError(
@@ -743,33 +747,33 @@ def damage_report(reference, corrupted, row: int = 0, k: int = 5) -> DamageRepor
             f"{corrupted.dla.metric!r} in the corrupted trace); trace the corrupted prompt with "
             f"metric={reference.dla.metric!r}."
         )
-    a, b = reference.rows[row], corrupted.rows[row]
+    a, b = reference.rows[row], corrupted.rows[c_row]
     if a.target != b.target:
         raise ValueError(
             f"The traces track different answer tokens: {a.target_str!r} (id {a.target}) in the reference, "
             f"{b.target_str!r} (id {b.target}) in the corrupted trace. Trace the corrupted prompt with the "
             "reference's answer."
         )
-    ra, rb = reference.distractors[row], corrupted.distractors[row]
+    ra, rb = reference.distractors[row], corrupted.distractors[c_row]
     if list(ra) != list(rb):
         raise ValueError(
             f"The traces measure the margin against different distractors: {reference.margin.distractor_strs[row]} "
-            f"in the reference, {corrupted.margin.distractor_strs[row]} in the corrupted trace, so their logit "
+            f"in the reference, {corrupted.margin.distractor_strs[c_row]} in the corrupted trace, so their logit "
             f"differences do not compare. Trace the corrupted prompt with distractors={ra}."
         )
     ref_comp = reference.dla.components[:, row].detach().cpu().double()
-    cor_comp = corrupted.dla.components[:, row].detach().cpu().double()
+    cor_comp = corrupted.dla.components[:, c_row].detach().cpu().double()
     largest = ref_comp.abs().max().item()
     picked = [i for i, v in enumerate(ref_comp.abs().tolist()) if v > 0 and v >= COMPONENT_SHARE * largest]
     ref_heads = reference.dla.heads[:, :, row].detach().cpu().double().flatten()
-    cor_heads = corrupted.dla.heads[:, :, row].detach().cpu().double().flatten()
+    cor_heads = corrupted.dla.heads[:, :, c_row].detach().cpu().double().flatten()
     n_heads = reference.dla.heads.shape[1]
     top = ref_heads.abs().argsort(descending=True, stable=True)[:k].tolist()
     top = [i for i in top if ref_heads[i] != 0]  # a zero has no ratio
     features = [ra_comp[i] for i in picked] + [f"L{i // n_heads}H{i % n_heads}" for i in top]
 
-    def curves(t) -> Tensor:
-        return torch.stack([getattr(t.lens, lens).logit_diff[:, row].detach().cpu().double() for lens in LENSES])
+    def curves(t, r: int) -> Tensor:
+        return torch.stack([getattr(t.lens, lens).logit_diff[:, r].detach().cpu().double() for lens in LENSES])
 
     return DamageReport(
         reference_label=f"{reference.model_name}: {a.label}",
@@ -777,14 +781,14 @@ def damage_report(reference, corrupted, row: int = 0, k: int = 5) -> DamageRepor
         answer=a.target_str,
         metric=reference.dla.metric,
         reference_logit_diff=reference.margin.logit_diff[row].item(),
-        corrupted_logit_diff=corrupted.margin.logit_diff[row].item(),
+        corrupted_logit_diff=corrupted.margin.logit_diff[c_row].item(),
         reference_rank=int(reference.margin.rank[row]),
-        corrupted_rank=int(corrupted.margin.rank[row]),
+        corrupted_rank=int(corrupted.margin.rank[c_row]),
         entry_labels=list(reference.lens.labels),
-        reference_curves=curves(reference),
-        corrupted_curves=curves(corrupted),
+        reference_curves=curves(reference, row),
+        corrupted_curves=curves(corrupted, c_row),
         reference_readable=tuple(reference.lens.readable_from(row, lens) for lens in LENSES),
-        corrupted_readable=tuple(corrupted.lens.readable_from(row, lens) for lens in LENSES),
+        corrupted_readable=tuple(corrupted.lens.readable_from(c_row, lens) for lens in LENSES),
         features=features,
         kinds=["component"] * len(picked) + ["head"] * len(top),
         reference=torch.cat([ref_comp[picked], ref_heads[top]]),

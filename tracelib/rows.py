@@ -82,6 +82,22 @@ def _distractor_ids(model, distractors, resolved: ResolvedAnswer) -> list[int] |
     return out
 
 
+def _per_prompt(distractors, n_prompts: int) -> list | None:
+    """`distractors` as one entry per prompt, where it is a list of lists (or None entries) that long;
+    else None (one set for every prompt)."""
+    if not isinstance(distractors, (list, tuple)) or not distractors:
+        return None
+    nested = [d is None or isinstance(d, (list, tuple)) for d in distractors]
+    if not any(nested):
+        return None
+    if not all(nested) or len(distractors) != n_prompts:
+        raise ValueError(
+            f"distractors: pass one set of tokens for every prompt, or one list per prompt ({n_prompts} lists, "
+            f"None for the default); got {len(distractors)} entries, {sum(nested)} of them lists."
+        )
+    return list(distractors)
+
+
 def build_rows(
     model,
     prompts,
@@ -94,7 +110,7 @@ def build_rows(
     """Resolve every prompt's answer and unroll multi-token answers into teacher-forced rows.
 
     `prompts` and `answer` may each be one string or any iterable of them (read once, so a
-    generator works).
+    generator works). `distractors` is one set for every prompt, or a list of one set (or None) per prompt.
     """
     prompts = [prompts] if _is_one(prompts) else list(prompts)
     if not prompts:
@@ -102,15 +118,16 @@ def build_rows(
     answers = [answer] * len(prompts) if _is_one(answer) else list(answer)
     if len(answers) != len(prompts):
         raise ValueError(f"Got {len(prompts)} prompts but {len(answers)} answers; pass one answer, or one per prompt.")
+    per_prompt = _per_prompt(distractors, len(prompts))
     rows = []
     defaults: dict[int, list[int]] = {}  # default_distractors tokenises: once per target
-    for prompt, ans in zip(prompts, answers):
+    for i, (prompt, ans) in enumerate(zip(prompts, answers)):
         resolved = (
             ans
             if isinstance(ans, ResolvedAnswer)
             else resolve_answer(model, prompt, ans, allow_byte_fragments=allow_byte_fragments, prepend_bos=prepend_bos)
         )
-        chosen = _distractor_ids(model, distractors, resolved)
+        chosen = _distractor_ids(model, per_prompt[i] if per_prompt else distractors, resolved)
         for step in resolved.steps:
             if chosen is not None:
                 rivals = chosen

@@ -225,7 +225,8 @@ def trace(
         answer: the answer (`" 2"`), or one per prompt. Multi-token answers are traced per token,
             teacher-forced, each step a row.
         distractors: tokens the answer should beat. Default: a digit's neighbouring digits,
-            otherwise the model's strongest competitor.
+            otherwise the model's strongest competitor. One list for every prompt, or a list of
+            lists, one per prompt (None in it for that prompt's default).
         metric: what every attribution explains. `"logit_diff"` (the default): the answer's logit
             minus the mean of its distractors' logits, "why this answer rather than its rivals".
             `"logit"`: the raw answer logit, which also counts whatever lifts every candidate

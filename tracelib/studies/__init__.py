@@ -1,0 +1,27 @@
+"""Robustness studies over prompt sets: `tl.study` runs them, `tl.load_study` reads them back.
+
+`items` (what a study runs over), `store` (the folder: manifest and Parquet shards), `run` (the
+shards, batched, resumable, split across `accelerate` processes), `result` (the `Study`).
+"""
+
+from tracelib.studies.items import InjectionSpec, Item, StudySpecError, arithmetic_items, parse_injection, read_items
+from tracelib.studies.result import Study, load_study, wilson_interval
+from tracelib.studies.run import process_state, study
+from tracelib.studies.store import StudyFolderError, StudyMismatchError, StudyVersionWarning
+
+__all__ = [
+    "InjectionSpec",
+    "Item",
+    "Study",
+    "StudyFolderError",
+    "StudyMismatchError",
+    "StudySpecError",
+    "StudyVersionWarning",
+    "arithmetic_items",
+    "load_study",
+    "parse_injection",
+    "process_state",
+    "read_items",
+    "study",
+    "wilson_interval",
+]
