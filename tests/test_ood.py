@@ -376,3 +376,20 @@ def test_damage_report_is_exported():
 def test_injection_table_shows_tokens_with_repr(tiny):
     injection = tl.inject(tiny, "what is 1 + 1", "junk", "after", n=2, seed=0, answer=" 2")
     assert injection.to_frame()["token"].tolist() == [repr(t) for t in injection.str_tokens]
+
+
+def test_damage_report_pairs_any_row_with_any_row(tiny):
+    # corrupted_row: row 1 of a two-prompt reference against row 0 of a one-prompt corrupted trace
+    # is the report the two one-prompt traces give.
+    prompts, answers = ["what is 1 + 1", "what is 3 + 4"], [" 2", " 7"]
+    reference = tl.trace(tiny, prompts, answers)
+    inj = inject(tiny, prompts[1], "junk", "after", 3, answer=answers[1])
+    corrupted = tl.trace(tiny, inj.prompt, answers[1])
+    paired = damage_report(reference, corrupted, row=1, corrupted_row=0)
+    alone = damage_report(tl.trace(tiny, prompts[1], answers[1]), corrupted)
+    assert paired.features == alone.features and paired.statuses == alone.statuses
+    torch.testing.assert_close(paired.corrupted, alone.corrupted)
+    scale = 1e-5 * alone.reference.abs().max().item()  # batched with another prompt: rounding only
+    torch.testing.assert_close(paired.reference, alone.reference, rtol=1e-5, atol=scale)
+    with pytest.raises(ValueError, match="the corrupted trace"):
+        damage_report(reference, corrupted, row=1, corrupted_row=1)

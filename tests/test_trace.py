@@ -196,3 +196,17 @@ def test_byte_fragment_answers_need_opting_in(tiny):
     assert tr.rows[1].str_tokens[-1] == "<0xC3>"
     assert "'<0xA9>'" in tr.summary() and "\ufffd" not in tr.summary()
     assert tr.dla.reconstruction.ok
+
+
+def test_distractors_can_be_one_list_per_prompt(tiny):
+    # Each prompt's own rivals (None: that prompt's default), the numbers each prompt gives alone.
+    both = tl.trace(tiny, PROMPTS[:2], ANSWERS[:2], distractors=[[" 3", " 4"], None])
+    alone = [tl.trace(tiny, PROMPTS[0], ANSWERS[0], distractors=[" 3", " 4"]), tl.trace(tiny, PROMPTS[1], ANSWERS[1])]
+    assert both.margin.distractor_strs == [alone[0].margin.distractor_strs[0], alone[1].margin.distractor_strs[0]]
+    for r, one in enumerate(alone):
+        scale = 1e-5 * max(1.0, one.margin.logit_diff.abs().max().item())
+        assert abs(both.margin.logit_diff[r].item() - one.margin.logit_diff[0].item()) <= scale
+    with pytest.raises(ValueError, match=r"one list per prompt \(2 lists, None for the default\); got 1 entries"):
+        tl.trace(tiny, PROMPTS[:2], ANSWERS[:2], distractors=[[" 3"]])
+    with pytest.raises(ValueError, match="got 2 entries, 1 of them lists"):
+        tl.trace(tiny, PROMPTS[:2], ANSWERS[:2], distractors=[[" 3"], " 4"])
