@@ -513,3 +513,14 @@ def test_concurrent_conversions_agree_on_one_folder(tmp_path, cache, monkeypatch
     assert len(results) == 2 and results[0] == results[1] and (results[0] / models.GGUF_MARKER).is_file()
     assert len(calls) == (1 if locking else 2)
     assert _leftovers(cache) == []
+
+
+def test_a_device_map_goes_through_the_bridge(tiny):
+    # For models larger than one GPU; here the one map a CPU machine can check: everything on the CPU.
+    mapped = tl.load_model("tiny-arith", device_map={"": "cpu"})
+    assert tl.model_identity(mapped) == tl.model_identity(tiny)  # the same weights, through TransformerLens's path
+    a, b = tl.trace(tiny, "what is 1 + 1", " 2"), tl.trace(mapped, "what is 1 + 1", " 2")
+    scale = 1e-5 * max(1.0, a.margin.logit_diff.abs().max().item())
+    assert (a.margin.logit_diff - b.margin.logit_diff).abs().max().item() <= scale
+    with pytest.raises(TypeError, match="device_map: pass 'auto' or a dict"):
+        tl.load_model("tiny-arith", device_map=["cpu"])

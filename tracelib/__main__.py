@@ -167,7 +167,10 @@ def _study(args: argparse.Namespace) -> int:
     injections = [str(tl.parse_injection(spec)) for spec in args.inject]  # a bad spec fails before the model loads
     items = tl.arithmetic_items() if args.prompts == "arithmetic" else tl.read_items(args.prompts)
     state = process_state()
-    model = tl.load_model(args.model, device=state.device if state is not None else None)
+    if args.device_map and state is not None:
+        raise tl.StudySpecError("--device-map spreads one model over several GPUs; use it without accelerate launch")
+    where = {"device_map": args.device_map} if args.device_map else {"device": state.device if state else None}
+    model = tl.load_model(args.model, **where)
     result = tl.study(
         model,
         items,
@@ -199,6 +202,7 @@ def _study_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: from free memory)")
     p.add_argument("--shard-size", type=int, default=16, help="items per shard (the unit of resumption)")
     p.add_argument("--overwrite", action="store_true", help="start over where the folder holds another study")
+    p.add_argument("--device-map", default=None, help="'auto': spread a model too large for one GPU over all of them")
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
 
 

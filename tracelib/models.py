@@ -521,6 +521,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     lean: bool = True,
     fold_value_biases: bool = False,
+    device_map: str | dict | None = None,
 ):
     """Load a model as a `TransformerBridge` in compatibility mode and eval mode.
 
@@ -541,6 +542,11 @@ def load_model(
             really computes for it, and a layer's bias row is its true output bias. On models with
             large value biases (Qwen2.5) folding makes heads look as if they fought the answer
             while the layer's bias cancels them; both conventions add up to the same logit.
+        device_map: for a model larger than one GPU: a `transformers` device map (`"auto"`, or a
+            dict of module name to device), passed through the bridge (`boot_transformers`) to
+            `from_pretrained`, with `max_memory` and offloading left to their defaults. It takes
+            the place of `device`, and weights are processed by TransformerLens's own path
+            (`lean=False`). Tested here only on the CPU (`{"": "cpu"}`); multi-GPU maps are untested.
 
     Returns:
         A `TransformerBridge` with `enable_compatibility_mode()` applied (LayerNorm folded, writing
@@ -567,10 +573,14 @@ def load_model(
     if dtype is None:
         dtype = default_dtype(device, n_params)
     _announce(name, n_params, dtype, device)
-    lean = lean and lean_processing.warn_if_unsupported(stacklevel=2)
+    lean = lean and device_map is None and lean_processing.warn_if_unsupported(stacklevel=2)
     # On a GPU the weights load straight onto it (a device map), never as a full copy in host
     # memory first; processing then runs on the GPU, one block at a time.
     where = {"device_map": {"": str(device)}} if device.type == "cuda" else {"device": device}
+    if device_map is not None:
+        if not isinstance(device_map, (str, dict)):
+            raise TypeError(f"device_map: pass 'auto' or a dict of module name to device, got {device_map!r}")
+        where = {"device_map": device_map}
 
     # TransformerLens and transformers report routine conversion steps as warnings; they say
     # nothing the reader can act on, and nbval would compare them as output. (A Hub download has
