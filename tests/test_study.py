@@ -396,19 +396,16 @@ def test_patching_summaries_match_the_sweep(tiny, tmp_path):
         rows = p[(p["item"] == item) & (p["injection"] == injection)].sort_values("layer")
         for layer, (_, row) in enumerate(rows.iterrows()):
             values = sweep.values[layer].double()
-            best = int(values.nan_to_num(-math.inf).argmax())
+            first = min(inj.injected)
+            assert (values[:first].nan_to_num(0.0) == 0).all()  # before the injection both runs are the same
+            best = first + int(values[first:].nan_to_num(-math.inf).argmax())
             assert row["max_recovery"] == pytest.approx(float(values[best]), abs=1e-5)
             assert row["max_position"] == best and row["max_token"] == sweep.str_tokens[best]
             assert row["final_recovery"] == pytest.approx(float(values[-1]), abs=1e-5)
             assert row["weak_effect"] == sweep.weak_effect
             torch.testing.assert_close(torch.tensor(row["grid"]), values, equal_nan=True, atol=1e-5, rtol=1e-5)
-            assert row["max_at"] == (
-                "final"
-                if best == len(values) - 1
-                else "after_injection"
-                if best > min(inj.injected)
-                else "before_injection"
-            )
+            where = "final" if best == len(values) - 1 else "after_injection"
+            assert row["max_at"] == ("none" if values[best] < 1e-3 else where)
     local = s.localisation()
     strong = p[~p["weak_effect"]]
     assert len(strong) and local["sweeps"].sum() == len(strong) and local["weak_sweeps"].sum() == p["weak_effect"].sum()
@@ -416,7 +413,8 @@ def test_patching_summaries_match_the_sweep(tiny, tmp_path):
         mine = strong[(strong["injection"] == cell["injection"]) & (strong["layer"] == cell["layer"])]
         assert cell["mean_max_recovery"] == pytest.approx(mine["max_recovery"].mean())
         assert cell["final"] == pytest.approx((mine["max_at"] == "final").mean())
-        assert cell["final"] + cell["after_injection"] + cell["before_injection"] == pytest.approx(1.0)
+        assert cell["final"] + cell["after_injection"] + cell["none"] == pytest.approx(1.0)
+    assert local.loc[local["sweeps"] == 0, ["final", "after_injection", "none"]].isna().all().all()
 
 
 # --- command line and processes ------------------------------------------------------------------

@@ -12,9 +12,10 @@ import pyarrow as pa
 
 import tracelib.studies.store as store
 from tracelib import plotting
+from tracelib.formats import unit_label
 
 STATUSES = ("survives", "damaged", "unreadable")
-MAX_AT = ("final", "after_injection", "before_injection")  # where a sweep's largest recovery lies
+MAX_AT = ("final", "after_injection", "none")  # where a sweep's largest recovery lies ("none": nowhere)
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -42,8 +43,9 @@ class Study:
             (empty where that component or head is not a feature of the item's reference).
             `error` says why a row has no numbers (an injection the prompt has no place for).
         patching: with `patch=...`, one row per (item, injection, seed, layer): the largest
-            recovery over positions, where it is (`max_position`, `max_token`, and `max_at`:
-            "final", "after_injection" or "before_injection"), the recovery at the final position,
+            recovery over the positions from the injection on, where it is (`max_position`,
+            `max_token`, and `max_at`: "final", "after_injection", or "none" when it is below 0.001),
+            the recovery at the final position,
             and `weak_effect` (the corruption moved the logit difference too little for recovery
             to mean anything); else None.
         manifest: the spec, the model (name, weights fingerprint) and the versions that ran it.
@@ -69,7 +71,9 @@ class Study:
     def survival(self, confidence: float = 0.95, min_n: int = 1) -> pd.DataFrame:
         """The share of rows in which each feature survives, per feature x injection, with the
         Wilson interval at `confidence`. Only rows where the feature is a feature of the item's
-        reference count (`n`); `damaged` and `unreadable` count the rest.
+        reference count (`n`); `damaged` and `unreadable` count the rest. `feature` is the column's
+        name, `label` the figures' (`L3 attn`). The interval treats rows as independent; the seeds
+        of one item are not quite, so it is somewhat narrow when there are several seeds.
         """
         out = []
         ok = self.frame[self.frame["error"].isna()]
@@ -83,26 +87,33 @@ class Study:
                 counts = {s: int((labels == s).sum()) for s in STATUSES}
                 low, high = wilson_interval(counts["survives"], n, confidence)
                 rate = counts["survives"] / n if n else math.nan
-                out.append(dict(feature=feature, injection=injection, n=n, **counts, rate=rate, low=low, high=high))
-        columns = ["feature", "injection", "n", *STATUSES, "rate", "low", "high"]
+                label = unit_label(feature)
+                out.append(
+                    dict(
+                        feature=feature, label=label, injection=injection, n=n, **counts, rate=rate, low=low, high=high
+                    )
+                )
+        columns = ["feature", "label", "injection", "n", *STATUSES, "rate", "low", "high"]
         return pd.DataFrame(out, columns=columns)
 
     def answer_kept(self) -> pd.DataFrame:
-        """Per injection: rows, how often the answer stays the top prediction where it was in the
-        clean run, and the mean change of the logit difference."""
+        """Per injection: rows, `answered` (rows whose clean run ranks the answer first), `kept_top`
+        (the share of those where the corrupted run still does), the mean change of the logit
+        difference, and rows that could not be injected."""
         ok = self.frame[self.frame["error"].isna()]
         top = ok[ok["clean_rank"] == 0]
         frame = pd.DataFrame(
             {
                 "rows": ok.groupby("injection").size(),
+                "answered": top.groupby("injection").size(),
                 "kept_top": (top["corrupted_rank"] == 0).groupby(top["injection"]).mean(),
                 "mean_metric_change": (ok["corrupted_metric"] - ok["clean_metric"]).groupby(ok["injection"]).mean(),
                 "not_injectable": self.frame[self.frame["error"].notna()].groupby("injection").size(),
             }
         )
         order = [i for i in self.manifest["spec"]["injections"] if i in frame.index]
-        counts = {"rows": int, "not_injectable": int}
-        return frame.reindex(order).fillna({"rows": 0, "not_injectable": 0}).astype(counts)
+        counts = {"rows": int, "answered": int, "not_injectable": int}
+        return frame.reindex(order).fillna({"rows": 0, "answered": 0, "not_injectable": 0}).astype(counts)
 
     def localisation(self) -> pd.DataFrame:
         """Where patching localises the damage, per injection x layer.
@@ -110,9 +121,11 @@ class Study:
         Counts only sweeps whose corruption moved the logit difference enough to normalise by
         (`weak_effect` False; a weak one's recovery is noise amplified, and `weak_sweeps` counts
         them). Columns: `sweeps`, `mean_max_recovery` (the mean over sweeps of the layer's largest
-        recovery), and for positional sweeps the share of sweeps whose largest recovery lies at
-        the final position, at a position after the injected tokens, or before them. Injected
-        positions have no counterpart in the clean run, so they are never patched themselves.
+        recovery, from the injection on), and for positional sweeps the share of sweeps whose
+        largest recovery lies at the final position (`final`), at another position after the
+        injected tokens (`after_injection`), or nowhere (`none`: below 0.001 everywhere). Injected
+        positions have no counterpart in the clean run, so they are never patched themselves, and
+        positions before them are the same in both runs (recovery 0). NaN where every sweep was weak.
         """
         if self.patching is None:
             raise ValueError("this study ran no patching; run tl.study(..., patch='resid_pre')")
@@ -128,8 +141,9 @@ class Study:
         )
         if ran["max_at"].notna().any():  # a positional sweep: where its largest recovery lies
             shares = pd.crosstab([p["injection"], p["layer"]], p["max_at"], normalize="index") if len(p) else None
-            for at in MAX_AT:  # NaN where every sweep of the cell was weak
-                frame[at] = shares[at] if shares is not None and at in shares else (0.0 if len(p) else math.nan)
+            for at in MAX_AT:
+                frame[at] = shares[at] if shares is not None and at in shares else 0.0
+                frame.loc[frame["sweeps"].fillna(0) == 0, at] = math.nan  # every sweep of the cell was weak
         frame = frame.fillna({"sweeps": 0, "weak_sweeps": 0}).astype({"sweeps": int, "weak_sweeps": int})
         return frame.reset_index()
 
@@ -160,8 +174,8 @@ class Study:
         if len(table):
             best, worst = table.loc[table["rate"].idxmax()], table.loc[table["rate"].idxmin()]
             lines.append(
-                f"  most robust: {best['feature']} under {best['injection']} (survives {best['rate']:.0%}, "
-                f"n={best['n']}); most fragile: {worst['feature']} under {worst['injection']} "
+                f"  most robust: {best['label']} under {best['injection']} (survives {best['rate']:.0%}, "
+                f"n={best['n']}); most fragile: {worst['label']} under {worst['injection']} "
                 f"({worst['rate']:.0%}, n={worst['n']})"
             )
         return "\n".join(lines)

@@ -26,6 +26,8 @@ from tracelib.studies.result import Study, load_study
 from tracelib.trace import trace
 
 DEFAULT_SHARD_SIZE = 16
+# Below this largest recovery a sweep localises nothing (`max_at` "none"): rounding decides the argmax.
+NOTHING_RECOVERS = 1e-3
 
 
 def study(
@@ -117,9 +119,8 @@ def study(
     else:
         with state.split_between_processes(shards) as part:
             mine = list(part)
-    for shard in progress_bar(mine, show, "study shards"):
-        if store.complete(out, shard):
-            continue
+    pending = [shard for shard in mine if not store.complete(out, shard)]  # a rerun skips completed shards
+    for shard in progress_bar(pending, show, "study shards"):
         first = shard * shard_size
         chunk = resolved[first : first + shard_size]
         rows, patching = run_shard(model, chunk, items, first, shard, run_spec)
@@ -282,13 +283,21 @@ def _patch_rows(model, row: dict, inj, token: str, distractors, spec: dict) -> l
         summary = {**base, "layer": layer, "weak_effect": result.weak_effect}
         if "position" in result.dims:
             by_pos = v if v.ndim == 1 else v.nan_to_num(-math.inf).amax(dim=0)  # head x position: best head
-            at = int(by_pos.nan_to_num(-math.inf).argmax())
-            first_injected = min(inj.injected) if inj.injected else len(inj.tokens)
+            # Positions before the injection are the same in both runs, so patching them recovers
+            # exactly 0: the largest recovery is looked for from the first injected position on.
+            first = min(inj.injected) if inj.injected else 0
+            after = by_pos[first:].nan_to_num(-math.inf)
+            at = first + int(after.argmax())
+            best = float(after.max())
             summary.update(
-                max_recovery=_finite(by_pos.nan_to_num(-math.inf).max()),
+                max_recovery=_finite(best),
                 max_position=at,
                 max_token=result.str_tokens[at],
-                max_at=_where(at, len(by_pos), first_injected),
+                max_at="none"
+                if not best >= NOTHING_RECOVERS
+                else "final"
+                if at == len(by_pos) - 1
+                else "after_injection",
                 final_recovery=_finite(by_pos[-1]),
             )
         else:
@@ -297,12 +306,6 @@ def _patch_rows(model, row: dict, inj, token: str, distractors, spec: dict) -> l
             summary["grid"] = [float(x) for x in v.flatten().tolist()]
         out.append(summary)
     return out
-
-
-def _where(position: int, n_positions: int, first_injected: int) -> str:
-    if position == n_positions - 1:
-        return "final"
-    return "after_injection" if position > first_injected else "before_injection"
 
 
 def _finite(x) -> float | None:
