@@ -1,0 +1,232 @@
+"""The bench's markdown tables: the steps, the loads, Colab, patching, and the targets."""
+
+from __future__ import annotations
+
+import math
+
+from benchsteps.memory import activation_bytes, gib, peak_bytes
+from benchsteps.steps import LOAD_DTYPE, MEASURED_STEPS
+from benchsteps.targets import (
+    ATTRIBUTION_TARGET,
+    LOAD_TARGET,
+    PATCH_TARGET,
+    TARGETS,
+    ratio,
+    ratios,
+    reference,
+    scale_rows,
+)
+
+HEADLINES = {
+    "trace_time_vs_run_with_cache": "trace() time / run_with_cache time",
+    "neuron_dla_time_vs_forward": "tracelib's neuron DLA (its time inside trace()) / forward time",
+    "neuron_dla_difference_vs_forward": "the same by subtraction (trace - trace without it) / forward time",
+    "trace_activation_vs_run_with_cache_activation": "trace() activations / run_with_cache activations (peak - model)",
+    "trace_peak_vs_run_with_cache_peak": "trace() peak / run_with_cache peak, totals",
+}
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.2f}" if abs(s) < 0.01 else f"{s * 1e3:.1f}" if abs(s) < 10 else f"{s * 1e3:.0f}"
+
+
+def _mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+def _over(n: int) -> str:
+    """Memory over the model, signed (a step can end below what the load left, after freeing)."""
+    return ("+" if n >= 0 else "-") + gib(abs(n))
+
+
+def _times(x: float) -> str:
+    return f"{x:.2f}x" if math.isfinite(x) else "n/a"
+
+
+def _capped_cell(m: dict) -> str:
+    """Whether a load fit under its hard cgroup cap."""
+    if "capped" not in m:
+        return "-"
+    if not m["capped"]["enforced"]:
+        return "no cgroup"
+    return f"{_mark(m['capped']['fit'])} (cap {gib(m['capped']['cap_bytes'])})"
+
+
+def _fits_cell(m: dict) -> str:
+    """Whether the Colab run fit under 12 GiB. Without a memory cgroup nothing capped the run, so
+    "it ran" says nothing about 12 GiB."""
+    if not m.get("cap_enforced"):
+        return "not checked: no memory cgroup could be made here"
+    return "✓" if m["fit"] else "✗ " + m.get("error", "")[-80:]
+
+
+def _patch_activations_cell(m: dict) -> str:
+    """Both sweeps' activation memory, and tracelib's over TransformerLens's."""
+    ours, theirs = activation_bytes(m), activation_bytes(m["tl"])
+    if ours is None or theirs is None:
+        return "-"
+    return f"{_over(ours)} / {_over(theirs)} ({_times(ratio(ours, theirs))})"
+
+
+def table(title: str, columns: list[str], measurements: list[dict], rows) -> str:
+    """A markdown table with one column per measurement and one row per (label, format) in `rows`."""
+    lines = [f"| {title} | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for label, fmt in rows:
+        lines.append(f"| {label} | " + " | ".join(fmt(m) for m in measurements) + " |")
+    return "\n".join(lines)
+
+
+def activation_cell(steps: dict, step: str) -> str:
+    """`+activation (ratio x the reference step's)`, or `-` where it was not measured."""
+    m, ref = steps[step], reference(step)
+    act = activation_bytes(m)
+    if act is None:
+        return "-"
+    against = ratio(act, activation_bytes(steps[ref])) if ref in steps else math.nan
+    return _over(act) + (f" ({_times(against)} {ref})" if math.isfinite(against) else "")
+
+
+def steps_table(results: dict) -> str | None:
+    """Per step and model: time, total peak, and activation memory against its reference step's."""
+    names = list(results)
+    keys = []
+    for step in MEASURED_STEPS:
+        found = {k for n in names for k in results[n]["steps"] if k == step or k.startswith(step + "@")}
+        keys += sorted(found, key=lambda k: (len(k), k))
+    if not keys:
+        return None
+    gpu = any(m.get("gpu_peak") for n in names for m in results[n]["steps"].values() if isinstance(m, dict))
+    what = "GPU peak allocated" if gpu else "peak RSS"
+    cols = " | ".join(
+        f"{n} ({results[n]['layers']}L) ms | {n} {what} | {n} activations: peak - model (x reference's)" for n in names
+    )
+    lines = [f"| step | {cols} |", "|---|" + "---:|---:|---:|" * len(names)]
+    for step in keys:
+        cells = []
+        for n in names:
+            steps = results[n]["steps"]
+            m = steps.get(step)
+            if m is None or "time_s" not in m:
+                cells += ["-", "-", "-"]
+            else:
+                cells += [_ms(m["time_s"]), gib(peak_bytes(m)), activation_cell(steps, step)]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def loads_table(results: dict) -> str | None:
+    loads = [(n, s) for n in results for s in LOAD_DTYPE if s in results[n]["steps"]]
+    if not loads:
+        return None
+    label = {"load": "fp32", "load_fp16": "fp16", "load_bf16": "bf16", "load_tl": "fp32, TL's path"}
+
+    rows = [
+        ("weights in the load's dtype", lambda m: gib(m["weights_bytes"])),
+        ("wall s (boot + compat)", lambda m: f"{m['time_s']:.1f} ({m['boot_s']:.1f} + {m['compat_s']:.1f})"),
+        ("peak RSS (+ over imports)", lambda m: f"{gib(m['peak_rss'])} (+{gib(m['peak_over_base'])})"),
+        ("boot peak / compat peak", lambda m: f"{gib(m['boot_peak'])} / {gib(m['compat_peak'])}"),
+        ("RSS after load", lambda m: gib(m["rss_after_trim"])),
+        (
+            f"anonymous peak over imports / weights (target <= {LOAD_TARGET})",
+            lambda m: f"{m['anon_peak_over_weights']:.2f}x {_mark(m['anon_peak_over_weights'] <= LOAD_TARGET)}",
+        ),
+        (f"loads under a hard cgroup cap of imports + {LOAD_TARGET} x weights", _capped_cell),
+        (
+            f"peak over imports / weights (target <= {LOAD_TARGET})",
+            lambda m: f"{m['peak_over_weights']:.2f}x {_mark(m['peak_over_weights'] <= LOAD_TARGET)}",
+        ),
+        ("peak / RSS after load", lambda m: f"{m['peak_rss'] / m['rss_after_trim']:.2f}x"),
+    ]
+    columns = [f"{n} ({results[n]['layers']}L) {label[s]}" for n, s in loads]
+    return table("load", columns, [results[n]["steps"][s] for n, s in loads], rows)
+
+
+def colab_table(results: dict) -> str | None:
+    colab = [n for n in results if "colab" in results[n]["steps"]]
+    if not colab:
+        return None
+
+    rows = [
+        ("dtype load_model picks on a T4", lambda m: m.get("dtype", "?")),
+        ("weights", lambda m: gib(m["weights_bytes"]) if "weights_bytes" in m else "?"),
+        ("cap enforced by a cgroup", lambda m: "yes" if m["cap_enforced"] else "no (could not make one)"),
+        ("fits under 12 GiB (load + trace)", _fits_cell),
+        ("load peak RSS", lambda m: gib(m["load_peak_rss"]) if m["fit"] else "-"),
+        ("peak RSS after trace", lambda m: gib(m["peak_rss"]) if m["fit"] else "-"),
+        ("cgroup peak (page cache included)", lambda m: gib(m.get("cgroup_peak_bytes", 0))),
+        ("load s / trace s", lambda m: f"{m['load_s']:.1f} / {m['trace_s']:.2f}" if m["fit"] else "-"),
+    ]
+    title = "Colab free tier (simulated: CPU, 12 GiB cgroup cap)"
+    return table(title, colab, [results[n]["steps"]["colab"] for n in colab], rows)
+
+
+def patch_table(results: dict) -> str | None:
+    patched = [n for n in results if "patch_resid_pre" in results[n]["steps"]]
+    if not patched:
+        return None
+
+    rows = [
+        ("cells (layer x position)", lambda m: str(m["cells"])),
+        ("tracelib s", lambda m: f"{m['time_s']:.2f}"),
+        ("TransformerLens get_act_patch_resid_pre s", lambda m: f"{m['tl']['time_s']:.2f}"),
+        (
+            f"tracelib / TransformerLens time (target <= {PATCH_TARGET})",
+            lambda m: f"{m['ratio']:.3f} {_mark(m['ratio'] <= PATCH_TARGET)}",
+        ),
+        ("tracelib batch size", lambda m: str(m["batch_size"])),
+        ("peak: tracelib / TransformerLens (totals)", lambda m: f"{gib(peak_bytes(m))} / {gib(peak_bytes(m['tl']))}"),
+        ("activations (peak - model): tracelib / TransformerLens", _patch_activations_cell),
+        ("max |tracelib - TL| (normalised)", lambda m: f"{m['max_abs_diff']:.1e} (tol {m['tolerance']:.0e})"),
+        ("attribution_patch s (one forward s)", lambda m: f"{m['attribution_s']:.3f} ({m['forward_s']:.3f})"),
+        (
+            f"attribution_patch / one forward (target <= {ATTRIBUTION_TARGET})",
+            lambda m: (
+                f"{m['attribution_s'] / m['forward_s']:.2f} "
+                f"{_mark(m['attribution_s'] / m['forward_s'] <= ATTRIBUTION_TARGET)}"
+            ),
+        ),
+        ("pearson(attribution estimate, exact)", lambda m: f"{m['attribution_pearson']:+.3f}"),
+    ]
+    columns = [f"{n} ({results[n]['layers']}L)" for n in patched]
+    measured = [results[n]["steps"]["patch_resid_pre"] for n in patched]
+    return table("resid_pre patching sweep (denoise)", columns, measured, rows)
+
+
+def scale_table(results: dict) -> str | None:
+    scale = scale_rows(results)
+    if not scale:
+        return None
+    lines = ["| issue 10 target | model | measured | target | |", "|---|---|---:|---:|---|"]
+    for name, key, detail, value, target, met in scale:
+        mark = "(for information)" if met is None else _mark(met)
+        lines.append(f"| {key} ({detail}) | {name} | {value:.2f} | {target if met is not None else '—'} | {mark} |")
+    return "\n".join(lines)
+
+
+def headline_table(results: dict) -> str | None:
+    names = [n for n in results if ratios(results[n]["steps"])]
+    if not names:
+        return None
+
+    def cell(n: str, key: str) -> str:
+        value = ratios(results[n]["steps"]).get(key)
+        if value is None or not math.isfinite(value):
+            return "-"
+        return f"{value:.3f}" + (f" {'ok' if value <= TARGETS[key] else 'MISSED'}" if key in TARGETS else "")
+
+    lines = ["| target | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for key, title in HEADLINES.items():
+        limit = f"<= {TARGETS[key]}" if key in TARGETS else "(for information)"
+        lines.append(f"| {title} {limit} | " + " | ".join(cell(n, key) for n in names) + " |")
+    checked = [results[n]["steps"].get("neuron_dla", {}).get("max_rel_err_vs_by_hand") for n in names]
+    if any(err is not None for err in checked):
+        cells = ["-" if err is None else f"{err:.1e}" for err in checked]
+        lines.append("| tracelib's neurons vs run_with_cache by hand, max relative error | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(results: dict) -> str:
+    """Markdown: the steps (time, peak, activations), the loads, Colab, patching, and the targets."""
+    tables = (steps_table, loads_table, colab_table, patch_table, scale_table, headline_table)
+    sections = [s for s in (make(results) for make in tables) if s]
+    return "\n\n".join(sections) if sections else "(nothing measured)"
