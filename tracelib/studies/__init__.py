@@ -4,24 +4,7 @@
 shards, batched, resumable, split across `accelerate` processes), `result` (the `Study`).
 """
 
-from tracelib.studies.items import InjectionSpec, Item, StudySpecError, arithmetic_items, parse_injection, read_items
-from tracelib.studies.result import Study, load_study, wilson_interval
-from tracelib.studies.run import process_state, study
-from tracelib.studies.store import StudyFolderError, StudyMismatchError, StudyVersionWarning
-
-__all__ = [
-    "InjectionSpec",
-    "Item",
-    "Study",
-    "StudyFolderError",
-    "StudyMismatchError",
-    "StudySpecError",
-    "StudyVersionWarning",
-    "arithmetic_items",
-    "load_study",
-    "parse_injection",
-    "process_state",
-    "read_items",
-    "study",
-    "wilson_interval",
-]
+from tracelib.studies.items import InjectionSpec, Item, StudySpecError, arithmetic_items, parse_injection, read_items  # noqa: F401
+from tracelib.studies.result import Study, load_study, wilson_interval  # noqa: F401
+from tracelib.studies.run import process_state, study  # noqa: F401
+from tracelib.studies.store import StudyFolderError, StudyMismatchError, StudyVersionWarning  # noqa: F401
