@@ -46,6 +46,18 @@ Qwen shape takes minutes, so it is timed `--patch-repeat` times (default 3) afte
 warm-up. On a shared 2-core machine `--threads 1` gives steadier times: two torch threads wait on
 each other whenever another process holds a core.
 
+`study` times `tl.study` in one process (items per second; a fresh folder each run) and, in the same
+process, interleaved with it, `study_loop`: the same traces by hand (per shard a batched clean trace,
+`tl.inject` each, a batched corrupted trace with per-row distractors, `damage_report` per row),
+writing nothing; both get the same explicit batch size, and the step fails if their rows disagree.
+It reports study / loop (target <= 1.1: what the shards, manifest and reading back cost). tiny: 40
+arithmetic items x 2 injections, shards of 8; the other shapes: 4 items x 1 injection.
+`study_2proc` runs the study CLI over all 155 items x 2 injections x 3 seeds on tiny, in one
+process and in two (`accelerate launch --multi_gpu --num_processes 2`, gloo on the CPU), each
+process with `--threads` torch threads (default 1, as accelerate gives its processes), alternating:
+the wall time (start and load included) and the study's own time (manifest to last shard, from the
+files). On this 2-core machine use `--threads 1`: two threads wait on each other when busy.
+
 `colab` simulates Colab's free tier: the Qwen2.5-1.5B shape loaded as `load_model` would on a T4
 (the dtype it picks there), on the CPU, in a process whose memory is capped at 12 GiB by a cgroup
 (the host-side worst case: the whole model in host memory), then one trace.
@@ -83,11 +95,13 @@ from benchsteps.steps import (  # noqa: E402
     LONG_STEPS,
     PROMPT_TOKENS,
     STEPS,
+    STUDY_2PROC_MODELS,
     step_loader,
 )
 from benchsteps.targets import (  # noqa: E402, F401 - patch_agreement and scale_rows re-exported for tests
     COLAB_CAP,
     LOAD_TARGET,
+    STUDY_TARGET,
     TARGETS,
     patch_agreement,
     ratios,
@@ -195,6 +209,11 @@ def run_model(name: str, args, steps: list[str], workdir: Path) -> dict:
     estimate = run_worker({"step": "estimate", "source": source})
     entry = {"layers": spec["layers"], "spec": spec, "estimate": estimate, "steps": {}, "skipped": {}}
     for step in steps:
+        if step in ("study", "study_loop") and step in entry["steps"]:
+            continue  # measured with the other, in one worker
+        if step == "study_2proc" and name not in STUDY_2PROC_MODELS:
+            print(f"{name}: study_2proc runs on {', '.join(STUDY_2PROC_MODELS)} only", file=sys.stderr, flush=True)
+            continue
         loader = step_loader(step, args.loader)
         need, free = predicted_peak(estimate, loader, LOAD_DTYPE.get(step, "float32")), mem_available()
         if step == "colab":
@@ -221,6 +240,9 @@ def run_model(name: str, args, steps: list[str], workdir: Path) -> dict:
             entry["steps"][step] = run_patching(name, worker, args.patch_repeat)
         elif step == "colab":
             entry["steps"][step] = run_colab(worker)
+        elif step in ("study", "study_loop"):
+            # One worker times both, interleaved: study / loop is a paired ratio on one busy machine.
+            entry["steps"].update(run_worker({**worker, "step": "study"}))
         else:
             entry["steps"][step] = m = run_worker(worker)
             if step in LOAD_DTYPE and step != "load_tl":
@@ -325,6 +347,7 @@ def main(argv=None) -> None:
         {
             "table": table,
             "targets": TARGETS,
+            "study_target": STUDY_TARGET,
             "patch_repeat": args.patch_repeat,
             "steps": dict(STEPS),
             "repeat": args.repeat,

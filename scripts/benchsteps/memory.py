@@ -186,6 +186,52 @@ def measure(fn, repeat: int, held: dict[str, int], warmup: bool = True) -> dict:
     }
 
 
+def measure_interleaved(fns: dict, repeat: int, held: dict[str, int], setup=None, warmup: bool = True) -> dict:
+    """`measure` for several calls timed in turn: `repeat` rounds, each running every call once (the
+    order reversed every other round), so that a busy machine slows them alike. Results are dropped
+    at once, so one call's output never counts in another's peak; `setup[name]`, if given, runs
+    before each call of `name`, untimed. Returns `measure`'s figures per name (peaks the largest over
+    the rounds); `times_s` line up round by round, for paired ratios.
+    """
+    setup = setup or {}
+    names = list(fns)
+    if warmup:
+        for name in names:
+            setup.get(name, lambda: None)()
+            fns[name]()
+    release_free_memory()
+    before = proc_status()["VmRSS"]
+    times = {n: [] for n in names}
+    peaks, gpu_peaks = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
+    gpu_before = gpu_allocated()
+    for r in range(repeat):
+        for name in names if r % 2 == 0 else names[::-1]:
+            setup.get(name, lambda: None)()
+            release_free_memory()
+            reset_peak()
+            gpu_reset()
+            t0 = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+            peaks[name] = max(peaks[name], proc_status()["VmHWM"])
+            gpu_peaks[name] = max(gpu_peaks[name], gpu_peak())
+    return {
+        n: {
+            "time_s": statistics.median(times[n]),
+            "times_s": times[n],
+            "rss_before": before,
+            "peak_rss": peaks[n],
+            "peak_over_before": peaks[n] - before,
+            **held,
+            "gpu_before": gpu_before,
+            "gpu_peak": gpu_peaks[n],
+            "activation_bytes": gpu_peaks[n] - held["gpu_model"] if on_gpu() else peaks[n] - held["rss_model"],
+        }
+        for n in names
+    }
+
+
 def gib(n: float) -> str:
     """Bytes as GiB, or as MiB below 1 GiB."""
     return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.0f} MiB"

@@ -10,11 +10,14 @@ from benchsteps.targets import (
     ATTRIBUTION_TARGET,
     LOAD_TARGET,
     PATCH_TARGET,
+    STUDY_TARGET,
     TARGETS,
+    memory_judged,
     ratio,
     ratios,
     reference,
     scale_rows,
+    study_judged,
 )
 
 HEADLINES = {
@@ -24,6 +27,10 @@ HEADLINES = {
     "trace_activation_vs_run_with_cache_activation": "trace() activations / run_with_cache activations (peak - model)",
     "trace_peak_vs_run_with_cache_peak": "trace() peak / run_with_cache peak, totals",
 }
+
+
+# The headline targets on memory: judged only where `memory_judged` says so.
+MEMORY_KEYS = ("trace_activation_vs_run_with_cache_activation",)
 
 
 def _ms(s: float) -> str:
@@ -203,6 +210,84 @@ def scale_table(results: dict) -> str | None:
     return "\n".join(lines)
 
 
+def _study_ratio_cell(name: str, m: dict) -> str:
+    r = m["ratio_vs_loop"]
+    spread = f" (rounds {min(m['paired_ratios']):.2f}-{max(m['paired_ratios']):.2f})"
+    return f"{r:.2f}x{spread} " + (_mark(r <= STUDY_TARGET) if study_judged(name) else "(for information)")
+
+
+def _two_proc_cells(m: dict) -> tuple[str, str]:
+    one, two = m["p1"], m["p2"]
+    wall = f"{one['wall_s']:.1f} / {two['wall_s']:.1f} (speedup {m['wall_speedup']:.2f}x)"
+    study = (
+        f"{one['study_s']:.1f} / {two['study_s']:.1f} ({m['study_speedup']:.2f}x speedup; "
+        f"{one['items_per_s_study']:.1f} / {two['items_per_s_study']:.1f} items/s)"
+    )
+    return wall, study
+
+
+def study_table(results: dict) -> str | None:
+    """Issue 20: tl.study against the same traces by hand, and the CLI in one process against two."""
+    names = [n for n in results if "study" in results[n]["steps"] or "study_2proc" in results[n]["steps"]]
+    if not names:
+        return None
+    lines = ["| tl.study | " + " | ".join(f"{n} ({results[n]['layers']}L)" for n in names) + " |"]
+    lines.append("|---|" + "---:|" * len(names))
+
+    def row(label, fmt, step="study"):
+        cells = []
+        for n in names:
+            m = results[n]["steps"].get(step)
+            cells.append("-" if m is None else fmt(n, m))
+        if any(c != "-" for c in cells):  # a row only for a step that ran somewhere
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    def loop(n):
+        return results[n]["steps"]["study_loop"]
+
+    row(
+        "items x injections x seeds (shard size, batch size)",
+        lambda n, m: (
+            f"{m['items']} x {len(m['injections'])} x {len(m['seeds'])} ({m['shard_size']}, {m['batch_size']})"
+        ),
+    )
+    row("study s (items/s), one process", lambda n, m: f"{m['time_s']:.2f} ({m['items_per_s']:.1f})")
+    row(
+        "the same traces by hand s (items/s), nothing written",
+        lambda n, m: f"{loop(n)['time_s']:.2f} ({loop(n)['items_per_s']:.1f})",
+    )
+    row(
+        f"study overhead vs the same traces by hand, writes included (target <= {STUDY_TARGET}x; median of rounds)",
+        _study_ratio_cell,
+    )
+    row(
+        "rows agree with the loop's (largest corrupted metric difference)",
+        lambda n, m: f"✓ ({m['max_abs_metric_diff']:.0e})",
+    )
+    row(
+        "peak: study / loop (activations)",
+        lambda n, m: (
+            f"{gib(peak_bytes(m))} / {gib(peak_bytes(loop(n)))} "
+            f"({_over(activation_bytes(m))} / {_over(activation_bytes(loop(n)))})"
+        ),
+    )
+    row(
+        "CLI: items x injections x seeds (shard size, batch size; torch threads per process)",
+        lambda n, m: (
+            f"{m['items']} x {len(m['injections'])} x {len(m['seeds'])} "
+            f"({m['shard_size']}, {m['batch_size']}; {m['threads']})"
+        ),
+        "study_2proc",
+    )
+    row(
+        "CLI wall s, 1 process / 2 processes (start and load included)",
+        lambda n, m: _two_proc_cells(m)[0],
+        "study_2proc",
+    )
+    row("CLI study s (manifest to last shard), 1 / 2 processes", lambda n, m: _two_proc_cells(m)[1], "study_2proc")
+    return "\n".join(lines)
+
+
 def headline_table(results: dict) -> str | None:
     names = [n for n in results if ratios(results[n]["steps"])]
     if not names:
@@ -212,6 +297,10 @@ def headline_table(results: dict) -> str | None:
         value = ratios(results[n]["steps"]).get(key)
         if value is None or not math.isfinite(value):
             return "-"
+        if key in MEMORY_KEYS:
+            judged, why = memory_judged(n, results[n]["steps"])
+            if not judged:
+                return f"{value:.3f} (for information: {why})"
         return f"{value:.3f}" + (f" {'ok' if value <= TARGETS[key] else 'MISSED'}" if key in TARGETS else "")
 
     lines = ["| target | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
@@ -226,7 +315,7 @@ def headline_table(results: dict) -> str | None:
 
 
 def render(results: dict) -> str:
-    """Markdown: the steps (time, peak, activations), the loads, Colab, patching, and the targets."""
-    tables = (steps_table, loads_table, colab_table, patch_table, scale_table, headline_table)
+    """Markdown: the steps (time, peak, activations), the loads, Colab, patching, studies, and the targets."""
+    tables = (steps_table, loads_table, colab_table, patch_table, study_table, scale_table, headline_table)
     sections = [s for s in (make(results) for make in tables) if s]
     return "\n\n".join(sections) if sections else "(nothing measured)"

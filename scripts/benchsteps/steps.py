@@ -36,6 +36,21 @@ STEPS = (
         "tl.patch(model, clean, corrupted, answer, what='resid_pre'), and in a process of its own TransformerLens's "
         "run_with_cache(clean) + get_act_patch_resid_pre on the same tokens with the same normalised metric",
     ),
+    (
+        "study",
+        "tl.study(model, items, injections=..., shard_size=..., batch_size=...) in one process after the load, a "
+        "fresh folder each run (tiny: 40 arithmetic items x junk:after:3, repeat:between:3; others: 4 x junk:after:3)",
+    ),
+    (
+        "study_loop",
+        "the same traces by hand, writing nothing: per shard a batched clean trace, tl.inject each, a batched "
+        "corrupted trace with per-row distractors, damage_report per row; timed interleaved with study, one process",
+    ),
+    (
+        "study_2proc",
+        "python -m tracelib study over all 155 arithmetic items x 2 injections x 3 seeds, one process against "
+        "two (accelerate launch --multi_gpu --num_processes 2; gloo on the CPU), --threads each (default 1); tiny only",
+    ),
 )
 # Old step names that still select a step: the neuron DLA step timed a helper written in the bench,
 # at every position, until it timed tracelib's own (issue 19).
@@ -46,8 +61,13 @@ LOAD_DTYPE = {"load": "float32", "load_fp16": "float16", "load_bf16": "bfloat16"
 # batched run_with_cache of the same padded tokens) and scale with prompt length.
 BATCH_STEPS = ("trace_batch", "trace_single", "run_with_cache_batch")
 LONG_STEPS = ("forward_long", "trace_long")
-# The steps that measure something after a load, in the steps table's order.
-MEASURED_STEPS = tuple(name for name, _ in STEPS if name not in LOAD_DTYPE and name != "colab")
+# Issue 20: study and study_loop run in one worker, interleaved; study_2proc runs the CLI in subprocesses.
+STUDY_STEPS = ("study", "study_loop", "study_2proc")
+STUDY_2PROC_MODELS = ("tiny",)
+# The steps that measure something after a load, in the steps table's order (the studies have a table of their own).
+MEASURED_STEPS = tuple(
+    name for name, _ in STEPS if name not in LOAD_DTYPE and name != "colab" and name not in STUDY_STEPS
+)
 
 
 def step_loader(step: str, default: str) -> str:

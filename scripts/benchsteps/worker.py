@@ -15,6 +15,7 @@ from benchsteps.neuron_dla import measure_neuron_dla
 from benchsteps.patching_steps import measure_patch
 from benchsteps.scale_steps import measure_scale
 from benchsteps.steps import BATCH_STEPS, LOAD_DTYPE, LONG_STEPS, step_loader
+from benchsteps.study_steps import measure_study, measure_study_2proc
 
 
 def run(spec: dict) -> dict:
@@ -39,6 +40,10 @@ def run(spec: dict) -> dict:
     if step in ("patch_resid_pre", "patch_resid_pre_tl"):
         tool = "tl" if step.endswith("_tl") else "tracelib"
         return measure_patch(spec["source"], spec.get("patch_repeat", 3), spec["loader"], tool)
+    if step == "study":  # study_loop with it, interleaved
+        return measure_study(spec["source"], spec["repeat"], spec["loader"])
+    if step == "study_2proc":
+        return measure_study_2proc(spec["source"], spec["repeat"], spec.get("threads"), spec.get("device") or "cpu")
     if step == "neuron_dla":
         return measure_neuron_dla(spec["source"], spec["repeat"], spec["loader"])
     return measure_step(step, spec["source"], spec["repeat"], spec["loader"])

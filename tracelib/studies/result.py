@@ -190,12 +190,14 @@ class Study:
         )
 
 
-def load_study(path) -> Study:
+def load_study(path, *, _written: dict | None = None) -> Study:
     """Read a study folder written by `tl.study`: its manifest and every complete shard, checked.
 
     Raises:
         StudyFolderError: no manifest, a damaged file, or a shard that does not match it.
     """
+    # `_written`: shard -> (rows, patching) tables this process has just written (by `tl.study`),
+    # used as they are instead of read back.
     folder = Path(path)
     if not folder.is_dir():
         raise store.StudyFolderError(f"{folder} is not a folder; pass the folder tl.study wrote")
@@ -208,6 +210,11 @@ def load_study(path) -> Study:
     for shard in range(manifest["n_shards"]):
         if not store.complete(folder, shard):
             missing.append(shard)
+            continue
+        if _written and shard in _written:
+            rows.append(_written[shard][0])
+            if spec["patch"] is not None:
+                patching.append(_written[shard][1])
             continue
         items = range(shard * size, min((shard + 1) * size, spec["n_items"]))
         rows.append(store.read_shard(folder, "rows", shard, store.ROW_SCHEMA, items))

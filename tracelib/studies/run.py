@@ -119,15 +119,17 @@ def study(
     else:
         with state.split_between_processes(shards) as part:
             mine = list(part)
-    pending = [shard for shard in mine if not store.complete(out, shard)]  # a rerun skips completed shards
+    pending = [shard for shard in mine if not store.complete(out, shard)]
+    written: dict = {}  # what this process wrote, kept for the result instead of read back
     for shard in progress_bar(pending, show, "study shards"):
         first = shard * shard_size
         chunk = resolved[first : first + shard_size]
         rows, patching = run_shard(model, chunk, items, first, shard, run_spec)
         store.write_shard(out, shard, rows, patching)
+        written[shard] = (rows, patching)
     if state is not None:
         state.wait_for_everyone()
-    return load_study(out)
+    return load_study(out, _written=written)
 
 
 def _spec(model, items, injections, seeds, patch, shard_size, patch_grid, metric, k, batch_size):
