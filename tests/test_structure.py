@@ -39,7 +39,7 @@ LAYERS = {
     },
     "steps": {"margin", "lens", "attribution", "heads", "positions"},
     "trace": {"trace"},
-    "uses": {"reference", "compare", "ood", "patching"},
+    "uses": {"reference", "compare", "ood", "patching", "routes"},
     "studies": {"studies"},  # many traces at once: runs uses of traces over prompt sets
     "top": {"shortcuts", "widgets", "__main__"},
     "package": {""},  # tracelib/__init__.py gathers the public API from every layer

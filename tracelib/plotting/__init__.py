@@ -1,7 +1,7 @@
 """Every plotly figure tracelib draws. Functions return figures and never call `.show()`.
 
 One module per view, as CircuitsVis does: `style` (colours, captions, layout), `trace_views`,
-`report`, `comparison`, `patching`, `ood`, `study`. Plotting imports no step: a result's `.plot()` calls
+`report`, `comparison`, `patching`, `ood`, `study`, `routes`. Plotting imports no step: a result's `.plot()` calls
 down into it with tensors, labels and formats.
 """
 
@@ -38,6 +38,7 @@ from tracelib.plotting.report import (  # noqa: F401
     report_figures,
     report_html,
 )
+from tracelib.plotting.routes import routes_figure  # noqa: F401
 from tracelib.plotting.study import SURVIVAL_CAPTION, survival_heatmap  # noqa: F401
 from tracelib.plotting.style import *  # noqa: F403 (style.__all__)
 from tracelib.plotting.trace_views import (  # noqa: F401
