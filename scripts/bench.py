@@ -46,6 +46,11 @@ Qwen shape takes minutes, so it is timed `--patch-repeat` times (default 3) afte
 warm-up. On a shared 2-core machine `--threads 1` gives steadier times: two torch threads wait on
 each other whenever another process holds a core.
 
+`routes` times one `tl.routes` call, one `tl.trace` call and one `tl.patch(..., what="resid_pre")` sweep on
+the patching step's prompts, interleaved in one worker (median of `--repeat` rounds), with each one's
+activation memory and the route's agreement with the sweep (`Routes.agreement`: Spearman, recall,
+precision). Judged on smollm2: routes / trace <= 3 and sweep / routes >= 20.
+
 `study` times `tl.study` in one process (items per second; a fresh folder each run) and, in the same
 process, interleaved with it, `study_loop`: the same traces by hand (per shard a batched clean trace,
 `tl.inject` each, a batched corrupted trace with per-row distractors, `damage_report` per row),

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -251,3 +254,121 @@ def test_bad_prompt_and_answer(tiny):
         tl.routes(tiny, [PROMPT, PROMPT], ANSWER)
     with pytest.raises(ValueError, match="explains one token"):
         tl.routes(tiny, PROMPT, " 55")
+
+
+# Routes against exact resid_pre patching on the same clean prompt (issue 21).
+CORRUPTED = "what is 4 + 3"
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny):
+    result = tl.patch(tiny, PROMPT, CORRUPTED, ANSWER, what="resid_pre")
+    assert not result.weak_effect, "the corruption must change the answer for recovery to mean anything"
+    return result
+
+
+def _flow_by_hand(r: Routes) -> dict[tuple, float]:
+    """Node weights by a plain walk: each on-route edge, highest destination first, passes weight x importance down."""
+    height = {"pre": 0, "mid": 1, "final": 0}
+    weight = {(r.n_layers, r.position, "final"): 1.0}
+    route = r.route.assign(level=[2 * ly + height[k] for ly, k in zip(r.route["dst_layer"], r.route["dst_kind"])])
+    for e in route.sort_values("level", ascending=False, kind="stable").itertuples():
+        dst, src = (e.dst_layer, e.dst_pos, e.dst_kind), (e.src_layer, e.src_pos, e.src_kind)
+        weight[src] = weight.get(src, 0.0) + weight.get(dst, 0.0) * e.importance
+    return weight
+
+
+def test_node_flow_is_the_final_weight_traced_back(tiny):
+    r = tl.routes(tiny, PROMPT, ANSWER)
+    flow = r.node_flow()
+    by_hand = _flow_by_hand(r)
+    for node in flow.itertuples():
+        expected = by_hand.get((node.layer, node.pos, node.kind), 0.0)
+        assert node.weight == pytest.approx(expected, abs=1e-9)
+        assert (node.weight > 0) <= node.on_route  # weight only on the route
+    for (layer, kind), level in flow.groupby(["layer", "kind"]):
+        assert level["weight"].sum() <= 1 + 1e-9, (layer, kind)
+
+
+def test_agreement_numbers_recomputed_from_the_frames(tiny, sweep):
+    r = tl.routes(tiny, PROMPT, ANSWER)
+    a = r.agreement(sweep, min_recovery=0.2)
+    cells = a.to_frame()
+    # Every resid_pre cell with a clean counterpart, mapped to the route's pre node at the clean position.
+    assert len(cells) == a.n_cells == tiny.cfg.n_layers * sum(j is not None for j in sweep.alignment)
+    flow = r.node_flow().query("kind == 'pre'").set_index(["layer", "pos"])
+    for c in cells.itertuples():
+        assert sweep.alignment[c.corrupted_pos] == c.pos
+        assert c.recovery == pytest.approx(sweep.values[c.layer, c.corrupted_pos].item())
+        assert c.weight == flow.loc[(c.layer, c.pos), "weight"] and c.on_route == flow.loc[(c.layer, c.pos), "on_route"]
+    matters = cells["recovery"].abs() >= 0.2
+    both = matters & cells["on_route"]
+    assert a.recall == pytest.approx(both.sum() / matters.sum())
+    assert a.precision == pytest.approx(both.sum() / cells["on_route"].sum())
+    # Spearman by hand: Pearson's on average ranks (what pandas' method="spearman" computes).
+    rho = cells["weight"].rank().corr(cells["recovery"].abs().rank())
+    assert a.spearman == pytest.approx(rho, abs=1e-9)
+    assert (cells["disagrees"] == (cells["on_route"] != matters)).all()
+    assert (a.n_recovering, a.n_on_route, a.n_both) == (matters.sum(), cells["on_route"].sum(), both.sum())
+    assert 0 < a.n_recovering and 0 < a.n_on_route and math.isfinite(a.spearman)
+    assert repr(a) == repr(r.agreement(sweep)) and repr(a).startswith("RouteAgreement(")
+    assert "Spearman" in repr(a) and "recall" in repr(a) and "precision" in repr(a)
+    fig = a.plot()
+    assert len(fig.data) == 2 and fig.data[1].zmid == 0 and fig.data[1].colorscale[0][1] != fig.data[0].colorscale[0][1]
+    weight, recovery = a.grids()
+    assert weight.shape == (tiny.cfg.n_layers, len(r.str_tokens)) and np.nanmax(weight) <= 1
+    assert a.identity == r.identity == sweep.identity
+    assert a.top(3)["disagrees"].all()
+    stricter = r.agreement(sweep, min_recovery=0.9)
+    assert stricter.n_recovering <= a.n_recovering
+
+
+def test_agreement_refusals(tiny, other, sweep):
+    r = tl.routes(tiny, PROMPT, ANSWER)
+    with pytest.raises(ValueError, match="this sweep patched 'attn_out'"):
+        r.agreement(tl.patch(tiny, PROMPT, CORRUPTED, ANSWER, what="attn_out"))
+    with pytest.raises(tl.ModelMismatchError, match="The routes comes from"):
+        tl.routes(other, PROMPT, ANSWER).agreement(sweep)
+    with pytest.raises(ValueError, match="clean prompt is not the route's"):
+        tl.routes(tiny, "2 + 3 =", ANSWER).agreement(sweep)
+    with pytest.raises(ValueError, match="answer is '5', the route's '6'"):
+        tl.routes(tiny, PROMPT, " 6").agreement(sweep)
+    with pytest.raises(ValueError, match="position=-1"):
+        tl.routes(tiny, PROMPT, ANSWER, position=3).agreement(sweep)
+    # Where the sweep records its clean tokens, they must be the route's exactly.
+    recorded = copy.copy(sweep)
+    object.__setattr__(recorded, "clean_str_tokens", list(r.str_tokens[:-1]) + ["x"])
+    with pytest.raises(ValueError, match="clean prompt is not the route's"):
+        r.agreement(recorded)
+    object.__setattr__(recorded, "clean_str_tokens", list(r.str_tokens))
+    assert repr(r.agreement(recorded)) == repr(r.agreement(sweep))
+    weak = dataclasses.replace(sweep, corrupted_metric=sweep.clean_metric * 0.999)
+    assert weak.weak_effect
+    with pytest.raises(ValueError, match="stronger corruption"):
+        r.agreement(weak)
+    assert r.agreement(weak, allow_weak=True).n_cells == r.agreement(sweep).n_cells
+    for bad in (0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"min_recovery must be in \(0, 1\]"):
+            r.agreement(sweep, min_recovery=bad)
+    with pytest.raises(TypeError, match="pass a PatchingResult"):
+        r.agreement(r)
+
+
+def test_bench_routes_rows_judge_on_smollm2_only(monkeypatch):
+    # The bench's routes step (no timing here): the target rows and the table, from made-up figures.
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    from benchsteps.report import render
+    from benchsteps.steps import STEPS
+
+    assert "routes" in dict(STEPS)
+    mem = {"peak_rss": 2**30, "rss_model": 2**29, "activation_bytes": 2**20}
+    m = {"time_s": 0.2, **mem, "trace": {"time_s": 0.1, **mem}, "sweep": {"time_s": 5.0, **mem}}
+    m.update(str_tokens=["a"] * 8, cells=240, spearman=0.5, recall=1.0, precision=None, weak_effect=False)
+    results = {n: {"layers": 30, "steps": {"routes": m}} for n in ("tiny", "smollm2")}
+    table = render(results)
+    assert "| routes / trace (8 tokens, 240 cells) | smollm2 | 2.00 | 3.0 | ✓ |" in table
+    assert "| resid_pre sweep / routes (>=) (8 tokens, 240 cells) | smollm2 | 25.00 | 20.0 | ✓ |" in table
+    assert "| routes / trace (8 tokens, 240 cells) | tiny | 2.00 | — | (for information) |" in table
+    assert "| smollm2 | 0.200 / 0.100 / 5.000 |" in table and "+0.500, +1.000, - |" in table

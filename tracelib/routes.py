@@ -41,10 +41,11 @@ from torch import Tensor
 
 from tracelib.answers import token_str
 from tracelib.formats import check_k, fmt_value, metric_phrase, token_labels
-from tracelib.identity import check_model_arg
-from tracelib.plotting.routes import routes_figure
+from tracelib.identity import MadeByModelFields, ModelIdentity, check_model_arg, check_same_model, model_identity
+from tracelib.plotting.routes import route_agreement_figure, routes_figure
 from tracelib.projections import compute_dtype, layer_weight, scaled_directions
 from tracelib.rows import _fill_distractors, build_rows
+from tracelib.stats import spearman
 
 EDGE_COLUMNS = [
     "src_layer",
@@ -60,6 +61,10 @@ EDGE_COLUMNS = [
 ]
 NODE_COLUMNS = ["layer", "pos", "kind", "token", "dla", "on_route"]
 VERDICTS = ("copied", "computed in place", "assembled")
+# One line per resid_pre cell in `RouteAgreement.cells`.
+AGREEMENT_COLUMNS = [
+    "layer", "pos", "token", "corrupted_pos", "corrupted_token", "weight", "on_route", "recovery", "disagrees",
+]  # fmt: skip
 
 # "copied": one earlier position carries at least this share of the route's head importance
 # into the final column (read from earlier positions); below it, several positions assemble it.
@@ -70,7 +75,7 @@ _BLOCK_ELEMENTS = 2**24
 
 
 @dataclass(frozen=True, eq=False)
-class Routes:
+class Routes(MadeByModelFields):
     """The information-flow graph of one prediction, and the route that carries it.
 
     Attributes:
@@ -87,6 +92,8 @@ class Routes:
         metric_label: what the DLA measures, in words (names the distractors).
         reconstruction_error: the largest `|pre + sum of head terms + b_O - mid|` over the nodes,
             relative to the largest `|mid|`: how exactly the head terms add up to the residual.
+        answer_str: the answer token the route explains ("" where unknown).
+        model_name, weights_fingerprint: the model that made the routes (`identity`); empty where unknown.
     """
 
     row_label: str
@@ -99,6 +106,7 @@ class Routes:
     nodes: pd.DataFrame
     metric_label: str = ""
     reconstruction_error: float = 0.0
+    answer_str: str = ""
 
     def __post_init__(self) -> None:
         n = len(self.str_tokens)
@@ -185,6 +193,154 @@ class Routes:
         title = f"Information-flow route: {self.row_label} at {token_labels(self.str_tokens)[self.position]}{metric}"
         return routes_figure(self.nodes, self.route, self.str_tokens, self.n_layers, **{"title": title, **layout})
 
+    def node_flow(self) -> pd.DataFrame:
+        """`nodes` with a `weight` column: the final node's flow traced back through the route.
+
+        The final node at `position` weighs 1; each on-route edge passes its destination's weight
+        times its importance to its source, and a node's weight is the sum of what it receives (0
+        off the route). The importances into a node sum to at most 1, so the weights at each level
+        (`pre` of a layer, `mid` of a layer) sum to at most 1: the share of the prediction's flow
+        that passes through each node.
+        """
+        level = {kind: i for i, kind in enumerate(("pre", "mid"))}
+        n_levels, n = 2 * self.n_layers + 1, len(self.str_tokens)
+
+        def levels(layers, kinds) -> np.ndarray:
+            return np.array([2 * int(ly) + level.get(k, 0) for ly, k in zip(layers, kinds)], dtype=np.int64)
+
+        route = self.edges[self.edges["on_route"]]
+        src_level = levels(route["src_layer"], route["src_kind"])
+        dst_level = levels(route["dst_layer"], route["dst_kind"])
+        src_pos, dst_pos = route["src_pos"].to_numpy(np.int64), route["dst_pos"].to_numpy(np.int64)
+        importance = route["importance"].to_numpy(np.float64)
+        weight = np.zeros((n_levels, n))
+        weight[n_levels - 1, self.position] = 1.0
+        for lv in range(n_levels - 1, 0, -1):  # every edge climbs one or two levels: top down is in order
+            into = dst_level == lv
+            np.add.at(weight, (src_level[into], src_pos[into]), weight[lv, dst_pos[into]] * importance[into])
+        frame = self.nodes.copy()
+        frame["weight"] = weight[levels(frame["layer"], frame["kind"]), frame["pos"].to_numpy(np.int64)]
+        return frame
+
+    def agreement(self, sweep, min_recovery: float = 0.2, *, allow_weak: bool = False) -> RouteAgreement:
+        """How well the route matches exact `resid_pre` patching (`tl.patch(..., what="resid_pre")`).
+
+        Each cell of the sweep (layer l, corrupted position p) is mapped through `sweep.alignment[p]`
+        to the clean position j and to the route's `pre` node (l, j), whose weight is `node_flow`'s.
+        A cell "matters" where |recovery| >= `min_recovery`.
+
+        Args:
+            sweep: a denoising `resid_pre` PatchingResult whose clean prompt and answer are this
+                route's, from the same model, read at the route's position (the last).
+            min_recovery: the |recovery| a cell needs to count as mattering, in (0, 1].
+            allow_weak: compare even where the corruption barely changed the answer (then recovery
+                is noise amplified; refused by default).
+
+        Returns:
+            A `RouteAgreement`: Spearman of node weight against |recovery|, recall, precision,
+            `.to_frame()` and `.plot()`.
+
+        Raises:
+            ValueError: not a denoising resid_pre sweep, another prompt or answer, a route not at the
+                last position, a weak sweep (unless `allow_weak`), or a bad `min_recovery`.
+            ModelMismatchError: the sweep comes from another model.
+        """
+        min_recovery = _check_threshold(min_recovery, "min_recovery", "a share of the clean effect")
+        self._check_sweep(sweep, allow_weak)
+        flow = self.node_flow()
+        pre = flow[flow["kind"] == "pre"].set_index(["layer", "pos"])
+        values = sweep.values.double()
+        labels = token_labels(self.str_tokens)
+        rows = []
+        for p, j in enumerate(sweep.alignment):
+            if j is None:
+                continue
+            for layer in range(self.n_layers):
+                node = pre.loc[(layer, int(j))]
+                rows.append(
+                    dict(layer=layer, pos=int(j), token=labels[int(j)], corrupted_pos=p,
+                         corrupted_token=sweep.labels[1][p], weight=float(node["weight"]),
+                         on_route=bool(node["on_route"]), recovery=float(values[layer, p]))
+                )  # fmt: skip
+        cells = pd.DataFrame(rows, columns=AGREEMENT_COLUMNS[:-1])
+        cells = cells[cells["recovery"].notna()].reset_index(drop=True)
+        matters = cells["recovery"].abs() >= min_recovery
+        cells["disagrees"] = cells["on_route"] != matters
+        n_matter, n_route = int(matters.sum()), int(cells["on_route"].sum())
+        n_both = int((matters & cells["on_route"]).sum())
+        rho = (
+            spearman(torch.tensor(cells["weight"].to_numpy()), torch.tensor(cells["recovery"].abs().to_numpy()))
+            if len(cells) > 1
+            else math.nan
+        )
+        return RouteAgreement(
+            cells=cells,
+            spearman=rho,
+            recall=n_both / n_matter if n_matter else math.nan,
+            precision=n_both / n_route if n_route else math.nan,
+            n_cells=len(cells),
+            n_recovering=n_matter,
+            n_on_route=n_route,
+            n_both=n_both,
+            min_recovery=min_recovery,
+            n_layers=self.n_layers,
+            str_tokens=list(self.str_tokens),
+            row_label=self.row_label,
+            model_name=self.model_name,
+            weights_fingerprint=self.weights_fingerprint,
+        )
+
+    def _check_sweep(self, sweep, allow_weak: bool) -> None:
+        """Refuse a sweep that cannot be compared with this route (see `agreement`)."""
+        what = getattr(sweep, "what", None)
+        if what is None or not hasattr(sweep, "values") or not hasattr(sweep, "alignment"):
+            raise TypeError(
+                "Routes.agreement: pass a PatchingResult from tl.patch(model, clean, corrupted, answer, "
+                f'what="resid_pre"), got {type(sweep).__name__}.'
+            )
+        if what != "resid_pre" or tuple(sweep.dims) != ("layer", "position"):
+            raise ValueError(
+                f"Routes.agreement compares the route's pre nodes with a resid_pre sweep; this sweep patched "
+                f'{what!r} (dims {tuple(sweep.dims)}). Run tl.patch(..., what="resid_pre").'
+            )
+        if getattr(sweep, "method", "exact") != "exact" or getattr(sweep, "direction", "denoise") != "denoise":
+            raise ValueError(
+                f"Routes.agreement needs an exact denoising sweep (tl.patch, direction='denoise'); this one is "
+                f"{getattr(sweep, 'method', '?')}, {getattr(sweep, 'direction', '?')}."
+            )
+        check_same_model(self.identity, sweep_identity(sweep), "The routes", "the resid_pre sweep")
+        n = len(self.str_tokens)
+        if self.position != n - 1:
+            raise ValueError(
+                f"The route explains position {self.position}, but patching reads the answer at the last "
+                f"position ({n - 1}); build the routes with position=-1."
+            )
+        if self.answer_str and sweep.answer_str != self.answer_str:
+            raise ValueError(
+                f"The sweep's answer is {sweep.answer_str!r}, the route's {self.answer_str!r}; patch the same answer."
+            )
+        clean = getattr(sweep, "clean_str_tokens", None)
+        aligned = [(p, j) for p, j in enumerate(sweep.alignment) if j is not None]
+        if clean is not None:
+            same = list(clean) == list(self.str_tokens)
+        else:  # only the corrupted tokens are recorded: the alignment must fit, and most aligned tokens match
+            fits = all(0 <= int(j) < n for _, j in aligned)
+            matching = sum(fits and sweep.str_tokens[p] == self.str_tokens[int(j)] for p, j in aligned)
+            same = fits and bool(aligned) and 2 * matching > len(aligned)
+        if not same:
+            raise ValueError(
+                f"The sweep's clean prompt is not the route's: the route reads {self.str_tokens}, the sweep's "
+                f"corrupted run {list(sweep.str_tokens)} (aligned {list(sweep.alignment)}). Patch with the "
+                "route's prompt as the clean prompt."
+            )
+        if getattr(sweep, "weak_effect", False) and not allow_weak:
+            note = getattr(sweep, "effect_note", "")
+            raise ValueError(
+                f"The sweep's corruption barely changes the answer ({note}), so its recovery is noise amplified "
+                "and any agreement with it is too. Use a stronger corruption (one that changes the answer), "
+                "or pass allow_weak=True."
+            )
+
     def __repr__(self) -> str:
         verdict, _ = self.verdict()
         n_route = int(self.edges["on_route"].sum())
@@ -192,6 +348,88 @@ class Routes:
             f"Routes({self.row_label} at {token_labels(self.str_tokens)[self.position]}: "
             f"{n_route} edges on the route (threshold {self.threshold:.3f}), "
             f"final DLA {fmt_value(self.final_dla)}; {verdict})"
+        )
+
+
+def sweep_identity(sweep) -> ModelIdentity | None:
+    """The identity of the model that made a patching result (None where it records none)."""
+    identity = getattr(sweep, "identity", None)
+    return identity if isinstance(identity, ModelIdentity) else None
+
+
+@dataclass(frozen=True, eq=False)
+class RouteAgreement(MadeByModelFields):
+    """How well an information-flow route matches exact resid_pre patching on the same clean prompt.
+
+    Attributes:
+        cells: one line per patched cell (see `AGREEMENT_COLUMNS`): the route's `pre` node (layer,
+            clean position `pos`, its token), the corrupted position patched, the node's flow weight
+            (`Routes.node_flow`), whether it is on the route, the cell's recovery, and `disagrees`:
+            on the route but |recovery| < `min_recovery`, or off it but |recovery| >= `min_recovery`.
+        spearman: Spearman's rank correlation of node weight against |recovery| over the cells (NaN
+            where either is constant).
+        recall: the share of cells with |recovery| >= `min_recovery` whose node is on the route.
+        precision: the share of on-route cells with |recovery| >= `min_recovery` (NaN where none).
+        n_cells, n_recovering, n_on_route, n_both: the counts behind them.
+        min_recovery: the |recovery| a cell needs to count.
+        n_layers, str_tokens, row_label: the route's shape, clean tokens and prompt.
+    """
+
+    cells: pd.DataFrame
+    spearman: float
+    recall: float
+    precision: float
+    n_cells: int
+    n_recovering: int
+    n_on_route: int
+    n_both: int
+    min_recovery: float
+    n_layers: int
+    str_tokens: list[str]
+    row_label: str = ""
+
+    def __post_init__(self) -> None:
+        missing = [c for c in AGREEMENT_COLUMNS if c not in self.cells.columns]
+        if missing:
+            raise ValueError(f"RouteAgreement needs cell columns {missing}")
+        if len(self.cells) != self.n_cells:
+            raise ValueError(f"cells holds {len(self.cells)} lines but n_cells is {self.n_cells}")
+
+    def to_frame(self) -> pd.DataFrame:
+        """Every cell: its node, weight, on_route, recovery and whether route and patching disagree."""
+        return self.cells.copy()
+
+    def top(self, k: int = 5) -> pd.DataFrame:
+        """The k disagreeing cells with the largest |recovery| or weight (whichever is larger), signs kept."""
+        frame = self.cells[self.cells["disagrees"]]
+        size = np.maximum(frame["recovery"].abs(), frame["weight"])
+        return frame.loc[size.sort_values(ascending=False, kind="stable").index].head(check_k(k))
+
+    def grids(self) -> tuple[np.ndarray, np.ndarray]:
+        """(weight, recovery) as [layer, clean position] arrays, NaN where no cell was patched."""
+        shape = (self.n_layers, len(self.str_tokens))
+        weight, recovery = np.full(shape, np.nan), np.full(shape, np.nan)
+        layer, pos = self.cells["layer"].to_numpy(np.int64), self.cells["pos"].to_numpy(np.int64)
+        weight[layer, pos] = self.cells["weight"].to_numpy(np.float64)
+        recovery[layer, pos] = self.cells["recovery"].to_numpy(np.float64)
+        return weight, recovery
+
+    def plot(self, **layout):
+        """Two heatmaps, layer x clean position: the route's flow weight (sequential) and recovery (RdBu at 0)."""
+        weight, recovery = self.grids()
+        title = f"Route vs resid_pre patching: {self.row_label}<br><sub>{self._summary()}</sub>"
+        return route_agreement_figure(weight, recovery, self.str_tokens, **{"title": title, **layout})
+
+    def _summary(self) -> str:
+        return (
+            f"Spearman {self.spearman:+.3f}, recall {self.recall:.3f} ({self.n_both}/{self.n_recovering}), "
+            f"precision {self.precision:.3f} ({self.n_both}/{self.n_on_route}) at |recovery| >= {self.min_recovery:.2f}"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RouteAgreement({self.row_label}, {self.n_cells} resid_pre cells: {self._summary()}; "
+            f"{int(self.cells['disagrees'].sum())} disagree)"
         )
 
 
@@ -215,14 +453,14 @@ def head_writes(model, cache, layer: int, dtype: torch.dtype) -> Float[Tensor, "
     return torch.einsum("she,hem->hsm", v, W_O)
 
 
-def _check_threshold(threshold) -> float:
+def _check_threshold(
+    threshold, name: str = "threshold", meaning: str = "an edge's importance is a share of its node"
+) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be a number in (0, 1], got {threshold!r}")
+        raise TypeError(f"{name} must be a number in (0, 1], got {threshold!r}")
     value = float(threshold)
     if not (math.isfinite(value) and 0 < value <= 1):
-        raise ValueError(
-            f"threshold must be in (0, 1] (an edge's importance is a share of its node), got {threshold!r}"
-        )
+        raise ValueError(f"{name} must be in (0, 1] ({meaning}), got {threshold!r}")
     return value
 
 
@@ -397,6 +635,7 @@ def routes(model, prompt: str, answer, *, threshold: float = 0.04, position: int
         ]
     )  # fmt: skip
     rival_strs = [token_str(model, t) for t in rivals]
+    identity = model_identity(model)
     return Routes(
         row_label=row.label,
         str_tokens=list(row.str_tokens),
@@ -408,4 +647,7 @@ def routes(model, prompt: str, answer, *, threshold: float = 0.04, position: int
         nodes=nodes,
         metric_label=metric_phrase("logit_diff", row.target_str, rival_strs),
         reconstruction_error=max(errors),
+        answer_str=row.target_str,
+        model_name=identity.name,
+        weights_fingerprint=identity.fingerprint,
     )

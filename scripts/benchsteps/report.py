@@ -16,6 +16,7 @@ from benchsteps.targets import (
     ratio,
     ratios,
     reference,
+    routes_rows,
     scale_rows,
     study_judged,
 )
@@ -201,12 +202,38 @@ def patch_table(results: dict) -> str | None:
 
 def scale_table(results: dict) -> str | None:
     scale = scale_rows(results)
-    if not scale:
-        return None
-    lines = ["| issue 10 target | model | measured | target | |", "|---|---|---:|---:|---|"]
-    for name, key, detail, value, target, met in scale:
+    return "\n".join(target_lines("issue 10", scale)) if scale else None
+
+
+def target_lines(issue: str, rows: list) -> list[str]:
+    """A target table's lines: (model, measure, detail, value, target, met) rows; met None is for information."""
+    lines = [f"| {issue} target | model | measured | target | |", "|---|---|---:|---:|---|"]
+    for name, key, detail, value, target, met in rows:
         mark = "(for information)" if met is None else _mark(met)
         lines.append(f"| {key} ({detail}) | {name} | {value:.2f} | {target if met is not None else '—'} | {mark} |")
+    return lines
+
+
+def _fraction(value) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
+def routes_table(results: dict) -> str | None:
+    """Issue 21: one route against one trace and one resid_pre sweep, with peaks and the route's agreement."""
+    rows = routes_rows(results)
+    if not rows:
+        return None
+    lines = target_lines("issue 21", rows)
+    lines += ["", "| model | routes / trace / sweep s | activations (peak - model): routes / trace / sweep | "
+              "route vs sweep: Spearman, recall, precision |", "|---|---:|---:|---:|"]  # fmt: skip
+    for name in dict.fromkeys(n for n, *_ in rows):
+        m = results[name]["steps"]["routes"]
+        runs = (m, m["trace"], m["sweep"])
+        times = " / ".join(f"{x['time_s']:.3f}" for x in runs)
+        acts = " / ".join(_over(activation_bytes(x)) for x in runs)
+        weak = " (weak sweep)" if m.get("weak_effect") else ""
+        agree = f"{_fraction(m['spearman'])}, {_fraction(m['recall'])}, {_fraction(m['precision'])}{weak}"
+        lines.append(f"| {name} | {times} | {acts} | {agree} |")
     return "\n".join(lines)
 
 
@@ -316,6 +343,15 @@ def headline_table(results: dict) -> str | None:
 
 def render(results: dict) -> str:
     """Markdown: the steps (time, peak, activations), the loads, Colab, patching, studies, and the targets."""
-    tables = (steps_table, loads_table, colab_table, patch_table, study_table, scale_table, headline_table)
+    tables = (
+        steps_table,
+        loads_table,
+        colab_table,
+        patch_table,
+        study_table,
+        scale_table,
+        routes_table,
+        headline_table,
+    )
     sections = [s for s in (make(results) for make in tables) if s]
     return "\n\n".join(sections) if sections else "(nothing measured)"

@@ -37,6 +37,11 @@ STEPS = (
         "run_with_cache(clean) + get_act_patch_resid_pre on the same tokens with the same normalised metric",
     ),
     (
+        "routes",
+        "tl.routes(model, clean, answer), tl.trace(model, clean, answer) and tl.patch(model, clean, corrupted, answer, "
+        "what='resid_pre'), timed interleaved in one process on the patching step's prompts (issue 21)",
+    ),
+    (
         "study",
         "tl.study(model, items, injections=..., shard_size=..., batch_size=...) in one process after the load, a "
         "fresh folder each run (tiny: 40 arithmetic items x junk:after:3, repeat:between:3; others: 4 x junk:after:3)",

@@ -60,6 +60,9 @@ STUDY_TARGET = 1.1
 STUDY_MODELS = ("tiny", "qwen05")
 PATCH_TARGET = 0.5  # tracelib's resid_pre sweep time / TransformerLens's (issue 9)
 ATTRIBUTION_TARGET = 4.0  # attribution_patch time / one forward pass (issue 9)
+# Issue 21: one tl.routes call against one tl.trace and one resid_pre sweep, judged on the real model.
+ROUTES_TARGETS = {"routes / trace": 3.0, "resid_pre sweep / routes (>=)": 20.0}
+ROUTES_MODELS = ("smollm2",)
 LOAD_TARGET = 1.5  # peak over imports / weights in the load's dtype (issue 7)
 COLAB_CAP = 12 * 2**30  # Colab's free tier has about 12.7 GB of RAM
 
@@ -151,6 +154,24 @@ def scale_rows(results: dict) -> list[tuple[str, str, str, float, float, bool | 
             key = f"{PEAK_RATIO}, {'activations (peak - model)' if judged else 'totals'}"
             met = verdict(name, PEAK_RATIO, v) if length == max(LENGTHS) else None
             out.append((name, key, detail, v, SCALE_TARGETS[PEAK_RATIO], met))
+    return out
+
+
+def routes_rows(results: dict) -> list[tuple[str, str, str, float, float, bool | None]]:
+    """Issue 21's targets: (model, measure, detail, value, target, met); met is None off `ROUTES_MODELS`."""
+    out = []
+    for name, r in results.items():
+        m = r["steps"].get("routes")
+        if m is None or "time_s" not in m:
+            continue
+        detail = f"{len(m['str_tokens'])} tokens, {m['cells']} cells"
+        for key, value in (
+            ("routes / trace", ratio(m["time_s"], m["trace"]["time_s"])),
+            ("resid_pre sweep / routes (>=)", ratio(m["sweep"]["time_s"], m["time_s"])),
+        ):
+            target = ROUTES_TARGETS[key]
+            met = meets(key, value, target) if name in ROUTES_MODELS and math.isfinite(value) else None
+            out.append((name, key, detail, value, target, met))
     return out
 
 

@@ -13,6 +13,7 @@ from benchsteps.load_steps import measure_colab, measure_load
 from benchsteps.models import build, measure_estimate
 from benchsteps.neuron_dla import measure_neuron_dla
 from benchsteps.patching_steps import measure_patch
+from benchsteps.routes_steps import measure_routes
 from benchsteps.scale_steps import measure_scale
 from benchsteps.steps import BATCH_STEPS, LOAD_DTYPE, LONG_STEPS, step_loader
 from benchsteps.study_steps import measure_study, measure_study_2proc
@@ -40,6 +41,8 @@ def run(spec: dict) -> dict:
     if step in ("patch_resid_pre", "patch_resid_pre_tl"):
         tool = "tl" if step.endswith("_tl") else "tracelib"
         return measure_patch(spec["source"], spec.get("patch_repeat", 3), spec["loader"], tool)
+    if step == "routes":  # trace and the resid_pre sweep with it, interleaved
+        return measure_routes(spec["source"], spec["repeat"], spec["loader"])
     if step == "study":  # study_loop with it, interleaved
         return measure_study(spec["source"], spec["repeat"], spec["loader"])
     if step == "study_2proc":

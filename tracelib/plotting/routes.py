@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
 
 from tracelib.formats import token_labels
-from tracelib.plotting.style import DIVERGING, _layout
+from tracelib.plotting.style import DIVERGING, _layout, _rdbu_heatmap
 
 # Edges carry no sign, so they stay off the blue/red pair (that is the nodes' DLA).
 EDGE_COLORS = {"head": "rgb(90,90,90)", "mlp": "rgb(150,120,60)", "residual": "rgb(190,190,190)"}
@@ -87,3 +90,42 @@ def routes_figure(
         title="Layer", tickmode="array", tickvals=ticks, ticktext=[f"L{t}" for t in range(n_layers)] + ["final"]
     )
     return _layout(fig, dict(title="Information-flow route", height=120 + 70 * (n_layers + 1)), layout, signed=True)
+
+
+# Flow weight carries no sign: a sequential scale, white (no flow) to dark grey, off the blue/red pair.
+WEIGHT_SCALE = [[0.0, "rgb(255,255,255)"], [1.0, "rgb(40,40,40)"]]
+
+
+def route_agreement_figure(weight: np.ndarray, recovery: np.ndarray, str_tokens: list[str], **layout) -> go.Figure:
+    """Route flow weight (sequential, 0 to 1) beside resid_pre recovery (RdBu centred at 0), layer x position.
+
+    Args:
+        weight, recovery: [layer, clean position] arrays, NaN where no cell was patched.
+        str_tokens: the clean prompt's tokens, for the position axis.
+    """
+    labels = token_labels(str_tokens)
+    layers = [f"L{layer}" for layer in range(weight.shape[0])]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("route flow weight", "resid_pre recovery"),
+                        horizontal_spacing=0.18)  # fmt: skip
+    fig.add_trace(
+        go.Heatmap(
+            z=weight.tolist(), x=labels, y=layers, colorscale=WEIGHT_SCALE, zmin=0, zmax=1,
+            colorbar=dict(x=0.41, len=0.9, thickness=14, title=dict(text="weight", side="top")),
+            hovertemplate="%{y} %{x}: weight %{z:.3f}<extra></extra>",
+        ),
+        row=1, col=1,
+    )  # fmt: skip
+    limit = max(1.0, float(np.nanmax(np.abs(recovery), initial=0.0)))
+    fig.add_trace(
+        _rdbu_heatmap(
+            torch.from_numpy(recovery), labels, layers, limit,
+            colorbar=dict(len=0.9, thickness=14, title=dict(text="recovery<br>blue: recovers", side="top")),
+            hovertemplate="%{y} %{x}: recovery %{z:+.3f}<extra></extra>",
+        ),
+        row=1, col=2,
+    )  # fmt: skip
+    for col in (1, 2):
+        fig.update_xaxes(type="category", title_text="Position (clean)", row=1, col=col)
+        fig.update_yaxes(type="category", title_text="Layer", row=1, col=col)
+    height = 160 + 28 * weight.shape[0]
+    return _layout(fig, dict(title="Route vs resid_pre patching", height=height), layout)
