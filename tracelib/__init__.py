@@ -60,7 +60,7 @@ from tracelib.reference_format import (
     ReferenceWriteError,
     TraceReferenceError,
 )
-from tracelib.routes import Routes, routes
+from tracelib.routes import RouteAgreement, Routes, routes
 from tracelib.shortcuts import direct_logit_attribution, logit_lens, logit_margin
 from tracelib.smollm2 import fetch_smollm2
 from tracelib.studies import (
@@ -153,6 +153,7 @@ __all__ = [
     "ReferenceLeftoverWarning",
     "ReferenceWriteError",
     "load_reference",
+    "RouteAgreement",
     "Routes",
     "routes",
     "Study",
