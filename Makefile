@@ -34,8 +34,9 @@ lab: install
 # install it when missing, as root, or say how.
 CHROMIUM ?= /usr/bin/chromium
 
-# Two workers, one torch thread each, one file per worker (a notebook's cells share its kernel): the
-# suite is half waiting (kernels, JupyterLab, Chromium) and half single-threaded Python.
+# Two workers, one torch thread each, one file per worker (a notebook's cells share its kernel), the
+# slowest first (tests/conftest.py: pytest_xdist_make_scheduler): the suite is half waiting (kernels,
+# JupyterLab, Chromium) and half single-threaded Python.
 test: install fixture
 	@test -x $(CHROMIUM) || { \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

@@ -83,13 +83,17 @@ def _save(model, tokenizer, path: Path) -> Path:
     return path
 
 
+# Both random models are this small (their vocabularies are the real ones, 50257 and 151936 tokens).
+LAYERS, D_MODEL, HEADS, POSITIONS = 2, 64, 4, 128
+
+
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory) -> Path:
     """A random-init GPT-2-shaped model (2 layers, d_model 64) with the real GPT-2 vocabulary."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
+    config = GPT2Config(n_layer=LAYERS, n_embd=D_MODEL, n_head=HEADS, n_positions=POSITIONS, vocab_size=50257)
     folder = tmp_path_factory.mktemp("gpt2")
     return _save(GPT2LMHeadModel(config).eval(), gpt2_tokenizer(folder), folder)
 
@@ -102,12 +106,12 @@ def qwen_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=151936,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+        hidden_size=D_MODEL,
+        intermediate_size=2 * D_MODEL,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS // 2,
+        max_position_embeddings=POSITIONS,
         tie_word_embeddings=True,
     )
     return _save(Qwen2ForCausalLM(config).eval(), qwen_tokenizer(), tmp_path_factory.mktemp("qwen2"))
@@ -165,6 +169,23 @@ def traced(any_model):
     )
 
 
+# --- References (tests/test_reference.py, tests/test_reference_safety.py) -----------------------------
+REFERENCE_PROMPTS, REFERENCE_ANSWERS = ["what is 1 + 1", "what is 2 + 3"], [" 2", " 5"]
+
+
+@pytest.fixture(scope="module")
+def clean(tiny):
+    """A two-row trace of the bundled model, the reference the reference tests save (one per module:
+    a test module may not change what another one reads)."""
+    return tl.trace(tiny, REFERENCE_PROMPTS, REFERENCE_ANSWERS)
+
+
+@pytest.fixture
+def saved(tiny, clean, tmp_path):
+    """`clean` saved as a fresh reference folder of this test's own (tests damage it)."""
+    return clean.save(tmp_path / "ref", tiny)
+
+
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
@@ -198,28 +219,34 @@ def smollm2_file() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2():
+def smollm2_folder(smollm2_file) -> Path:
+    """The SmolLM2 GGUF file's dequantized checkpoint folder in the tracelib cache, converted on first use.
+
+    Once per machine (`tracelib.models.gguf_folder`; concurrent conversions wait for each other), so
+    that what reads the file later (a model load, a notebook's kernel) finds it converted.
+    """
+    from tracelib.models import gguf_folder
+
+    return gguf_folder(smollm2_file)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_folder):
     """SmolLM2-135M-Instruct (Llama architecture, GQA 9/3, 30 layers), a real trained model, loaded by tl.load_model.
 
-    Its GGUF file is dequantized once per machine into the tracelib cache (`tracelib.models.gguf_folder`);
-    later sessions boot the cached folder.
+    Its GGUF file is dequantized once per machine into the tracelib cache (`smollm2_folder`); later
+    sessions boot the cached folder.
     """
     return tl.load_model(smollm2_path())
 
 
 @pytest.fixture(scope="session")
-def smollm2_hf(smollm2):
-    """(model, tokenizer): the raw transformers model of the same dequantized checkpoint, fp32, eval mode.
-
-    Depends on `smollm2` only so that the GGUF file is converted (once) before both read the cache.
-    """
+def smollm2_hf(smollm2_folder):
+    """(model, tokenizer): the raw transformers model of the same dequantized checkpoint, fp32, eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tracelib.models import gguf_folder
-
-    folder = gguf_folder(smollm2_path())
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(smollm2_folder)
 
 
 # A corruption that barely moves the answer (junk after the operands of "what is 2 + 3"): recovery,
@@ -425,3 +452,38 @@ def torch_state_is_restored():
         torch.autograd.set_detect_anomaly(before["anomaly detection"])
         torch.set_float32_matmul_precision(before["float32 matmul precision"])
     assert not changed, f"the test changed torch's global state (before, after) and did not restore it: {changed}"
+
+
+# --- Scheduling on xdist workers (`make test`: -n 2 --dist loadfile) ----------------------------------
+# The slowest work of the suite, by measure: each real-model notebook run (tests/test_notebooks_real_model.py,
+# 20 s to 2 minutes each) and the browser tests (minutes, one JupyterLab and one Chromium for the file).
+RUN_ALONE = ("tests/test_notebooks_real_model.py::test_notebook_runs_on_a_real_trained_model[",)
+RUN_FIRST = RUN_ALONE + ("tests/test_browser.py",)
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the slowest work handed out first, and the real-model notebook runs one by one.
+
+    xdist's loadfile gives a worker a file at a time (a notebook's cells share one kernel; a module's
+    tests share its fixtures), the files with most tests first: the slowest files, with few tests,
+    came last, each whole on one worker (every real-model notebook on one). Here each real-model
+    notebook run (independent of the others) is a unit of its own, and these units and the browser
+    file go out before the rest, which then evens the two workers out. (xdist's `xdist_group` marks
+    cannot do this here: with pytest 9, xdist 3.8's loadgroup never sees them.)
+    """
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SlowestFirst(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid if nodeid.startswith(RUN_ALONE) else super()._split_scope(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            slow = next((scope for scope in self.workqueue if scope.startswith(RUN_FIRST)), None)
+            if slow is not None:
+                self.workqueue.move_to_end(slow, last=False)
+            super()._assign_work_unit(node)
+
+    return SlowestFirst(config, log)

@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -24,6 +25,7 @@ import pytest
 
 from tracelib.widgets import TAB_TITLES
 
+# Under xdist one worker runs the whole file (one JupyterLab, one Chromium), handed out first (tests/conftest.py).
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "artifacts" / "browser"  # git-ignored: screenshots and timings to look at
@@ -85,6 +87,8 @@ OUTCOME = """() => {
   });
   return {errors, unrun, plotly, ok: window.__run.ok};
 }"""
+# Resolves once the page has painted twice more (requestAnimationFrame runs before the next paint).
+NEXT_FRAME = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
 # Every plotly figure drawn: each .js-plotly-plot holds an svg.main-svg with something plotted.
 PLOTS = """() => [...document.querySelectorAll('.jp-Notebook .js-plotly-plot')].map(p => ({
   svg: !!p.querySelector('svg.main-svg'),
@@ -98,9 +102,41 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class Lab:
+    """A running JupyterLab server: its base URL and token, and the kernels it was asked to shut down."""
+
+    def __init__(self, base: str, token: str):
+        self.base, self.token = base, token
+        self._shutdowns: list[threading.Thread] = []
+        self._failures: list[str] = []
+
+    def shut_down_session(self, session_id: str) -> None:
+        """Ask the server to end a notebook's session and kernel, without waiting for the kernel to exit.
+
+        The kernel is idle by then: the next test opens its notebook while this one exits.
+        """
+        url = f"{self.base}/api/sessions/{session_id}?token={self.token}"
+
+        def delete():
+            try:
+                urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=60).close()
+            except OSError as exc:
+                self._failures.append(f"session {session_id}: {exc}")
+
+        thread = threading.Thread(target=delete, daemon=True)
+        thread.start()
+        self._shutdowns.append(thread)
+
+    def wait_for_shutdowns(self) -> None:
+        """Every requested shutdown finished, and none failed."""
+        for thread in self._shutdowns:
+            thread.join(timeout=60)
+        assert not self._failures, f"JupyterLab did not shut these kernels down: {self._failures}"
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """A JupyterLab server over a temporary copy of notebooks/; yields (base URL, token)."""
+    """A JupyterLab server over a temporary copy of notebooks/; yields a `Lab`."""
     tmp = tmp_path_factory.mktemp("lab")
     root = tmp / "notebooks"
     shutil.copytree(ROOT / "notebooks", root, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
@@ -145,7 +181,11 @@ def lab(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"jupyter lab did not answer in 60 s:\n{(tmp / 'lab.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield base, token
+        running = Lab(base, token)
+        try:
+            yield running
+        finally:
+            running.wait_for_shutdowns()
     finally:
         server.terminate()
         try:
@@ -156,8 +196,10 @@ def lab(tmp_path_factory):
         log.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser():
+    """One Chromium for the module, and one browser context: every test opens its own page in it, and the
+    pages share the context's HTTP cache (JupyterLab's scripts are fetched once)."""
     if not CHROMIUM.exists():
         pytest.fail(
             f"{CHROMIUM} is missing: this test drives JupyterLab in Debian's Chromium. Install it with "
@@ -174,15 +216,17 @@ def browser():
             args=["--no-sandbox", "--headless=new", "--disable-gpu", "--disable-dev-shm-usage"],
         )
         try:
-            yield chromium
+            context = chromium.new_context(viewport={"width": 1280, "height": 1000})
+            yield context
+            context.close()
         finally:
             chromium.close()
 
 
 def _open_and_run(browser, lab, name):
     """Open a notebook in JupyterLab, run all its cells, wait for the kernel; returns (page, errors, plotly outputs)."""
-    base, token = lab
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    base, token = lab.base, lab.token
+    page = browser.new_page()
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     # A workspace of its own, reset: JupyterLab would otherwise reopen the notebooks of earlier pages.
@@ -200,10 +244,12 @@ def _open_and_run(browser, lab, name):
     return page, errors, outcome["plotly"]
 
 
-def _close(page):
-    """Shut the notebook's kernel down, then close the page: later notebooks get the CPU."""
+def _close(page, lab):
+    """Shut the notebook's kernel down (later notebooks get the CPU and the memory), then close the page."""
     try:
-        page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
+        session = page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session?.id ?? null")
+        if session:
+            lab.shut_down_session(session)
     finally:
         page.close()
 
@@ -236,7 +282,7 @@ def _screenshot(page, name):
         )
         if not more:
             break
-        page.wait_for_timeout(300)
+        page.evaluate(NEXT_FRAME)  # the scrolled panel painted (no layout changes on a scroll)
         page.screenshot(path=str(ARTIFACTS / (f"{name}.png" if shot == 1 else f"{name}-{shot}.png")))
 
 
@@ -339,7 +385,7 @@ def test_explorer_renders_and_answers_in_the_browser(browser, lab):
         _no_widget_errors(page, EXPLORER)
         assert not errors, errors
     finally:
-        _close(page)
+        _close(page, lab)
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -358,4 +404,4 @@ def test_notebook_runs_and_draws_in_the_browser(browser, lab, name):
         assert not tracebacks, tracebacks
         assert not errors, errors
     finally:
-        _close(page)
+        _close(page, lab)

@@ -38,9 +38,15 @@ def test_the_model_line_is_the_only_change():
     assert len(changed) == 1 and "MODEL = '/x/model.gguf'" in notebook.cells[changed[0]].source
 
 
+# The suite's slowest tests: under xdist each goes out on its own, first (tests/conftest.py, RUN_ALONE),
+# so that the two workers share them instead of one worker running them all.
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_on_a_real_trained_model(path, tmp_path, smollm2, smollm2_file):
-    """Runs in a copy of notebooks/, so whatever the notebook writes stays out of the repository."""
+def test_notebook_runs_on_a_real_trained_model(path, tmp_path, smollm2_file, smollm2_folder):
+    """Runs in a copy of notebooks/, so whatever the notebook writes stays out of the repository.
+
+    `smollm2_folder`: the file is dequantized before the first kernel loads it (this process need not
+    load the model itself).
+    """
     work = tmp_path / "notebooks"
     shutil.copytree(path.parent, work, ignore=shutil.ignore_patterns("*.ipynb", ".ipynb_checkpoints"))
     notebook = with_model(nbformat.read(path, as_version=4), str(smollm2_file))

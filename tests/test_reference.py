@@ -14,17 +14,7 @@ import torch
 import tracelib as tl
 from tracelib import reference_format as reference
 
-PROMPTS, ANSWERS = ["what is 1 + 1", "what is 2 + 3"], [" 2", " 5"]
-
-
-@pytest.fixture(scope="module")
-def clean(tiny):
-    return tl.trace(tiny, PROMPTS, ANSWERS)
-
-
-@pytest.fixture
-def saved(tiny, clean, tmp_path):
-    return clean.save(tmp_path / "ref", tiny)
+# Fixtures from tests/conftest.py: `clean` (a two-row trace of tiny-arith) and `saved` (it, saved afresh).
 
 
 def assert_same(a, b, where: str = "trace") -> None:
