@@ -89,6 +89,34 @@ def test_narrow_unembedding_matches_the_wide_one(floats):
                 floats.assert_rank_allowed(rank[:, r], logits, targets[r].expand(entries))
 
 
+def test_readout_by_blocks_of_rows_and_groups_of_columns_equals_each_lens_alone(floats, monkeypatch):
+    """The lazy readout unembeds a few rows at a time against a group of W_U's columns at a time,
+    the groups that hold answers first: prob and rank are those of each lens's whole logits computed
+    on their own, with b_U and without (where one count ranks the answer in both lenses)."""
+    gen = torch.Generator().manual_seed(1)
+    entries, d_model, vocab = 5, 32, 1000
+    monkeypatch.setattr(lens_module, "_READOUT_RESIDUALS", 2 * entries)  # blocks of 2 rows
+    monkeypatch.setattr(lens_module, "_MATMUL_COLUMNS", 64)
+    monkeypatch.setattr(lens_module, "_GROUP_BYTES", 2 * entries * 4 * 64 * 3)  # 192 columns, 6 groups
+    # Answers in the last, shorter group, at a group's first and last column, two in one group.
+    targets = torch.tensor([999, 192, 0, 5, 191, 500, 999])
+    normalised = torch.randn(entries, len(targets), d_model, generator=gen)
+    scale = torch.rand(entries, len(targets), generator=gen) + 0.5
+    W_U = torch.randn(d_model, vocab, generator=gen)
+    for b_U in (torch.randn(vocab, generator=gen), torch.zeros(vocab)):
+        model = types.SimpleNamespace(W_U=W_U, b_U=b_U)
+        both = lens_module._full_readout(model, normalised, scale, targets, torch.device("cpu"))
+        for kind, (prob, rank) in both.items():
+            assert prob.shape == rank.shape == (entries, len(targets)) and rank.dtype == torch.int64
+            for r, target in enumerate(targets.tolist()):
+                residual = normalised[:, r] * (scale[:, r, None] if kind == "standard" else 1)
+                logits = residual @ W_U + b_U
+                floats.assert_close(prob[:, r], (logits[:, target] - logits.logsumexp(-1)).exp(), msg=kind)
+                floats.assert_rank_allowed(rank[:, r], logits, target, msg=kind)
+        if not b_U.any():
+            assert torch.equal(both["standard"][1], both["dla"][1])
+
+
 def test_prob_and_rank_are_computed_once(tiny, monkeypatch):
     tr = tl.trace(tiny, PROMPTS, ANSWERS)
     calls = []
