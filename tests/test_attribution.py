@@ -125,3 +125,16 @@ def test_result_frames_and_plots(traced):
     assert fig.data[0].type == "heatmap" and fig.data[0].zmid == 0 and fig.data[0].colorscale
     assert tr.dla.plot("component").layout.yaxis.title.text
     assert "residual" in repr(tr.dla)
+
+
+def test_top_labels_match_the_frame_for_heads_and_neurons(tiny):
+    """`top` labels only the units it returns; they are the labels `to_frame` gives the same values."""
+    dla = tl.trace(tiny, "what is 1 + 1", " 2").dla
+    for unit in ("head", "neuron"):
+        frame = dla.to_frame(unit)
+        by_label = dict(zip(frame[unit], frame["value"]))
+        assert len(by_label) == len(frame)  # labels are unique
+        top = dla.top(7, unit)
+        assert list(top["value"].abs()) == sorted(frame["value"].abs(), reverse=True)[:7]
+        for label, value in zip(top[unit], top["value"]):
+            assert by_label[label] == value

@@ -14,6 +14,7 @@ import torch
 
 import tracelib as tl
 from tracelib import lens as lens_module
+from tracelib.formats import READABLE_PROB
 
 PROMPTS = ["what is 1 + 1", "what is 12 + 3", "what is 2 + 2", "what is 100 + 1", "what is 3 + 4", "1 + 1 =", "9 + 9"]
 ANSWERS = [" 2", " 15", " 4", " 101", " 7", " 2", " 18"]
@@ -346,3 +347,50 @@ def test_bench_scale_table_judges_each_target_on_its_own_shape():
     assert verdicts[("qwen05", "trace peak / forward peak", "2048 tokens")] is True  # 4.0 / 3.9
     table = bench.render({"qwen05": {"layers": 24, "steps": {**one, **long}}})
     assert "| 1.50 | 1.2 | ✗ |" in table and "| 1.50 | — | (for information) |" in table
+
+
+def test_readable_from_unembeds_only_the_tail_it_needs(tiny, monkeypatch):
+    """`readable_from` walks back from the last entry (1 entry, then 2, 4, ... at a time here) and
+    stops at the first entry where the answer is not readable: the entries before that chunk are
+    never unembedded until `prob` is read, and every answer is the one the whole curve gives."""
+    monkeypatch.setattr(lens_module, "_TAIL_ENTRIES", 1)
+    tr = tl.trace(tiny, PROMPTS, ANSWERS)
+    curve = tr.lens.standard
+    joint = curve.__dict__["_pending"].joint
+    tail = [curve.readable_from(r) for r in range(len(PROMPTS))]
+    assert not curve.is_materialised
+    known = joint.known.clone()
+    prob = curve.prob  # the whole curve: only the entries not yet known are unembedded now
+    n_entry = len(curve.labels)
+
+    def chunk_start(entry: int) -> int:  # the first entry of the chunk that holds `entry`
+        stop, size = n_entry, 1
+        while True:
+            start = max(0, stop - size)
+            if start <= entry:
+                return start
+            stop, size = start, 2 * size
+
+    needed = n_entry - 1
+    for r, got in enumerate(tail):
+        ok = (prob[:, r] > READABLE_PROB).tolist()
+        first = n_entry - 1
+        while first > 0 and ok[first - 1]:
+            first -= 1
+        assert got == (curve.labels[first] if ok[-1] else None), r
+        assert curve.readable_from(r) == got
+        touched = n_entry - 1 if not ok[-1] else max(first - 1, 0)  # where this row's walk stopped
+        needed = min(needed, touched)
+    assert known.tolist() == [e >= chunk_start(needed) for e in range(n_entry)]
+    assert not known.all() or chunk_start(needed) == 0
+
+
+def test_readable_from_needs_the_model_until_prob_is_read():
+    """The tail is unembedded with the model that traced; once it is freed, `readable_from` on a
+    curve not yet computed says so, as `prob` does."""
+    model = tl.load_model("tiny-arith")
+    tr = tl.trace(model, PROMPTS[:2], ANSWERS[:2])
+    del model
+    gc.collect()
+    with pytest.raises(tl.ModelGoneError, match="materialise"):
+        tr.lens.dla.readable_from(0)

@@ -290,3 +290,23 @@ def test_fingerprint_samples_stay_inside_large_weights(n):
 
     idx = sample_indices(n)
     assert int(idx.min()) == 0 and int(idx.max()) == n - 1
+
+
+def test_pinned_weights_fingerprint_once_and_edits_show_after():
+    """Inside `weights_pinned` a model's fingerprint is read once (a trace asks several times); an
+    edit made after the block changes the fingerprint, and so does one made before it."""
+    from tracelib.identity import weights_fingerprint, weights_pinned
+
+    model = tl.load_model("tiny-arith")
+    before = weights_fingerprint(model)
+    with weights_pinned(model):
+        assert weights_fingerprint(model) == before
+        with weights_pinned(model):  # nested: the same pin
+            assert weights_fingerprint(model) == before
+        trace = tl.trace(model, "1 + 1 =", " 2")
+        assert trace.weights_fingerprint == before
+    with torch.no_grad():
+        model.W_U[0, 0] += 1.0
+    edited = weights_fingerprint(model)
+    assert edited != before
+    assert tl.trace(model, "1 + 1 =", " 2").weights_fingerprint == edited

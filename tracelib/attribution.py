@@ -15,6 +15,7 @@ No `[components, d_model]` stack of heads or neurons is ever built.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -153,22 +154,18 @@ class Attribution:
         layers = self.components[n_embed:].reshape(self.n_layers, 2, -1).sum(1)
         return ["embed"] + [str(layer) for layer in range(self.n_layers)], torch.cat([embed, layers])
 
-    def _unit(self, unit: str, row: int) -> tuple[list[str], Tensor]:
+    def _unit(self, unit: str, row: int) -> tuple[Sequence[str], Tensor]:
         if unit == "component":
             return [unit_label(label) for label in self.component_labels], self.components[:, row]
         if unit == "layer":
             labels, values = self.by_layer()
             return [unit_label(label) for label in labels], values[:, row]
         if unit == "head":
-            n_heads = self.heads.shape[1]
-            labels = [f"L{layer}H{h}" for layer in range(self.n_layers) for h in range(n_heads)]
-            bias_labels = [f"L{layer} bias" for layer in range(self.n_layers)]
-            return labels + bias_labels, torch.cat([self.heads[:, :, row].flatten(), self.head_bias[:, row]])
+            labels = _GridLabels(self.n_layers, self.heads.shape[1], "H", "bias")
+            return labels, torch.cat([self.heads[:, :, row].flatten(), self.head_bias[:, row]])
         if unit == "neuron":
-            d_mlp = self.neurons.shape[1]
-            labels = [f"L{layer}N{n}" for layer in range(self.n_layers) for n in range(d_mlp)]
-            bias_labels = [f"L{layer} b_out" for layer in range(self.n_layers)]
-            return labels + bias_labels, torch.cat([self.neurons[:, :, row].flatten(), self.neuron_bias[:, row]])
+            labels = _GridLabels(self.n_layers, self.neurons.shape[1], "N", "b_out")
+            return labels, torch.cat([self.neurons[:, :, row].flatten(), self.neuron_bias[:, row]])
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
 
     def to_frame(self, unit: str = "component") -> pd.DataFrame:
@@ -176,14 +173,14 @@ class Attribution:
         frames = []
         for r, row_label in enumerate(self.row_labels):
             labels, values = self._unit(unit, r)
-            frames.append(pd.DataFrame({"row": r, "label": row_label, unit: labels, "value": values.tolist()}))
+            frames.append(pd.DataFrame({"row": r, "label": row_label, unit: list(labels), "value": values.tolist()}))
         return pd.concat(frames, ignore_index=True)
 
     def top(self, k: int = 5, unit: str = "component", row: int = 0) -> pd.DataFrame:
         """The k largest attributions by absolute value, signs kept."""
         k = check_k(k)
         labels, values = self._unit(unit, row)
-        order = values.abs().argsort(descending=True)[:k].tolist()
+        order = values.abs().topk(min(k, len(values))).indices.tolist()
         return pd.DataFrame({unit: [labels[i] for i in order], "value": values[order].tolist()})
 
     def top_neurons(self, k: int = 3, row: int = 0) -> pd.DataFrame:
@@ -214,6 +211,25 @@ class Attribution:
         top = self.top(3)
         parts = ", ".join(f"{u} {fmt_value(v)}" for u, v in zip(top["component"], top["value"]))
         return f"Attribution({self.metric}, {len(self.row_labels)} row(s); top: {parts}; {self.reconstruction!r})"
+
+
+class _GridLabels(Sequence):
+    """Labels of a [layer, unit] grid flattened layer by layer (`L3H1`, `L0N7`), then one bias per
+    layer (`L3 bias`), made only for the indices read: a model has ~10^5 neurons."""
+
+    def __init__(self, n_layers: int, width: int, letter: str, bias: str) -> None:
+        self.n_layers, self.width, self.letter, self.bias = n_layers, width, letter, bias
+
+    def __len__(self) -> int:
+        return self.n_layers * (self.width + 1)
+
+    def __getitem__(self, i: int) -> str:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        grid = self.n_layers * self.width
+        if i >= grid:
+            return f"L{i - grid} {self.bias}"
+        return f"L{i // self.width}{self.letter}{i % self.width}"
 
 
 def logit_precision(model) -> torch.dtype:

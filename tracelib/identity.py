@@ -17,6 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -129,8 +132,33 @@ def _state_key(model) -> tuple:
     return tuple((id(p), p._version) for p in model.parameters()) + tuple((id(b), b._version) for b in model.buffers())
 
 
+# (model, fingerprint) while `weights_pinned(model)` runs.
+_PINNED: ContextVar[tuple | None] = ContextVar("tracelib_pinned_weights", default=None)
+
+
+@contextmanager
+def weights_pinned(model) -> Iterator[None]:
+    """Within this block `model`'s weights are taken as unchanged: its fingerprint is checked once.
+
+    Checking that a cached fingerprint is current walks every parameter (milliseconds on a large
+    model); one trace or routes call asks for it several times, with the weights untouched between.
+    """
+    pinned = _PINNED.get()
+    if pinned is not None and pinned[0] is model:
+        yield
+        return
+    token = _PINNED.set((model, weights_fingerprint(model)))
+    try:
+        yield
+    finally:
+        _PINNED.reset(token)
+
+
 def weights_fingerprint(model) -> str:
     """sha256 over the model's config and a fixed sample of every weight (see the module docstring)."""
+    pinned = _PINNED.get()
+    if pinned is not None and pinned[0] is model:
+        return pinned[1]
     key = _state_key(model)
     try:
         cached = _CACHE.get(model)

@@ -34,6 +34,8 @@ from tracelib.identity import ModelGoneError, ModelRef, model_from  # noqa: F401
 _READOUT_RESIDUALS = 256
 _GROUP_BYTES = 8 * 2**20
 _MATMUL_COLUMNS = 2048
+# `readable_from` unembeds this many entries first, backwards from the last, then doubles (`_readable_tail`).
+_TAIL_ENTRIES = 8
 # The fewest W_U columns the eager readout unembeds at once (see `_readout`).
 _MIN_COLUMNS = 64
 
@@ -55,14 +57,33 @@ class _Joint:
         self.scale = scale.detach().cpu()
         self.targets = targets.detach().cpu()
         self.device = device
-        self.results: dict[str, tuple[Tensor, Tensor]] = {}
+        n_entry, n_row = self.normalised.shape[:2]
+        # Both lenses' (prob, rank), filled an entry at a time as they are computed (`fill`).
+        self.known = torch.zeros(n_entry, dtype=torch.bool)
+        self.stats: dict[str, tuple[Tensor, Tensor]] = {
+            kind: (
+                torch.full((n_entry, n_row), float("nan"), dtype=self.normalised.dtype),
+                torch.zeros(n_entry, n_row, dtype=torch.long),
+            )
+            for kind in ("standard", "dla")
+        }
         self.joined: dict[tuple, _Joint] = {}
 
+    def fill(self, model, entries) -> None:
+        """Compute both lenses' (prob, rank) at `entries` (indices), every row, where not yet computed."""
+        todo = [e for e in entries if not self.known[e]]
+        if not todo:
+            return
+        at = torch.tensor(todo)
+        stats = _full_readout(model, self.normalised[at], self.scale[at], self.targets, self.device)
+        for kind, (prob, rank) in stats.items():
+            self.stats[kind][0][at], self.stats[kind][1][at] = prob, rank
+        self.known[at] = True
+
     def result(self, model, kind: str) -> tuple[Tensor, Tensor]:
-        """(prob, rank) of lens `kind`, computing both lenses' the first time either is asked for."""
-        if kind not in self.results:
-            self.results.update(_full_readout(model, self.normalised, self.scale, self.targets, self.device))
-        return self.results.pop(kind)
+        """(prob, rank) of lens `kind` at every entry, computing what `fill` has not yet."""
+        self.fill(model, range(len(self.known)))
+        return self.stats.pop(kind)
 
     @staticmethod
     def join(parts: list[_Joint]) -> _Joint:
@@ -117,7 +138,9 @@ class LensCurve:
 
     `prob` and `rank` need the whole vocabulary's logits at every entry, which costs more than the
     forward pass on a large vocabulary. A trace therefore computes them on first read, every row's
-    and both lenses' at once, and keeps them; `logit` and `logit_diff` are computed at once. Until then
+    and both lenses' at once, and keeps them; `logit` and `logit_diff` are computed at once.
+    `readable_from` (which `summary()` reads) computes only the entries it needs: from the last one
+    back to where the answer stops being readable, often a few entries of 49. Until then
     the curve holds a weak reference to the model: read them (or call `materialise(model)`) while
     the model is alive, or `ModelGoneError` says so. Passing tensors for them, as
     `LensCurve(kind, labels, logit, logit_diff, prob, rank)`, makes an ordinary eager curve.
@@ -191,18 +214,21 @@ class LensCurve:
         rank = torch.cat([c.rank for c in curves], dim=1)
         return cls(first.kind, list(first.labels), logit, diff, prob, rank)
 
+    def _model(self, pending: _Pending, model):
+        if model is not None:
+            return model
+        return model_from(
+            pending.model,
+            f"The {LENS_NAMES[self.kind]}'s prob and rank are computed on first read, from the model",
+            "Read .prob or .rank (or call trace.lens.materialise(model)) while the model is alive; or pass "
+            "a model now: trace.lens.materialise(model).",
+        )
+
     def _materialise(self, model) -> None:
         pending = self.__dict__.get("_pending")
         if pending is None:
             raise ValueError("LensCurve.prob and .rank were never given")
-        if model is None:
-            model = model_from(
-                pending.model,
-                f"The {LENS_NAMES[self.kind]}'s prob and rank are computed on first read, from the model",
-                "Read .prob or .rank (or call trace.lens.materialise(model)) while the model is alive; or pass "
-                "a model now: trace.lens.materialise(model).",
-            )
-        prob, rank = pending.joint.result(model, self.kind)
+        prob, rank = pending.joint.result(self._model(pending, model), self.kind)
         self.__dict__["_prob"], self.__dict__["_rank"] = prob, rank
         del self.__dict__["_pending"]
 
@@ -218,13 +244,39 @@ class LensCurve:
     def readable_from(self, row: int = 0) -> str | None:
         """The first entry from which the answer is readable (p > 0.5) at every later entry; None if
         it is not readable at the last entry."""
-        ok = self.readable(row)
+        pending = self.__dict__.get("_pending")
+        if pending is None or self.is_materialised:
+            ok = self.readable(row)
+        else:
+            ok = self._readable_tail(pending, row)
         if not ok[-1]:
             return None
         first = len(ok) - 1
         while first > 0 and ok[first - 1]:
             first -= 1
         return self.labels[first]
+
+    def _readable_tail(self, pending: _Pending, row: int) -> list[bool]:
+        """`readable(row)` computed backwards from the last entry only as far as the answer stays
+        readable, `_TAIL_ENTRIES` entries first, then twice as many each time (each step reads all of
+        W_U once, so few steps are cheaper than many small ones); the entries not computed read False.
+
+        Where the answer becomes readable late (or never), this unembeds a few entries instead of
+        all of them; the rest wait for the first read of `prob` or `rank`.
+        """
+        joint, n_entry = pending.joint, len(self.labels)
+        prob = joint.stats[self.kind][0]
+        ok = [False] * n_entry
+        stop, size = n_entry, _TAIL_ENTRIES
+        while stop > 0:
+            start = max(0, stop - size)
+            joint.fill(self._model(pending, None), range(start, stop))
+            for e in range(stop - 1, start - 1, -1):
+                if not bool(prob[e, row] > READABLE_PROB):
+                    return ok
+                ok[e] = True
+            stop, size = start, 2 * size
+        return ok
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from tracelib.forward import (  # noqa: F401 - FINAL, FULL, first_nonfinite, hoo
     run_forward,
 )
 from tracelib.heads import Heads, compute_heads
-from tracelib.identity import MadeByModel, check_model_arg, weights_fingerprint
+from tracelib.identity import MadeByModel, check_model_arg, weights_fingerprint, weights_pinned
 from tracelib.lens import LogitLens, compute_lens
 from tracelib.margin import Margin, check_k, compute_margin
 from tracelib.models import model_name
@@ -255,20 +255,21 @@ def trace(
     check_metric(metric)
     k = check_k(k)
     check_batch_size(batch_size)
-    with decoding_once():
-        rows = build_rows(
-            model, prompts, answer, distractors, allow_byte_fragments=allow_byte_fragments, prepend_bos=prepend_bos
-        )
-        size = batch_size or auto_batch_size(model, max(len(row.tokens) for row in rows), len(rows))
-        starts = range(0, len(rows), size)
-        parts = [
-            _trace_rows(model, rows[start : start + size], metric, k, start)
-            for start in progress_bar(starts, progress, "trace")
-        ]
-    rivals, margin, lens, dla, heads, positions = parts[0] if len(parts) == 1 else _join_parts(parts)
-    heads.remember_model(model)  # joined batches make a new Heads
-    warn_if_off(dla.reconstruction, metric, next(model.parameters()).dtype, stacklevel=3)
-    return Trace(rows, rivals, margin, lens, dla, heads, positions, model_name(model), weights_fingerprint(model))
+    with weights_pinned(model):
+        with decoding_once():
+            rows = build_rows(
+                model, prompts, answer, distractors, allow_byte_fragments=allow_byte_fragments, prepend_bos=prepend_bos
+            )
+            size = batch_size or auto_batch_size(model, max(len(row.tokens) for row in rows), len(rows))
+            starts = range(0, len(rows), size)
+            parts = [
+                _trace_rows(model, rows[start : start + size], metric, k, start)
+                for start in progress_bar(starts, progress, "trace")
+            ]
+        rivals, margin, lens, dla, heads, positions = parts[0] if len(parts) == 1 else _join_parts(parts)
+        heads.remember_model(model)  # joined batches make a new Heads
+        warn_if_off(dla.reconstruction, metric, next(model.parameters()).dtype, stacklevel=3)
+        return Trace(rows, rivals, margin, lens, dla, heads, positions, model_name(model), weights_fingerprint(model))
 
 
 def _trace_rows(model, rows: list[Row], metric: str, k: int, first_row: int) -> tuple:

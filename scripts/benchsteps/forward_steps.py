@@ -6,13 +6,14 @@ Forward passes run under torch.no_grad(), as trace() does.
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 from pathlib import Path
 
 import torch
 
 import tracelib as tl
-from benchsteps.memory import Kept, measure, model_held
+from benchsteps.memory import Kept, measure, measure_interleaved, model_held
 from benchsteps.models import load
 from benchsteps.prompts import step_prompt
 from benchsteps.steps import PROMPT_TOKENS
@@ -60,6 +61,31 @@ def measure_step(step: str, source: str, repeat: int, loader: str) -> dict:
         result["shape"] = list(fn.out.shape)
     return {
         **result,
+        "prompt": resolved.prompt,
+        "str_tokens": resolved.prompt_str_tokens,
+        "answer": resolved.answer,
+    }
+
+
+# forward_paired: these steps, timed in turn in one process.
+PAIRED = ("run_with_cache", "trace", "trace_summary")
+
+
+def measure_paired(source: str, repeat: int, loader: str) -> dict:
+    """`PAIRED` timed interleaved in one process (`measure_interleaved`): the trace's ratios to
+    run_with_cache as the median of the per-round ratios, which a busy machine slows alike."""
+    model = load(source, loader)
+    held = model_held()
+    resolved = step_prompt(model, source)
+    tokens = resolved.prompt_tokens[None].to(model.cfg.device)
+    fns = {step: Kept(step_call(step, model, resolved, tokens)) for step in PAIRED}
+    out = measure_interleaved(fns, max(repeat, 3), held)
+    base = out["run_with_cache"]["times_s"]
+    return {
+        **out,
+        "ratios": {
+            step: statistics.median(t / b for t, b in zip(out[step]["times_s"], base)) for step in PAIRED[1:]
+        },
         "prompt": resolved.prompt,
         "str_tokens": resolved.prompt_str_tokens,
         "answer": resolved.answer,

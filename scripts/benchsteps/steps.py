@@ -19,6 +19,11 @@ STEPS = (
     ("trace", "tl.trace(model, prompt, answer)"),
     ("trace_summary", "tl.trace(...).summary(): what users pay, the lenses' lazy prob and rank included"),
     (
+        "forward_paired",
+        "run_with_cache, trace and trace_summary timed in turn in one process, each ratio the median of the "
+        "rounds' ratios: the time targets' verdict, which a busy machine slows alike",
+    ),
+    (
         "neuron_dla",
         "tracelib's neuron DLA (post * (W_out @ u), every layer) timed inside tl.trace, and as a trace's time "
         "minus the same trace's with it stubbed out; checked against run_with_cache by hand",
@@ -71,7 +76,9 @@ STUDY_STEPS = ("study", "study_loop", "study_2proc")
 STUDY_2PROC_MODELS = ("tiny",)
 # The steps that measure something after a load, in the steps table's order (the studies have a table of their own).
 MEASURED_STEPS = tuple(
-    name for name, _ in STEPS if name not in LOAD_DTYPE and name != "colab" and name not in STUDY_STEPS
+    name
+    for name, _ in STEPS
+    if name not in LOAD_DTYPE and name not in ("colab", "forward_paired") and name not in STUDY_STEPS
 )
 
 

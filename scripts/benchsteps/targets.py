@@ -136,6 +136,17 @@ def scale_rows(results: dict) -> list[tuple[str, str, str, float, float, bool | 
             else:
                 detail = f"{len(m.get('str_tokens', 'x' * PROMPT_TOKENS))} tokens"
             v = m["time_s"] / st[against]["time_s"]
+            paired = st.get("forward_paired", {}).get("ratios", {})
+            if step in paired:  # judged on the paired ratio below; this one is for information
+                out.append((name, key, detail + ", a fresh process each", v, SCALE_TARGETS[key], None))
+            else:
+                out.append((name, key, detail, v, SCALE_TARGETS[key], verdict(name, key, v)))
+        paired = st.get("forward_paired")
+        for key, step, against in TIME_RATIOS:
+            if paired is None or step not in paired.get("ratios", {}) or against != "run_with_cache":
+                continue
+            v = paired["ratios"][step]
+            detail = f"{len(paired['str_tokens'])} tokens, interleaved in one process (median of round ratios)"
             out.append((name, key, detail, v, SCALE_TARGETS[key], verdict(name, key, v)))
         for length in sorted({m["length"] for k, m in st.items() if k.startswith("trace_long@")}):
             f, t = st.get(f"forward_long@{length}"), st.get(f"trace_long@{length}")

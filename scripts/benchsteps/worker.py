@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from benchsteps import memory
-from benchsteps.forward_steps import measure_step
+from benchsteps.forward_steps import measure_paired, measure_step
 from benchsteps.load_steps import measure_colab, measure_load
 from benchsteps.models import build, measure_estimate
 from benchsteps.neuron_dla import measure_neuron_dla
@@ -47,6 +47,8 @@ def run(spec: dict) -> dict:
         return measure_study(spec["source"], spec["repeat"], spec["loader"])
     if step == "study_2proc":
         return measure_study_2proc(spec["source"], spec["repeat"], spec.get("threads"), spec.get("device") or "cpu")
+    if step == "forward_paired":  # run_with_cache, trace and trace_summary, interleaved
+        return measure_paired(spec["source"], spec["repeat"], spec["loader"])
     if step == "neuron_dla":
         return measure_neuron_dla(spec["source"], spec["repeat"], spec["loader"])
     return measure_step(step, spec["source"], spec["repeat"], spec["loader"])
