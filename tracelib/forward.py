@@ -7,6 +7,7 @@ stops at the unembedding's input, and the unembedding scores positions a block a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -105,7 +106,7 @@ LOGIT_BLOCK_ELEMENTS = 2**24
 
 
 # Fewest (row, position) pairs scored at once, so the matmul takes the full pass's kernel.
-_MIN_SCORED = 16
+MIN_SCORED = 16
 
 
 def _score_in_blocks(score, width: int, n_rows: int, vocab: int, final: Tensor, targets: Tensor):
@@ -116,7 +117,7 @@ def _score_in_blocks(score, width: int, n_rows: int, vocab: int, final: Tensor, 
     another kernel (a matrix-vector product) whose rounding differs from the full forward pass's.
     """
     n_blocks = -(-width * n_rows * vocab // LOGIT_BLOCK_ELEMENTS)
-    size = max(-(-width // max(1, n_blocks)), -(-_MIN_SCORED // n_rows))
+    size = max(-(-width // max(1, n_blocks)), -(-MIN_SCORED // n_rows))
     final_logits, ranks, probs = None, [], []
     for start in range(0, width, size):
         stop = min(start + size, width)
@@ -130,6 +131,62 @@ def _score_in_blocks(score, width: int, n_rows: int, vocab: int, final: Tensor, 
         final_logits[here] = logits[here, final[here] - start]
         del logits
     return final_logits, torch.cat(ranks, 1), torch.cat(probs, 1)
+
+
+def run_to_unembedding(model, tokens: Tensor, hooks: list) -> Callable[[int, int], Tensor]:
+    """Run `model(tokens)` with forward `hooks`, stopping at the unembedding's input where the model
+    has one; returns `score(start, stop)`, the logits of positions `start:stop` (`[row, pos, vocab]`).
+
+    The full logits would be the largest tensor of a trace; `score` unembeds only the positions
+    asked for, with the model's own unembedding module.
+    """
+    unembed = getattr(getattr(model, "unembed", None), "original_component", None)
+    point = getattr(getattr(model, "unembed", None), "hook_in", None)  # not hook_dict: the bridge rebuilds it per read
+    hidden: dict[str, Tensor] = {}
+
+    def unembedding_input(act: Tensor, hook) -> None:
+        hidden["in"] = act.detach()
+
+    hooks, stop_after = list(hooks), None
+    if unembed is not None and getattr(point, "name", None):
+        hooks.append((point.name, unembedding_input))
+        stop_after = point.name
+    logits = forward_until(model, tokens, hooks, stop_after, return_type="logits")
+    if logits is not None:  # no unembedding hook: slice the model's logits
+
+        def score(start: int, stop: int) -> Tensor:
+            return logits[:, start:stop]
+    else:
+
+        def score(start: int, stop: int) -> Tensor:
+            with torch.no_grad():
+                return unembed(hidden["in"][:, start:stop])
+
+    return score
+
+
+def cached_run(model, tokens: Tensor, names, purpose: str) -> tuple[object, Callable[[int, int], Tensor]]:
+    """`model.run_with_cache(tokens)` for the TransformerLens hook `names` only, stopped at the
+    unembedding's input: an ActivationCache of them at every position, and `score` (see
+    `run_to_unembedding`) for the logits of the positions wanted."""
+    from transformer_lens import ActivationCache
+
+    aliases = real_hook_points(model, names, purpose)
+    store: dict[str, Tensor] = {}
+
+    def keep(act: Tensor, hook) -> None:
+        for alias in aliases[hook.name]:
+            store[alias] = act.detach()
+
+    score = run_to_unembedding(model, tokens, [(name, keep) for name in aliases])
+    _check_fired(names, store)
+    return ActivationCache(store, model), score
+
+
+def _check_fired(wanted, store) -> None:
+    missing = set(wanted) - set(store)
+    if missing:
+        raise RuntimeError(f"These hooks did not fire, so this architecture is not supported: {sorted(missing)[:5]}")
 
 
 def run_forward(model, rows: list[Row]) -> Forward:
@@ -186,34 +243,9 @@ def run_forward(model, rows: list[Row]) -> Forward:
             at_final = kept[batch, :, final] if alias.endswith("hook_pattern") else kept[batch, final]
             final_store[alias] = at_final.unsqueeze(2 if alias.endswith("hook_pattern") else 1)
 
-    # The pass stops at the unembedding's input, and the trace scores positions in blocks with the
-    # model's own unembedding module: the full logits would be the largest tensor of the trace.
-    unembed = getattr(getattr(model, "unembed", None), "original_component", None)
-    point = getattr(getattr(model, "unembed", None), "hook_in", None)  # not hook_dict: the bridge rebuilds it per read
-    hidden: dict[str, Tensor] = {}
-
-    def unembedding_input(act: Tensor, hook) -> None:
-        hidden["in"] = act.detach()
-
     hooks = [(name, keep) for name in aliases]
-    stop_after = None
-    if unembed is not None and getattr(point, "name", None):
-        hooks.append((point.name, unembedding_input))
-        stop_after = point.name
-    logits = forward_until(model, tokens.to(device), hooks, stop_after, return_type="logits")
-    missing = set(wanted) - set(final_store)
-    if missing:
-        raise RuntimeError(f"These hooks did not fire, so this architecture is not supported: {sorted(missing)[:5]}")
-    if logits is not None:  # no unembedding hook: slice the blocks from the model's logits
-
-        def score(start: int, stop: int) -> Tensor:
-            return logits[:, start:stop]
-    else:
-
-        def score(start: int, stop: int) -> Tensor:
-            with torch.no_grad():
-                return unembed(hidden["in"][:, start:stop])
-
+    score = run_to_unembedding(model, tokens.to(device), hooks)
+    _check_fired(wanted, final_store)
     final_logits, answer_rank, answer_prob = _score_in_blocks(
         score,
         tokens.shape[1],

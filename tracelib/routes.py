@@ -40,6 +40,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tracelib.answers import token_str
+from tracelib.forward import MIN_SCORED, cached_run
 from tracelib.formats import check_k, fmt_value, metric_phrase, token_labels
 from tracelib.identity import MadeByModelFields, ModelIdentity, check_model_arg, check_same_model, model_identity
 from tracelib.plotting.routes import route_agreement_figure, routes_figure
@@ -70,8 +71,10 @@ AGREEMENT_COLUMNS = [
 # into the final column (read from earlier positions); below it, several positions assemble it.
 COPY_SHARE = 0.6
 
-# Elements of the largest `[dst, head, src, d_model]` block of head terms held at once.
+# Elements of the head writes `[block, head, src, d_model]` held at once (blocks computed together).
 _BLOCK_ELEMENTS = 2**24
+# Elements of the head terms `[dst, head, src, d_model]` made at once (about a core's cache).
+_TERM_ELEMENTS = 2**18
 
 
 @dataclass(frozen=True, eq=False)
@@ -479,91 +482,113 @@ def _normalise(prox: Tensor) -> Tensor:
     return torch.where(total > 0, prox / total.clamp_min(torch.finfo(prox.dtype).tiny), torch.zeros_like(prox))
 
 
-def _block_edges(model, cache, layer: int, dtype, P: int) -> tuple[dict, float]:
-    """The edges into one block's `mid` nodes and the next `pre` (or `final`) nodes, with importances."""
-    n_heads = model.cfg.n_heads
-    last = layer == model.cfg.n_layers - 1
-    pre = cache[f"blocks.{layer}.hook_resid_pre"][0].to(dtype)
-    mid = cache[f"blocks.{layer}.hook_resid_mid"][0].to(dtype)
-    nxt = cache[f"blocks.{layer}.hook_resid_post" if last else f"blocks.{layer + 1}.hook_resid_pre"][0].to(dtype)
-    mlp = cache[f"blocks.{layer}.hook_mlp_out"][0].to(dtype)
-    pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0].to(dtype)  # [head, dst, src]
-    writes = head_writes(model, cache, layer, dtype)  # [head, src, d_model]
-    b_O = layer_weight(model, "attn.b_O", layer)
-    b_O = torch.zeros_like(mid[0]) if b_O is None else b_O.to(dtype)
+def _edge_importances(model, cache, layers: range, dtype, P: int) -> tuple[Tensor, list[float]]:
+    """The importances of the edges into the `mid` nodes of blocks `layers` and the next `pre` (or
+    `final`) nodes, `[block, edge]` in `_edge_template`'s order, and each block's reconstruction
+    error. The blocks are computed together: a block's tensors are small, and Python's per-operation
+    cost would otherwise be most of the time."""
+    n_heads, last = model.cfg.n_heads, model.cfg.n_layers - 1
 
-    head_prox = torch.zeros(P, n_heads, P, dtype=dtype, device=mid.device)  # [dst, head, src]
-    step = max(1, _BLOCK_ELEMENTS // max(1, n_heads * P * mid.shape[-1]))
-    for start in range(0, P, step):
-        stop = min(P, start + step)
-        terms = pattern[:, start:stop].transpose(0, 1)[..., None] * writes[None]  # [dst, head, src, d_model]
-        head_prox[start:stop] = proximity(mid[start:stop, None, None], terms)
-        del terms
-    res_prox = proximity(mid, pre)  # [dst]
-    attn_sum = torch.einsum("hds,hsm->dm", pattern, writes)
-    error = ((pre + attn_sum + b_O - mid).abs().max() / mid.abs().max().clamp_min(1e-30)).item()
+    def stacked(name: str, shift: int = 0) -> Tensor:
+        return torch.stack(
+            [
+                cache[f"blocks.{layer}.hook_resid_post" if layer + shift > last else name.format(layer=layer + shift)][0]
+                for layer in layers
+            ]
+        ).to(dtype)
 
-    causal = torch.ones(P, P, dtype=torch.bool, device=mid.device).tril()  # [dst, src]: src <= dst
-    prox = torch.cat([head_prox.reshape(P, -1), res_prox[:, None]], dim=1)
-    imp = _normalise(prox)
-    head_imp = imp[:, :-1].reshape(P, n_heads, P).cpu()
-    dst, h, src = torch.nonzero(causal.cpu()[:, None, :].expand(P, n_heads, P), as_tuple=True)
-    mlp_imp = _normalise(torch.stack([proximity(nxt, mlp), proximity(nxt, mid)], dim=-1)).cpu()
-    positions = torch.arange(P)
-    kind_next = "final" if last else "pre"
-    frames = [
-        dict(src_layer=layer, src_pos=src, src_kind="pre", dst_layer=layer, dst_pos=dst, dst_kind="mid",
-             via="head", head=h, importance=head_imp[dst, h, src]),
-        dict(src_layer=layer, src_pos=positions, src_kind="pre", dst_layer=layer, dst_pos=positions,
-             dst_kind="mid", via="residual", head=None, importance=imp[:, -1].cpu()),
-        dict(src_layer=layer, src_pos=positions, src_kind="mid", dst_layer=layer + 1, dst_pos=positions,
-             dst_kind=kind_next, via="mlp", head=None, importance=mlp_imp[:, 0]),
-        dict(src_layer=layer, src_pos=positions, src_kind="mid", dst_layer=layer + 1, dst_pos=positions,
-             dst_kind=kind_next, via="residual", head=None, importance=mlp_imp[:, 1]),
-    ]  # fmt: skip
-    return frames, error
+    pre, mid = stacked("blocks.{layer}.hook_resid_pre"), stacked("blocks.{layer}.hook_resid_mid")
+    nxt, mlp = stacked("blocks.{layer}.hook_resid_pre", shift=1), stacked("blocks.{layer}.hook_mlp_out")
+    pattern = stacked("blocks.{layer}.attn.hook_pattern")  # [block, head, dst, src]
+    writes = torch.stack([head_writes(model, cache, layer, dtype) for layer in layers])  # [block, head, src, d_model]
+    b_O = [layer_weight(model, "attn.b_O", layer) for layer in layers]
+    b_O = torch.stack([torch.zeros_like(mid[0, 0]) if b is None else b.to(dtype) for b in b_O])  # [block, d_model]
+    n, d_model = len(layers), mid.shape[-1]
+
+    # Head terms c[h, dst, src], a few destinations at a time: small enough to stay in a core's cache,
+    # where the several passes of `proximity` over them cost least.
+    head_prox = torch.zeros(n, P, n_heads, P, dtype=dtype, device=mid.device)  # [block, dst, head, src]
+    step = max(1, _TERM_ELEMENTS // max(1, n_heads * P * d_model))
+    for b in range(n):
+        for start in range(0, P, step):
+            stop = min(P, start + step)
+            terms = pattern[b, :, start:stop].transpose(0, 1)[..., None] * writes[b, None]  # [dst, head, src, d_model]
+            head_prox[b, start:stop] = proximity(mid[b, start:stop, None, None], terms)
+            del terms
+    res_prox = proximity(mid, pre)  # [block, dst]
+    attn_sum = torch.einsum("bhds,bhsm->bdm", pattern, writes)
+    error = (pre + attn_sum + b_O[:, None] - mid).abs().amax((1, 2)) / mid.abs().amax((1, 2)).clamp_min(1e-30)
+
+    imp = _normalise(torch.cat([head_prox.reshape(n, P, -1), res_prox[..., None]], dim=-1))
+    causal = torch.ones(P, P, dtype=torch.bool, device=mid.device).tril()[:, None, :].expand(P, n_heads, P)
+    head_imp = imp[..., :-1].reshape(n, P, n_heads, P)[:, causal]  # [block, head edge]
+    mlp_imp = _normalise(torch.stack([proximity(nxt, mlp), proximity(nxt, mid)], dim=-1))  # [block, pos, 2]
+    return torch.cat([head_imp, imp[..., -1], mlp_imp[..., 0], mlp_imp[..., 1]], dim=1), error.tolist()
 
 
-def _edge_frame(parts: list[dict]) -> pd.DataFrame:
-    frames = []
-    for part in parts:
-        n = len(part["importance"])
-        data = {}
-        for col in EDGE_COLUMNS[:-1]:
-            value = part[col]
-            if isinstance(value, Tensor):
-                value = value.double().numpy() if col == "importance" else value.numpy().astype(np.int64)
-            elif value is None:
-                value = [None] * n
-            else:
-                value = [value] * n
-            data[col] = value
-        frames.append(pd.DataFrame(data))
-    edges = pd.concat(frames, ignore_index=True)
-    edges["head"] = pd.Series(
-        [int(h) if v == "head" else None for h, v in zip(edges["head"], edges["via"])], dtype=object
+def _edge_template(P: int, n_heads: int) -> dict[str, np.ndarray]:
+    """One block's edges without their layers, in `_edge_importances`'s order: the head edges (destination,
+    head, source; sources up to the destination), the residual edges `pre -> mid`, then the MLP and
+    residual edges `mid -> next`. `dst_layer` holds the destination's layer less the block's."""
+    dst, h, src = np.nonzero(np.broadcast_to(np.tril(np.ones((P, P), dtype=bool))[:, None, :], (P, n_heads, P)))
+    n_head, positions = len(dst), np.arange(P)
+    head = np.empty(n_head + 3 * P, dtype=object)
+    head[:n_head] = h.tolist()  # Python ints; None on the other edges
+    return {
+        "src_pos": np.concatenate([src, positions, positions, positions]),
+        "src_kind": np.array(["pre"] * (n_head + P) + ["mid"] * (2 * P), dtype=object),
+        "dst_layer": np.concatenate([np.zeros(n_head + P, dtype=np.int64), np.ones(2 * P, dtype=np.int64)]),
+        "dst_pos": np.concatenate([dst, positions, positions, positions]),
+        "via": np.array(["head"] * n_head + ["residual"] * P + ["mlp"] * P + ["residual"] * P, dtype=object),
+        "head": head,
+    }
+
+
+def _edge_frame(importances: list[Tensor], P: int, n_heads: int) -> pd.DataFrame:
+    """Every block's edges (`_edge_template`, block after block) with their importances."""
+    template, n_layers = _edge_template(P, n_heads), len(importances)
+    per_block = len(template["src_pos"])
+    layer = np.repeat(np.arange(n_layers, dtype=np.int64), per_block)
+    last = np.zeros(per_block * n_layers, dtype=bool)
+    last[-per_block:] = template["dst_layer"] == 1  # the last block's `mid -> next` edges end at `final`
+    dst_kind = np.where(np.tile(template["dst_layer"] == 1, n_layers), "pre", "mid").astype(object)
+    dst_kind[last] = "final"
+    return pd.DataFrame(
+        {
+            "src_layer": layer,
+            "src_pos": np.tile(template["src_pos"], n_layers).astype(np.int64),
+            "src_kind": np.tile(template["src_kind"], n_layers),
+            "dst_layer": layer + np.tile(template["dst_layer"], n_layers),
+            "dst_pos": np.tile(template["dst_pos"], n_layers).astype(np.int64),
+            "dst_kind": dst_kind,
+            "via": np.tile(template["via"], n_layers),
+            "head": pd.Series(np.tile(template["head"], n_layers), dtype=object),
+            "importance": torch.cat(importances).double().cpu().numpy(),
+            "on_route": np.zeros(per_block * n_layers, dtype=bool),
+        }
     )
-    edges["on_route"] = False
-    return edges
 
 
 def _mark_route(edges: pd.DataFrame, n_layers: int, position: int, threshold: float) -> set[tuple]:
     """Mark the edges reachable backwards from the final node at `position`; return the route's nodes."""
-    strong = edges[edges["importance"] >= threshold]
+    strong = np.flatnonzero(edges["importance"].to_numpy() >= threshold)
+    cols = {c: edges[c].to_numpy()[strong].tolist() for c in EDGE_COLUMNS[:6]}
     incoming: dict[tuple, list[int]] = {}
-    for idx, key in zip(strong.index, zip(strong["dst_layer"], strong["dst_pos"], strong["dst_kind"])):
-        incoming.setdefault(key, []).append(idx)
+    for i, key in enumerate(zip(cols["dst_layer"], cols["dst_pos"], cols["dst_kind"])):
+        incoming.setdefault(key, []).append(i)
     start = (n_layers, position, "final")
     seen, stack, on = {start}, [start], []
     while stack:
         node = stack.pop()
-        for idx in incoming.get(node, []):
-            on.append(idx)
-            src = (int(edges.at[idx, "src_layer"]), int(edges.at[idx, "src_pos"]), edges.at[idx, "src_kind"])
+        for i in incoming.get(node, []):
+            on.append(strong[i])
+            src = (cols["src_layer"][i], cols["src_pos"][i], cols["src_kind"][i])
             if src not in seen:
                 seen.add(src)
                 stack.append(src)
-    edges.loc[on, "on_route"] = True
+    flags = np.zeros(len(edges), dtype=bool)
+    flags[on] = True
+    edges["on_route"] = flags
     return seen
 
 
@@ -608,14 +633,19 @@ def routes(model, prompt: str, answer, *, threshold: float = 0.04, position: int
         names |= {f"blocks.{layer}.{n}" for n in ("hook_resid_pre", "hook_resid_mid", "hook_mlp_out")}
         names |= {f"blocks.{layer}.attn.{n}" for n in ("hook_v", "hook_pattern")}
     with torch.no_grad():
-        logits, cache = model.run_with_cache(row.tokens[None].to(model.cfg.device), names_filter=lambda n: n in names)
-        dtype = compute_dtype(logits)
-        rivals = _fill_distractors(rows, logits[:, -1].float())[0]
-        parts, errors = [], []
-        for layer in range(n_layers):
-            frames, error = _block_edges(model, cache, layer, dtype, P)
-            parts += frames
-            errors.append(error)
+        cache, score = cached_run(model, row.tokens[None].to(model.cfg.device), sorted(names), "route")
+        dtype = compute_dtype(cache["ln_final.hook_scale"])
+        rivals = list(row.distractors)
+        if not rivals:  # the model's strongest competitor: the final position's logits, unembedded
+            # in a block as wide as the trace's (`forward.MIN_SCORED`), so that it is the trace's
+            rivals = _fill_distractors(rows, score(max(0, P - MIN_SCORED), P)[:, -1].float())[0]
+        importances, errors = [], []
+        # Blocks at a time whose head writes `[head, src, d_model]` fit `_BLOCK_ELEMENTS` together.
+        per_block = max(1, _BLOCK_ELEMENTS // max(1, model.cfg.n_heads * P * model.cfg.d_model))
+        for first in range(0, n_layers, per_block):
+            importance, error = _edge_importances(model, cache, range(first, min(n_layers, first + per_block)), dtype, P)
+            importances += list(importance)
+            errors += error
         scale = cache["ln_final.hook_scale"][0].to(dtype)  # [pos, 1]
         u = scaled_directions(model, scale, [row.target] * P, [rivals] * P, "logit_diff")  # [pos, d_model]
         residuals = [
@@ -623,17 +653,22 @@ def routes(model, prompt: str, answer, *, threshold: float = 0.04, position: int
         ]
         residuals.append(cache[f"blocks.{n_layers - 1}.hook_resid_post"][0])
         dla = (torch.stack(residuals).to(dtype) * u[None]).sum(-1).cpu()  # [node level, pos]
-    edges = _edge_frame(parts)
+    edges = _edge_frame(importances, P, model.cfg.n_heads)
     seen = _mark_route(edges, n_layers, position, threshold)
     levels = [(layer, kind) for layer in range(n_layers) for kind in ("pre", "mid")] + [(n_layers, "final")]
+    node_layer = np.repeat([layer for layer, _ in levels], P)
+    node_kind = np.repeat(np.array([kind for _, kind in levels], dtype=object), P)
+    node_pos = np.tile(np.arange(P), len(levels))
     nodes = pd.DataFrame(
-        [
-            dict(layer=layer, pos=p, kind=kind, token=row.str_tokens[p], dla=dla[k, p].item(),
-                 on_route=(layer, p, kind) in seen)
-            for k, (layer, kind) in enumerate(levels)
-            for p in range(P)
-        ]
-    )  # fmt: skip
+        {
+            "layer": node_layer,
+            "pos": node_pos,
+            "kind": node_kind,
+            "token": np.tile(np.array(list(row.str_tokens), dtype=object), len(levels)),
+            "dla": dla.double().numpy().reshape(-1),
+            "on_route": [key in seen for key in zip(node_layer.tolist(), node_pos.tolist(), node_kind.tolist())],
+        }
+    )
     rival_strs = [token_str(model, t) for t in rivals]
     identity = model_identity(model)
     return Routes(
