@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import tracelib as tl
+from tracelib.formats import token_labels
 from tracelib.routes import EDGE_COLUMNS, NODE_COLUMNS, Routes, head_writes
 
 PROMPT, ANSWER = "what is 2 + 3", " 5"
@@ -142,6 +143,8 @@ def test_one_hop_copy_head_is_the_route(planted):
     assert 0.3 < imp[(1, final, "mid", "head")] < 0.7  # the write is as large as the residual it joins
     assert r.verdict()[0] == "copied"
     assert "'3'@6" in r.verdict()[1] and "L1H3" in r.verdict()[1]
+    assert [(h["src_pos"], h["dst_pos"], h["heads"]) for h in r.chain()] == [(src, final, "L1H3")]
+    assert "hop" not in r.verdict()[1]  # one hop: nothing before it to name
 
 
 def test_two_hop_chain_is_the_route(planted):
@@ -161,6 +164,14 @@ def test_two_hop_chain_is_the_route(planted):
     hop_b = route[(route["via"] == "head") & (route["dst_layer"] == 1)]["importance"].item()
     assert 0.3 < hop_a < 0.7 and 0.3 < hop_b < 0.7
     assert r.verdict()[0] == "copied" and "'3'@6" in r.verdict()[1]
+    # The verdict follows the chain back one hop: the '3' read the operand '2' from its position first.
+    labels = token_labels(r.str_tokens)
+    assert [(h["src_pos"], h["dst_pos"], h["heads"]) for h in r.chain()] == [
+        (middle, final, "L1H3"),
+        (first, middle, "L0H1"),
+    ]
+    assert f"before that, {labels[middle]} read most from {labels[first]} (L0H1)" in r.verdict()[1]
+    assert "2-hop chain" in r.verdict()[1]
     # Above both edges into L1's mid (the head and the residual, near 0.5 each) the route stops there.
     high = tl.routes(two, PROMPT, ANSWER, threshold=0.8)
     assert _route_set(high) == {e for e in _column(final, 4) if e[0] + (e[2] == "mid") / 2 >= 1.5}

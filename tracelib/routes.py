@@ -175,19 +175,58 @@ class Routes(MadeByModelFields):
             )
         share = float(earlier.iloc[0]) / total
         top = labels[int(earlier.index[0])]
+        chain = self.chain()
+        # One hop further back at most: each hop is the largest head input into a column, and a long
+        # chain of them (previous-token heads, say) is no evidence of where the answer came from.
+        before = "".join(
+            f"; before that, {labels[int(hop['dst_pos'])]} read most from {labels[int(hop['src_pos'])]} "
+            f"({hop['heads']})"
+            for hop in chain[1:2]
+        )
+        hops = f" (a {len(chain)}-hop chain: see .chain())" if len(chain) > 1 else ""
         if share >= COPY_SHARE:
-            heads = self._heads_from(int(earlier.index[0]))
             return (
                 "copied",
-                f"{top} carries {share:.0%} of the route's head importance from earlier positions ({heads})",
+                f"{top} carries {share:.0%} of the route's head importance from earlier positions "
+                f"({chain[0]['heads']}){before}{hops}",
             )
         shown = ", ".join(f"{labels[int(p)]} {float(v) / total:.0%}" for p, v in earlier.head(4).items())
-        return "assembled", f"{len(earlier)} earlier positions share the route's head importance ({shown})"
+        return "assembled", f"{len(earlier)} earlier positions share the route's head importance ({shown}){before}{hops}"
 
-    def _heads_from(self, src_pos: int) -> str:
+    def chain(self) -> list[dict]:
+        """The route's main path across positions, hop by hop back from `position`.
+
+        The first hop is the earlier position whose head edges into the position's column carry the
+        most route importance (`head_sources`). Each next hop does the same for that position's
+        column, among head edges into it at layers below the last one that read from it: where the
+        information was before it was moved. Each hop is a dict: `src_pos`, `dst_pos`, `heads`
+        (`"L3H1, L5H0"`), `importance` (summed over those heads) and `layer` (the highest
+        destination layer among them). Empty when no head on the route reads an earlier position.
+
+        Each hop says where a column's largest head input on the route comes from, not that the
+        answer's information took that path: check a hop with exact patching (`tl.patch`) before
+        telling that story.
+        """
         route = self.route
-        into = route[(route["via"] == "head") & (route["dst_pos"] == self.position) & (route["src_pos"] == src_pos)]
-        return ", ".join(f"L{int(layer)}H{int(h)}" for layer, h in zip(into["dst_layer"], into["head"]))
+        heads = route[(route["via"] == "head") & (route["src_pos"] != route["dst_pos"])]
+        out, pos, below = [], self.position, self.n_layers
+        while True:
+            into = heads[(heads["dst_pos"] == pos) & (heads["dst_layer"] < below)]
+            if into.empty:
+                return out
+            by_src = into.groupby("src_pos")["importance"].sum().sort_values(ascending=False, kind="stable")
+            src = int(by_src.index[0])  # always before `pos` (heads read earlier positions): the path ends
+            moved = into[into["src_pos"] == src]
+            out.append(
+                dict(
+                    src_pos=src,
+                    dst_pos=pos,
+                    heads=", ".join(f"L{int(ly)}H{int(h)}" for ly, h in zip(moved["dst_layer"], moved["head"])),
+                    importance=float(by_src.iloc[0]),
+                    layer=int(moved["dst_layer"].max()),
+                )
+            )
+            pos, below = src, int(moved["dst_layer"].max())
 
     def plot(self, **layout):
         """The route: positions across (token labels), layers up; edge width by importance, nodes
