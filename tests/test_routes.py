@@ -346,13 +346,14 @@ def test_agreement_refusals(tiny, other, sweep):
         tl.routes(tiny, PROMPT, " 6").agreement(sweep)
     with pytest.raises(ValueError, match="position=-1"):
         tl.routes(tiny, PROMPT, ANSWER, position=3).agreement(sweep)
-    # Where the sweep records its clean tokens, they must be the route's exactly.
-    recorded = copy.copy(sweep)
-    object.__setattr__(recorded, "clean_str_tokens", list(r.str_tokens[:-1]) + ["x"])
+    # tl.patch records the clean run's tokens, and they must be the route's exactly.
+    assert sweep.source_str_tokens == r.str_tokens
+    changed = dataclasses.replace(sweep, source_str_tokens=list(r.str_tokens[:-1]) + ["x"])
     with pytest.raises(ValueError, match="clean prompt is not the route's"):
-        r.agreement(recorded)
-    object.__setattr__(recorded, "clean_str_tokens", list(r.str_tokens))
-    assert repr(r.agreement(recorded)) == repr(r.agreement(sweep))
+        r.agreement(changed)
+    # A result built without them (as before they were recorded): the alignment check decides.
+    unrecorded = dataclasses.replace(sweep, source_str_tokens=None)
+    assert repr(r.agreement(unrecorded)) == repr(r.agreement(sweep))
     weak = dataclasses.replace(sweep, corrupted_metric=sweep.clean_metric * 0.999)
     assert weak.weak_effect
     with pytest.raises(ValueError, match="stronger corruption"):

@@ -361,11 +361,11 @@ class Routes(MadeByModelFields):
             raise ValueError(
                 f"The sweep's answer is {sweep.answer_str!r}, the route's {self.answer_str!r}; patch the same answer."
             )
-        clean = getattr(sweep, "clean_str_tokens", None)
+        clean = getattr(sweep, "source_str_tokens", None)  # denoising: the clean run's tokens
         aligned = [(p, j) for p, j in enumerate(sweep.alignment) if j is not None]
         if clean is not None:
             same = list(clean) == list(self.str_tokens)
-        else:  # only the corrupted tokens are recorded: the alignment must fit, and most aligned tokens match
+        else:  # a result built without them: the alignment must fit, and most aligned tokens match
             fits = all(0 <= int(j) < n for _, j in aligned)
             matching = sum(fits and sweep.str_tokens[p] == self.str_tokens[int(j)] for p, j in aligned)
             same = fits and bool(aligned) and 2 * matching > len(aligned)

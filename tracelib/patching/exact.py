@@ -258,6 +258,7 @@ def patch(
         alignment=list(setup.mapping),
         raw_change=raw.reshape(shape),
         min_effect=min_effect,
+        source_str_tokens=list((clean if direction == "denoise" else corrupted).str_tokens),
         **_made_by(model),
     )
 

@@ -170,5 +170,6 @@ def attribution_patch(
         method="attribution",
         raw_change=raw.float(),
         min_effect=min_effect,
+        source_str_tokens=list((corrupted if base_is_clean else clean).str_tokens),
         **_made_by(model),
     )

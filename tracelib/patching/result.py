@@ -55,6 +55,8 @@ class PatchingResult(MadeByModelFields):
         answer_str: the answer token; distractor_strs: its rivals.
         str_tokens: the tokens of the run that was patched (positions refer to them).
         alignment: for each of those positions, the position in the other run patched from, or None.
+        source_str_tokens: the tokens of that other run, the one patched from (the clean prompt's
+            when denoising); None in results built without it.
         method: "exact" (`patch()`: every cell a real patched run) or "attribution" (`attribution_patch()`:
             the first-order estimate of every cell from one backward pass).
         raw_change: per cell, the patched run's logit difference minus the corrupted run's (in both
@@ -80,6 +82,7 @@ class PatchingResult(MadeByModelFields):
     method: str = "exact"
     raw_change: Float[Tensor, "*shape"] | None = None
     min_effect: float = MIN_EFFECT
+    source_str_tokens: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
