@@ -3,7 +3,7 @@
 nbval runs the notebooks in a kernel but never draws them. Here JupyterLab serves a copy of
 notebooks/ (running it never touches the repository), Chromium (`/usr/bin/chromium`, never a
 downloaded browser) runs every cell, and the test checks what a person would see: the explorer's
-tabs and figures, a submit, a head selection, an error shown in the widget, and every plotly figure
+tabs and figures, a submit, a head selection, the Routes tab, an error shown in the widget, and every plotly figure
 of notebooks 00-08 drawn as SVG with no error output. Screenshots go to artifacts/browser/.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -382,6 +383,19 @@ def test_explorer_renders_and_answers_in_the_browser(browser, lab):
         frame = fresh.element_handle().content_frame()
         frame.wait_for_function("() => document.body && document.body.innerText.trim().length > 0", timeout=15_000)
         _screenshot(page, "09_explorer-head")
+
+        # The Routes tab: opening it computes the route (kernel side) and draws its verdict, figure and edges.
+        tab_bar.filter(has_text="Routes").click()
+        routes = app.locator(".widget-tab-contents > .widget-vbox:visible")
+        routes.locator(".js-plotly-plot svg.main-svg").first.wait_for(timeout=15_000)
+        # Attached, not "visible": a vertical edge (a position's own column) has a box zero pixels wide.
+        routes.locator(".js-plotly-plot svg.main-svg .trace").first.wait_for(state="attached", timeout=15_000)
+        verdict = routes.locator(".widget-html", has_text="Verdict:").first
+        verdict.wait_for(timeout=5_000)
+        assert re.match(r"Verdict: (copied|computed in place|assembled)\. ", verdict.inner_text()), verdict.inner_text()
+        assert routes.locator("table td").count() > 0  # the route's strongest edges
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        routes.screenshot(path=str(ARTIFACTS / "09_explorer-routes-tab.png"))
         _no_widget_errors(page, EXPLORER)
         assert not errors, errors
     finally:

@@ -7,6 +7,8 @@ skipped: a report nobody has seen drawn is not tested.
 
 from __future__ import annotations
 
+import dataclasses
+import html as html_module
 import re
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import pytest
 
 import tracelib as tl
 from tracelib import plotting
+from tracelib.__main__ import main
+from tracelib.plotting.report import route_verdict_sentence
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"  # git-ignored: screenshots to look at
@@ -153,3 +157,119 @@ def test_report_figures_keep_their_subtitles(report):
         assert tr.dla.metric_label(0) in title and plotting.SIGN_CAPTION not in title, step
     # A figure drawn on its own still carries the sentence: only the report moves it to the caption.
     assert plotting.SIGN_CAPTION in tr.dla.plot().layout.title.text
+
+
+# --- issue 21: the Routes section ------------------------------------------------------------------
+
+ROUTES_PROMPT, ROUTES_ANSWER = "what is 2 + 3", " 5"
+
+
+@pytest.fixture(scope="module")
+def routes_report(tiny, tmp_path_factory):
+    tr = tl.trace(tiny, ROUTES_PROMPT, ROUTES_ANSWER)
+    routes = tl.routes(tiny, ROUTES_PROMPT, ROUTES_ANSWER)
+    html = plotting.report_html(tr, routes=routes)
+    path = tmp_path_factory.mktemp("routes-report") / "report.html"
+    path.write_text(html, encoding="utf-8")
+    return tr, routes, html, path
+
+
+def _section(html: str, step: str) -> str:
+    found = re.search(rf'<section id="{step}" class="step">(.*?)</section>', html, re.S)
+    assert found, f"no section for {step}"
+    return found.group(1)
+
+
+def test_routes_section_appears_only_when_routes_are_given(report, routes_report):
+    _, html, _ = report
+    assert 'id="routes"' not in html and "Routes:" not in html  # no routes given: the report is as before
+    tr, routes, html, _ = routes_report
+    ids = re.findall(r'<section id="(\w+)" class="step">', html)
+    assert ids == [*STEPS, "routes"]  # after Positions, every other section unchanged
+    body = _section(html, "routes")
+    assert "<h2>7. Routes: how the answer travels to" in body
+    assert body.count('class="plotly-graph-div"') == 1
+    assert "How to read it" in body and "dark grey lines are attention heads" in body
+
+
+def test_routes_caption_is_the_routes_verdict(routes_report):
+    _, routes, html, _ = routes_report
+    verdict, reason = routes.verdict()
+    assert verdict == "copied"  # the premise: '2' is copied to the last position by L0H0
+    caption = re.search(r"<figcaption>(.*?)</figcaption>", _section(html, "routes"), re.S).group(1)
+    caption = html_module.unescape(caption)
+    assert caption.startswith(f"Verdict: {verdict}. Attention heads bring") and f": {reason}." in caption
+    assert caption == f"{route_verdict_sentence(routes)} {plotting.SIGN_CAPTION}"
+    # The colours are said once, in the caption; the figure's title no longer repeats it.
+    assert _section(html, "routes").count(plotting.SIGN_CAPTION) == 1
+    # Another verdict reads differently: the sentence follows routes.verdict(), it is not fixed text.
+    other = dataclasses.replace(routes, edges=routes.edges.assign(on_route=routes.edges["via"] != "head"))
+    assert other.verdict()[0] == "computed in place"
+    assert route_verdict_sentence(other).startswith("Verdict: computed in place. The route never reads")
+
+
+def test_routes_section_draws_the_routes_edges(routes_report):
+    tr, routes, _, _ = routes_report
+    steps = {step["id"]: step for step in plotting.report_figures(tr, routes=routes)}
+    (figure,) = steps["routes"]["figures"]
+    lines = [t for t in figure.data if t.mode == "lines"]
+    assert len(lines) == len(routes.route) > 0
+    expected = {(tuple(t.x), tuple(t.y)) for t in routes.plot().data if t.mode == "lines"}
+    assert {(tuple(t.x), tuple(t.y)) for t in lines} == expected
+    assert plotting.SIGN_CAPTION not in figure.layout.title.text and routes.row_label in figure.layout.title.text
+
+
+def test_routes_of_another_prompt_or_model_are_refused(tiny, other, routes_report):
+    tr, _, _, _ = routes_report
+    with pytest.raises(ValueError, match="the routes explain 'what is 1 \\+ 1 ' -> '2', but the report is about"):
+        plotting.report_html(tr, routes=tl.routes(tiny, "what is 1 + 1", " 2"))
+    with pytest.raises(tl.ModelMismatchError, match="the route comes from .* but the trace comes from"):
+        plotting.report_html(tr, routes=tl.routes(other, ROUTES_PROMPT, ROUTES_ANSWER))
+
+
+def test_the_cli_report_has_the_routes_section(tmp_path, capsys, tiny):
+    path = tmp_path / "report.html"
+    assert main(["trace", "--prompt", ROUTES_PROMPT, "--answer", ROUTES_ANSWER, "--html", str(path)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"wrote {path}")
+    verdict, reason = tl.routes(tiny, ROUTES_PROMPT, ROUTES_ANSWER).verdict()
+    caption = html_module.unescape(_section(path.read_text(), "routes"))
+    assert f"Verdict: {verdict}." in caption and reason in caption
+    # A multi-token answer: routes explain one token, so the report goes without, and says why.
+    assert main(["trace", "--prompt", "what is 5 + 7", "--answer", " 12", "--html", str(path)]) == 0
+    assert "(no Routes section: routes explain one token, and ' 12' is 2)" in capsys.readouterr().out
+    written = path.read_text()
+    assert 'id="routes"' not in written and 'id="positions"' in written
+
+
+def test_routes_section_is_drawn_in_chromium(routes_report):
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install chromium`; never `playwright install`.")
+    from playwright.sync_api import sync_playwright
+
+    _, routes, _, path = routes_report
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.route(
+                "**/*", lambda route: route.continue_() if route.request.url.startswith(LOCAL) else route.abort()
+            )
+            page.goto(path.as_uri(), wait_until="load")
+            figure = page.locator("section#routes .plotly-graph-div")
+            figure.locator("svg.main-svg").first.wait_for(timeout=15_000)
+            # One line per edge on the route, and the token labels along the position axis.
+            assert figure.locator(".scatterlayer .trace .js-line").count() == len(routes.route)
+            ticks = figure.locator(".xtick text").all_text_contents()
+            assert ticks == plotting.token_labels(routes.str_tokens)
+            assert page.locator("section#routes figcaption").inner_text().startswith(f"Verdict: {routes.verdict()[0]}.")
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.locator("section#routes").screenshot(path=str(ARTIFACTS / "report-routes.png"))
+        finally:
+            browser.close()
+    assert not errors, errors

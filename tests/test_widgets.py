@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import copy
 import html
+import inspect
+import re
+import sys
 
 import pytest
 import torch
 from ipywidgets.widgets.widget import _instances as live_widgets  # every widget not yet closed
 
 import tracelib as tl
+import tracelib.widgets.cache
 from tracelib.plotting import SIGN_CAPTION
-from tracelib.widgets import CACHE_SIZE, DLA_UNITS, PATCH_N, TAB_TITLES
+from tracelib.widgets import CACHE_SIZE, DLA_UNITS, PATCH_N, ROUTES_K, ROUTES_THRESHOLD, TAB_TITLES
 
 PROMPT, ANSWER = "what is 1 + 1", " 2"
 
@@ -486,3 +490,127 @@ def test_the_heads_tab_says_what_the_colours_mean_once(app):
         assert " ".join(_texts(heads_tab)).count(SIGN_CAPTION) == 1, (layer, head)
     assert SIGN_CAPTION not in app.head_source.children[0].figure.layout.title.text
     assert app.head_sources.plot().layout.title.text.count(SIGN_CAPTION) == 1  # the figure alone still says it
+
+
+# --- issue 21: the Routes tab ----------------------------------------------------------------------
+
+ROUTES_INDEX = TAB_TITLES.index("Routes")
+
+
+@pytest.fixture
+def routes_calls(monkeypatch):
+    """Every call to `tracelib.routes.routes` the explorer makes (its cache looks it up by that name)."""
+    calls = []
+    real = tracelib.widgets.cache.routes
+    # `tracelib.routes` is the function (tl.routes); its module is in sys.modules.
+    assert real is sys.modules["tracelib.routes"].routes  # the premise: the cache calls the library's own routes
+
+    def counting(*args, **kwargs):
+        calls.append((args[1:3], kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracelib.widgets.cache, "routes", counting)
+    return calls
+
+
+def open_routes(app):
+    app.tabs.selected_index = ROUTES_INDEX
+
+
+def routes_parts(app):
+    """The Routes tab's verdict line, figure and table of edges."""
+    verdict, figure, _how_to_read, table = app.routes_box.children
+    return html.unescape(re.sub(r"<[^>]+>", "", verdict.value)), figure.figure, table.value
+
+
+def test_routes_tab_is_computed_when_opened_and_shows_the_routes_verdict(app, tiny, routes_calls):
+    assert app.tabs.get_title(ROUTES_INDEX) == "Routes"
+    assert ROUTES_THRESHOLD == inspect.signature(tl.routes).parameters["threshold"].default == 0.04
+    submit(app)
+    assert routes_calls == [] and app.routes is None and app.routes_box.children == ()  # not on a submit
+    open_routes(app)
+    assert len(routes_calls) == 1 and app.n_routes == 1 and app.error.value == ""
+    expected = tl.routes(tiny, PROMPT, ANSWER)
+    verdict, reason = expected.verdict()
+    assert app.routes.verdict() == (verdict, reason) and verdict == "assembled"
+    line, figure, table = routes_parts(app)
+    assert line.startswith(f"Verdict: {verdict}.") and reason in line
+    assert "several earlier tokens" in line  # what "assembled" means, in words
+    # The figure is the route's: one line per edge on it, where the route's own figure draws them.
+    lines = [(tuple(t.x), tuple(t.y)) for t in figure.data if t.mode == "lines"]
+    assert len(lines) == len(expected.route) > 0
+    assert sorted(lines) == sorted((tuple(t.x), tuple(t.y)) for t in expected.plot().data if t.mode == "lines")
+    assert figure.layout.title.text.count(SIGN_CAPTION) == 1  # said once in the tab, by the figure
+    # The table lists the route's strongest edges, in order, importance unsigned.
+    rows = tl.widgets._table(tl.widgets._route_edges(expected, ROUTES_K)).split("<tbody>")[1]
+    assert table.endswith(rows) and table.count("</tr>") == ROUTES_K + 1  # a header and K edges
+    top = expected.top(1).iloc[0]
+    assert f"<td>{top['importance']:.3f}</td>" in table and "<td>+" not in table
+
+
+def test_routes_tab_follows_the_prompt_and_uses_the_cache(app, tiny, routes_calls):
+    open_routes(app)  # open before any submit: it says what to do
+    assert "Submit a prompt" in app.routes_box.children[0].value and routes_calls == []
+    submit(app)  # the tab is open: the route comes with the submit
+    assert len(routes_calls) == 1 and app.routes.verdict()[0] == "assembled"
+    submit(app, "what is 2 + 3", " 5")
+    copied = tl.routes(tiny, "what is 2 + 3", " 5").verdict()
+    assert len(routes_calls) == 2 and app.routes.verdict() == copied and copied[0] == "copied"
+    assert routes_parts(app)[0].startswith("Verdict: copied.") and copied[1] in routes_parts(app)[0]
+    first = app.routes
+    app.tabs.selected_index = 0
+    open_routes(app)  # seen again: from the cache, the same routes
+    submit(app)
+    submit(app, "what is 2 + 3", " 5")
+    assert len(routes_calls) == 2 and app.n_routes == 2 and app.routes is first
+    # A threshold is part of the input: a new one computes, an old one comes back from the cache.
+    app.routes_threshold.value = 0.3
+    assert len(routes_calls) == 3 and routes_calls[-1][1]["threshold"] == 0.3
+    assert app.routes.threshold == 0.3 and (app.routes.route["importance"] >= 0.3).all()
+    assert len(routes_parts(app)[1].data) < len(first.plot().data)
+    app.routes_threshold.value = ROUTES_THRESHOLD
+    assert len(routes_calls) == 3 and app.routes is first
+
+
+def test_routes_tab_says_why_a_multi_token_answer_has_no_route(app, routes_calls):
+    submit(app, MULTI_PROMPT, MULTI_ANSWER)
+    open_routes(app)
+    (message,) = app.routes_box.children
+    text = html.unescape(message.value)
+    assert (
+        "single-token answer" in text and "' 12' is 2 tokens ('1', '2')" in text and "submit an answer of one" in text
+    )
+    assert "Traceback" not in text and app.error.value == "" and app.routes is None and routes_calls == []
+    submit(app)  # a one-token answer with the tab open: the route replaces the message
+    assert app.routes is not None and len(app.routes_box.children) == 4
+
+
+def test_routes_tab_shows_a_failure_as_a_message(app, monkeypatch):
+    def failing(*args, **kwargs):
+        raise ValueError("routes() explains one token; this is a test")
+
+    monkeypatch.setattr(tracelib.widgets.cache, "routes", failing)
+    submit(app)
+    open_routes(app)  # no exception escapes the callback
+    (message,) = app.routes_box.children
+    assert "ValueError" in message.value and "this is a test" in message.value and "color" in message.value
+    assert app.routes is None and app.error.value == "" and app.current is not None
+
+
+def test_routes_tab_of_a_saved_reference_says_it_needs_the_model(tiny, routes_calls):
+    app = tl.explore(reference=tl.trace(tiny, PROMPT, ANSWER))
+    app.open_reference(app.reference_select.options[1][1])
+    open_routes(app)
+    assert "saved reference" in app.routes_box.children[0].value and routes_calls == [] and app.routes is None
+
+
+def test_routes_tab_leaves_no_widgets_behind(app):
+    submit(app)
+    open_routes(app)
+    submit(app)
+    before = len(live_widgets)
+    for i in range(10):  # each redraw closes the figure, verdict and table it replaces
+        submit(app)
+        app.routes_threshold.value = (0.04, 0.1)[i % 2]
+    app.routes_threshold.value = 0.04
+    assert len(live_widgets) == before

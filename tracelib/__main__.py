@@ -153,9 +153,24 @@ def _trace(args: argparse.Namespace) -> int:
     else:
         print(result.summary())
     if args.html:
-        write_atomically(Path(args.html), plotting.report_html(result), force=args.force)
-        print(f"\nwrote {args.html}", file=sys.stderr if args.json else sys.stdout)
+        routes, note = _report_routes(model, prompt, args, result)
+        write_atomically(Path(args.html), plotting.report_html(result, routes=routes), force=args.force)
+        print(f"\nwrote {args.html}{note}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _report_routes(model, prompt: str, args: argparse.Namespace, result) -> tuple[tl.Routes | None, str]:
+    """The routes for the report's Routes section, or None and a note on why the report has none.
+
+    Routes explain one token, so a multi-token answer's report goes without; so does a model whose
+    blocks the routes cannot read (the rest of the report is still worth writing).
+    """
+    if len(result.rows) > 1:
+        return None, f" (no Routes section: routes explain one token, and {args.answer!r} is {len(result.rows)})"
+    try:
+        return tl.routes(model, prompt, args.answer, distractors=args.distractors or None), ""
+    except (ValueError, RuntimeError, KeyError) as exc:
+        return None, f" (no Routes section: {_one_line(exc)})"
 
 
 def _study(args: argparse.Namespace) -> int:

@@ -9,8 +9,35 @@ from tracelib.formats import (
     READABLE_PROB,
     token_labels,
 )
+from tracelib.identity import check_same_model
 from tracelib.plotting.style import SIGN_CAPTION, _without_caption, component_label
 from tracelib.plotting.trace_views import MARGIN_CAPTION, neuron_strip
+
+# What each of `Routes.verdict()`'s verdicts means, for a reader who has not read the paper ({at}: the
+# position the route explains, `'='@7`).
+ROUTE_VERDICTS = {
+    "copied": "attention heads bring the answer's information to {at} mostly from one earlier token",
+    "computed in place": "the route never reads another token: {at}'s own MLPs, and heads that attend to "
+    "{at} itself, build the answer there",
+    "assembled": "attention heads bring pieces of the answer to {at} from several earlier tokens, none "
+    "carrying most of it",
+}
+ROUTES_HOW_TO_READ = (
+    "How to read it: positions run across, layers up. Each node is the residual stream at one position: "
+    "entering a layer (pre), after its attention (mid), or at the end (final). Each line is an edge the "
+    "prediction relies on, as wide as its importance (its share of the node it feeds): dark grey lines are "
+    "attention heads (the only edges that move information between tokens), brown lines MLPs, light grey "
+    "lines the residual stream carrying on. Edges under the threshold are left out; hover for the numbers."
+)
+
+
+def route_verdict_sentence(routes) -> str:
+    """The route's verdict, what it means and why, as one sentence (`Verdict: copied. Attention heads ...`)."""
+    verdict, reason = routes.verdict()
+    at = token_labels(routes.str_tokens)[routes.position]
+    meaning = ROUTE_VERDICTS.get(verdict, "").format(at=at)
+    meaning = f" {meaning[:1].upper()}{meaning[1:]}:" if meaning else " Why:"
+    return f"Verdict: {verdict}.{meaning} {reason}."
 
 
 def _prediction_line(trace, row: int) -> str:
@@ -24,8 +51,19 @@ def _prediction_line(trace, row: int) -> str:
     )
 
 
-def report_figures(trace, row: int = 0) -> list[dict]:
-    """The report's workflow steps, in order: id, heading, what it shows, figures, caption."""
+def report_figures(trace, row: int = 0, routes=None) -> list[dict]:
+    """The report's workflow steps, in order: id, heading, what it shows, figures, caption.
+
+    Args:
+        trace: the `Trace` to report.
+        row: its row (the answer token) to report.
+        routes: the row's `Routes` (`tl.routes` of the same prompt, answer and model), already
+            computed: plotting computes no step. With it the report gains a Routes section.
+
+    Raises:
+        ValueError: `routes` explain another prompt or answer than the row.
+        ModelMismatchError: `routes` come from another model than the trace.
+    """
 
     dla = trace.dla
     what = dla.metric_label(row)
@@ -93,11 +131,37 @@ def report_figures(trace, row: int = 0) -> list[dict]:
             caption=f"{SIGN_CAPTION} Verdict: {verdict}; " + readable_positions_sentence(trace.positions, row),
         ),
     ]
+    if routes is not None:
+        steps.append(routes_step(trace, row, routes, number=len(steps) + 1))
     # Each section says how to read its colours once, in its caption; the titles above would repeat it.
     for step in steps:
         for fig in step["figures"]:
             _without_caption(_without_caption(fig, SIGN_CAPTION), MARGIN_CAPTION)
     return steps
+
+
+def routes_step(trace, row: int, routes, number: int) -> dict:
+    """The report's Routes section: the route's figure, its verdict as the caption, and how to read it."""
+    label = trace.rows[row].label
+    if routes.row_label != label:
+        raise ValueError(
+            f"the routes explain {routes.row_label}, but the report is about {label}: compute them with "
+            "tl.routes on the same prompt and answer"
+        )
+    check_same_model(routes.identity, trace.identity, "the route", "the trace")
+    at = token_labels(routes.str_tokens)[routes.position]
+    return dict(
+        id="routes",
+        heading=f"{number}. Routes: how the answer travels to {at}",
+        text="The information-flow route (Ferrando & Voita 2024) from one forward pass: the paths through "
+        f"heads, MLPs and the residual stream that carry the prediction at {at}, keeping edges with at least "
+        f"{routes.threshold:.2f} of the importance into their node. Nodes are coloured by their DLA.",
+        figures=[routes.plot()],
+        caption=f"{route_verdict_sentence(routes)} {SIGN_CAPTION}",
+        extra=ROUTES_HOW_TO_READ,
+        extra_class="how-to-read",
+        height=None,  # one band per layer: a deep model's route needs its own height
+    )
 
 
 def readable_positions_sentence(positions, row: int = 0) -> str:
@@ -114,26 +178,34 @@ def readable_positions_sentence(positions, row: int = 0) -> str:
     return f"the answer is readable {rule} at {', '.join(labels[p] for p in where)}."
 
 
-def report_html(trace, row: int = 0) -> str:
+def report_html(trace, row: int = 0, routes=None) -> str:
     """A standalone HTML report of one trace, one section per workflow step, that opens offline.
 
     plotly.js is inlined once (with the first figure); the text summary sits in a collapsed block.
+
+    Args:
+        trace: the `Trace` to report.
+        row: its row (the answer token) to report.
+        routes: the row's `Routes` (`tl.routes`), already computed; given, the report gains a
+            Routes section after Positions (the CLI computes them for a one-token answer).
     """
 
     esc = html.escape
-    steps = report_figures(trace, row)
+    steps = report_figures(trace, row, routes)
     row_ = trace.rows[row]
     n_figures = 0
     sections = []
     for step in steps:
         figures = []
         for fig in step["figures"]:
-            fig.update_layout(height=440)
+            if step.get("height", 440):
+                fig.update_layout(height=step.get("height", 440))
             figures.append(
                 fig.to_html(full_html=False, include_plotlyjs=(n_figures == 0), config={"displaylogo": False})
             )
             n_figures += 1
-        extra = f'<p class="reconstruction">{esc(step["extra"])}</p>' if "extra" in step else ""
+        extra_class = step.get("extra_class", "reconstruction")
+        extra = f'<p class="{extra_class}">{esc(step["extra"])}</p>' if "extra" in step else ""
         sections.append(
             f'<section id="{step["id"]}" class="step"><h2>{esc(step["heading"])}</h2><p>{esc(step["text"])}</p>'
             f"<figure>{''.join(figures)}<figcaption>{esc(step['caption'])}</figcaption></figure>{extra}</section>"
@@ -154,7 +226,7 @@ def report_html(trace, row: int = 0) -> str:
         "dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:bold}dd{margin:0}"
         "section{border-top:1px solid #ddd;margin-top:2em}figure{margin:0}"
         "figcaption{color:#444;font-style:italic;margin:.3em 0 1em}.legend{font-weight:bold}"
-        ".legend,.reconstruction{background:#f6f6f6;padding:.5em}"
+        ".legend,.reconstruction,.how-to-read{background:#f6f6f6;padding:.5em}"
         "pre{background:#f6f6f6;padding:1em;white-space:pre-wrap}</style></head><body>"
         + header
         + "".join(sections)

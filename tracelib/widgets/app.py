@@ -18,23 +18,31 @@ from tracelib.ood import inject
 from tracelib.patching import WeakCorruptionWarning, patch
 from tracelib.trace import Trace
 from tracelib.widgets.cache import CACHE_SIZE, TraceCache
-from tracelib.widgets.captions import _multi_token_note, _resolution_html, _step_label
+from tracelib.widgets.captions import _multi_token_note, _resolution_html, _routes_note, _step_label
 from tracelib.widgets.drawing import _close, _dropdown, _pattern_frame, _reference_dropdown, _replace, _text_box
 from tracelib.widgets.inputs import _INPUT_ERRORS, SelectionError, _index, _models, _references
-from tracelib.widgets.tabs import PATCH_NOTE, ResultTabs
+from tracelib.widgets.tabs import PATCH_NOTE, TAB_TITLES, ResultTabs
+
+# The Routes tab's index: its route is computed when the tab is opened, not on every submit.
+ROUTES_TAB = TAB_TITLES.index("Routes")
 
 
 class Explorer(ResultTabs):
     """An ipywidgets app over `tl.trace`: one trace per new input, cached, shown in tabs.
 
     A multi-token answer (`" 12"`) is traced one teacher-forced step per token, as `tl.trace` does;
-    the Step dropdown then picks the step every tab shows. Patching needs a single-token answer.
+    the Step dropdown then picks the step every tab shows. Patching and Routes need a single-token answer.
 
     Every action is a method (`submit`, `select_step`, `select_head`, `open_reference`,
-    `compare_reference`, `save`, `run_patching`), called by its widget or from code alike. None
+    `compare_reference`, `save`, `run_patching`, `show_routes`), called by its widget or from code alike. None
     raises on bad input: each shows the message in `error` (a head, step or reference the app does
     not have is a `SelectionError` that lists what it has), leaves what is on show as it was, and
     returns None. The last `CACHE_SIZE` traces are cached, the least recently used dropped first.
+
+    The Routes tab computes `tl.routes` only when it is opened (or its threshold changes while it is
+    open), and caches the routes as it caches traces: opening it again for an input seen before runs
+    nothing. It says in the tab, not in `error`, why it has no route (a multi-token answer, a saved
+    reference, a failure of `tl.routes`).
 
     Attributes:
         widget: the top container; display it (or the `Explorer`) to show the app.
@@ -56,6 +64,8 @@ class Explorer(ResultTabs):
         selected_head: the (layer, head) on show in the Heads tab.
         head_sources: the selected head's `tl.HeadSources`.
         patch_result: the last `tl.PatchingResult` of the Patching tab (reset on every submit).
+        routes: the `tl.Routes` on show in the Routes tab (None until the tab is opened, and where it has none).
+        n_routes: how many times `tl.routes` ran (cached inputs do not run it again).
     """
 
     def __init__(self, models=None, reference=None):
@@ -67,6 +77,7 @@ class Explorer(ResultTabs):
         self.selected_head = None
         self.head_sources = None
         self.patch_result = None
+        self.routes = None
         self.comparison = None
         self._compare_label = ""  # the reference of `comparison`: what compare_select shows
         self._quiet = False  # True while the app sets its own inputs: their callbacks stay silent
@@ -100,6 +111,8 @@ class Explorer(ResultTabs):
         for dropdown in (self.head_layer, self.head_head):
             dropdown.observe(self._on_head_dropdown, names="value")
         self.patch_button.on_click(lambda _: self.run_patching())
+        self.tabs.observe(self._on_tab, names="selected_index")
+        self.routes_threshold.observe(self._on_routes_threshold, names="value")
         self.compare_select.observe(self._on_compare, names="value")
         self._update_chat()
         if not self.models:
@@ -155,6 +168,11 @@ class Explorer(ResultTabs):
         """How many times `tl.trace` ran (cached inputs do not run it again)."""
         return self._cache.n_traces
 
+    @property
+    def n_routes(self) -> int:
+        """How many times `tl.routes` ran (cached inputs do not run it again)."""
+        return self._cache.n_routes
+
     def _update_chat(self) -> None:
         model = self.model
         has_template = model is not None and bool(getattr(model.tokenizer, "chat_template", None))
@@ -170,9 +188,10 @@ class Explorer(ResultTabs):
         lead = self.answer.value[: len(self.answer.value) - len(self.answer.value.lstrip())]
         return [lead + p for p in pieces]
 
-    def _remember_inputs(self, resolved=None, prompt=None, distractors=None) -> None:
+    def _remember_inputs(self, resolved=None, prompt=None, distractors=None, name=None, chat=False) -> None:
         """Keep what the trace on show was made from, since the boxes may be edited; None for a saved reference."""
         self._resolved, self._prompt_used, self._distractors_used = resolved, prompt, distractors
+        self._name_used, self._chat_used = name, chat
 
     def _fail(self, exc: BaseException) -> None:
         self.error.value = f'<span style="color:#b00020"><b>{type(exc).__name__}</b>: {html.escape(str(exc))}</span>'
@@ -221,7 +240,7 @@ class Explorer(ResultTabs):
             distractors = self._distractor_list()
             resolved = resolve_answer(model, prompt, self.answer.value)
             traced, cached = self._cache.trace(name, model, prompt, self.answer.value, distractors, self.chat.value)
-            self._remember_inputs(resolved, prompt, distractors)
+            self._remember_inputs(resolved, prompt, distractors, name, self.chat.value)
             self._show(traced, model)
             self.status.value = f"{'from cache' if cached else 'traced'} in {time.perf_counter() - start:.2f} s"
         except _INPUT_ERRORS as exc:
@@ -384,6 +403,45 @@ class Explorer(ResultTabs):
         self._draw_patching(result, injected.prompt)
         return result
 
+    def show_routes(self):
+        """Draw the route of the trace on show in the Routes tab: what opening the tab (or changing its
+        threshold) does. Returns the `tl.Routes`, or None where the tab says why there is none.
+
+        The routes come from the cache for inputs (and a threshold) seen before; otherwise `tl.routes`
+        runs once, on what was traced (the boxes may have been edited since).
+        """
+        self.routes = None
+        if self.current is None:
+            self._draw_routes_message("<i>Submit a prompt and a one-token answer to see how the answer travels.</i>")
+            return None
+        if self.current_model is None:
+            self._draw_routes_message(
+                "<i>A route is computed with the model; a saved reference has none. Submit with a model to see it.</i>"
+            )
+            return None
+        if len(self._resolved.answer_tokens) > 1:
+            self._draw_routes_message(f"<b>{html.escape(_routes_note(self._resolved))}</b>")
+            return None
+        try:
+            routes, _ = self._cache.routes(
+                self._name_used,
+                self.current_model,
+                self._prompt_used,
+                self._resolved.typed_answer,
+                self._distractors_used,
+                self._chat_used,
+                float(self.routes_threshold.value),
+            )
+        except (*_INPUT_ERRORS, RuntimeError, KeyError) as exc:  # a model whose blocks routes cannot read too
+            self._draw_routes_message(
+                '<span style="color:#b00020"><b>No route</b>: '
+                f"{html.escape(type(exc).__name__)}: {html.escape(str(exc))}</span>"
+            )
+            return None
+        self.routes = routes
+        self._draw_routes(routes)
+        return routes
+
     # Rendering ----------------------------------------------------------------------------------
 
     def _show(self, trace, model) -> None:
@@ -403,6 +461,8 @@ class Explorer(ResultTabs):
         self._reset_patching()
         multi = self._resolved is not None and len(self._resolved.answer_tokens) > 1
         self.patch_button.disabled = model is None or multi
+        # Routes are computed on demand too: now only if their tab is open.
+        self._reset_routes()
         if model is None:
             self.patch_note.value = (
                 "<i>Patching runs the model; a saved reference has none. Submit with a model to patch.</i>"
@@ -436,6 +496,13 @@ class Explorer(ResultTabs):
         self.patch_result, self.patch_progress.value = None, 0
         _replace(self.patch_box)
 
+    def _reset_routes(self) -> None:
+        """Forget the route on show; draw the new one at once if the Routes tab is open."""
+        self.routes = None
+        _replace(self.routes_box)
+        if self.tabs.selected_index == ROUTES_TAB:
+            self.show_routes()
+
     def _compare(self, label: str):
         """The reference `label` (a) against the trace on show (b), at the step on show; both from one model."""
         reference, current = self._reference(label), self._on_show("compare")
@@ -457,6 +524,7 @@ class Explorer(ResultTabs):
         self._clear_tabs()
         self.step_select.layout.display = "none"
         self._reset_patching()
+        self.routes = None
         self._set_comparison(None, "")
         self.patch_button.disabled = True
         self.patch_note.value = PATCH_NOTE
@@ -478,6 +546,14 @@ class Explorer(ResultTabs):
     def _on_compare(self, change) -> None:
         if not self._quiet:
             self.compare_reference(change["new"])
+
+    def _on_tab(self, change) -> None:
+        if change["new"] == ROUTES_TAB and not self._quiet:
+            self.show_routes()
+
+    def _on_routes_threshold(self, _change) -> None:
+        if self.tabs.selected_index == ROUTES_TAB and not self._quiet:
+            self.show_routes()
 
 
 def explore(model_or_models=None, reference=None) -> Explorer:

@@ -1,8 +1,13 @@
-"""What the explorer writes about a trace: the step selector's entries, the answer's resolution, notes."""
+"""What the explorer writes about a trace: the step selector's entries, the answer's resolution, notes, and
+the Routes tab's table of edges."""
 
 from __future__ import annotations
 
 import html
+
+import pandas as pd
+
+from tracelib.formats import fmt_prob, token_labels
 
 
 def _step_label(trace, row: int) -> str:
@@ -15,13 +20,44 @@ def _step_label(trace, row: int) -> str:
     return f"step {r.step + 1} of {r.n_steps}: {r.target_str!r}, after {after}"
 
 
-def _multi_token_note(resolved) -> str:
-    """Why the Patching tab does not run for `resolved`, an answer of several tokens."""
+def _multi_token_note(resolved, what: str = "Patching explains", to_do: str = "to patch") -> str:
+    """Why the Patching tab (or the Routes tab) does not run for `resolved`, an answer of several tokens."""
     tokens = ", ".join(repr(t) for t in resolved.answer_str_tokens)
     return (
-        f"Patching explains a single-token answer; {resolved.typed_answer!r} is "
-        f"{len(resolved.answer_tokens)} tokens ({tokens}). The other tabs show each step; to patch, "
+        f"{what} a single-token answer; {resolved.typed_answer!r} is "
+        f"{len(resolved.answer_tokens)} tokens ({tokens}). The other tabs show each step; {to_do}, "
         "submit an answer of one token."
+    )
+
+
+def _routes_note(resolved) -> str:
+    """Why the Routes tab draws no route for `resolved`, an answer of several tokens."""
+    return _multi_token_note(resolved, "A route explains how the model reaches one token: it needs", "to see a route")
+
+
+def _route_node(labels: list[str], layer: int, kind: str, pos: int) -> str:
+    """A route's node in words, as the figure's hover writes it: `'1'@3 L2 pre`, `' '@7 final`."""
+    return f"{labels[pos]} final" if kind == "final" else f"{labels[pos]} L{layer} {kind}"
+
+
+def _route_edges(routes, k: int) -> pd.DataFrame:
+    """The route's k most important edges, for the Routes tab's table: through what, from, to, importance.
+
+    Importance is a share of the node fed (0 to 1, never negative): written unsigned, three decimals.
+    """
+    labels = token_labels(routes.str_tokens)
+    top = routes.top(k)
+    via = [
+        f"head L{int(layer)}H{int(head)}" if kind == "head" else ("MLP" if kind == "mlp" else "residual stream")
+        for layer, head, kind in zip(top["dst_layer"], top["head"], top["via"])
+    ]
+    return pd.DataFrame(
+        {
+            "through": via,
+            "from": [_route_node(labels, *node) for node in zip(top["src_layer"], top["src_kind"], top["src_pos"])],
+            "to": [_route_node(labels, *node) for node in zip(top["dst_layer"], top["dst_kind"], top["dst_pos"])],
+            "importance": [fmt_prob(v) for v in top["importance"]],
+        }
     )
 
 

@@ -8,9 +8,11 @@ import ipywidgets as w
 
 from tracelib.ood import KINDS, WHERES
 from tracelib.plotting import SIGN_CAPTION, _without_caption
-from tracelib.widgets.drawing import _figure, _reference_dropdown, _replace, _table
+from tracelib.plotting.report import ROUTES_HOW_TO_READ, route_verdict_sentence
+from tracelib.widgets.captions import _route_edges
+from tracelib.widgets.drawing import _LABELLED, _figure, _reference_dropdown, _replace, _table
 
-TAB_TITLES = ("Margin", "Lens", "DLA", "Heads", "Neurons", "Positions", "Patching", "Compare")
+TAB_TITLES = ("Margin", "Lens", "DLA", "Heads", "Neurons", "Positions", "Routes", "Patching", "Compare")
 DLA_UNITS = ("component", "layer", "head", "neuron")
 # How many tokens (junk strings, typo edits) the Patching tab injects by default. With one, nearly
 # every injection barely moves the bundled model's answer, so the tab would only say "nothing to recover".
@@ -19,11 +21,25 @@ PATCH_NOTE = (
     "Injects OOD tokens into the prompt, then patches the clean residual stream (<code>resid_pre</code>) "
     "into the injected run, layer by position. 1 = clean margin recovered."
 )
+# The Routes tab's starting threshold: `tl.routes`'s default, the paper's 0.04.
+ROUTES_THRESHOLD = 0.04
+# How many of the route's edges the Routes tab lists.
+ROUTES_K = 8
+ROUTES_NOTE = (
+    "How the answer travels to the last position: the information-flow route (Ferrando &amp; Voita 2024) "
+    "from one forward pass, computed when you open this tab. The <b>threshold</b> is the least importance "
+    "an edge needs to stay on the route (its share of the node it feeds); raise it to see only the main paths."
+)
 COMPARE_NOTE = (
     "Compares the trace on show (b) with a reference saved from the same model (a): b &minus; a unit by unit, "
     "how much the top contributors overlap, how alike the units rank. To compare two models, use "
     "<code>tl.compare</code>."
 )
+
+
+def _spaced(table: str) -> str:
+    """An HTML table with room between its columns: its cells ("' '@7 L0 mid") are words, not numbers."""
+    return table.replace("<table ", '<table style="border-collapse:separate;border-spacing:16px 2px" ', 1)
 
 
 class ResultTabs:
@@ -44,6 +60,8 @@ class ResultTabs:
         patch_kind, patch_n, patch_where, patch_button, patch_progress: the Patching tab's inputs:
             what to inject, how many (default `PATCH_N`), where, and the button that runs it.
         patch_note, patch_box: what the Patching tab says, and its result.
+        routes_note, routes_threshold, routes_box: the Routes tab's note, its threshold (default
+            `ROUTES_THRESHOLD`), and the route on show: its verdict, figure and top edges, or why there is none.
         compare_select, compare_box: the Compare tab's reference dropdown, and the comparison's table and figure.
     """
 
@@ -80,6 +98,19 @@ class ResultTabs:
         self.patch_note = w.HTML(value=PATCH_NOTE)
         self.patch_box = w.VBox()
 
+        self.routes_note = w.HTML(value=ROUTES_NOTE)
+        self.routes_threshold = w.BoundedFloatText(
+            value=ROUTES_THRESHOLD,
+            min=0.01,
+            max=1.0,
+            step=0.01,
+            description="Threshold",
+            tooltip="the least importance an edge needs to stay on the route, 0.01 to 1",
+            style=_LABELLED,
+            layout=w.Layout(width="200px"),
+        )
+        self.routes_box = w.VBox()
+
         self.compare_select = _reference_dropdown("Compare with", reference_labels, width="100%", max_width="480px")
         self.compare_box = w.VBox()
         self.tabs = w.Tab(
@@ -98,6 +129,7 @@ class ResultTabs:
                 ),
                 self.neurons_box,
                 self.positions_box,
+                w.VBox([self.routes_note, self.routes_threshold, self.routes_box]),
                 w.VBox(
                     [
                         self.patch_note,
@@ -145,13 +177,37 @@ class ResultTabs:
             )
         _replace(self.patch_box, [*shown, _figure(result.plot())])
 
+    def _draw_routes(self, routes) -> None:
+        """The route's verdict (what it means, and why), its figure, how to read it, and its strongest edges."""
+        sentence = html.escape(route_verdict_sentence(routes))
+        head, _, rest = sentence.partition(". ")  # "Verdict: copied" in bold, the rest as written
+        shown = [
+            w.HTML(f'<p style="font-size:1.1em"><b>{head}.</b> {rest}</p>'),
+            _figure(routes.plot()),
+            w.HTML(f'<p style="color:#444">{html.escape(ROUTES_HOW_TO_READ)}</p>'),
+            w.HTML(f"<b>The route's {ROUTES_K} strongest edges</b>" + _spaced(_table(_route_edges(routes, ROUTES_K)))),
+        ]
+        _replace(self.routes_box, shown)
+
+    def _draw_routes_message(self, message: str) -> None:
+        """Say in the Routes tab why it shows no route (`message` is HTML)."""
+        _replace(self.routes_box, [w.HTML(message)])
+
     def _draw_comparison(self, comparison) -> None:
         shown = [] if comparison is None else [w.HTML(_table(comparison.stats())), _figure(comparison.plot("head"))]
         _replace(self.compare_box, shown)
 
     def _clear_tabs(self) -> None:
-        """Empty the tabs `_draw_row` and `_draw_head_sources` draw, and the head's attention pattern."""
-        boxes = (self.margin_box, self.lens_box, self.dla_box, self.heads_grid, self.head_source, self.positions_box)
+        """Empty the tabs `_draw_row`, `_draw_head_sources` and `_draw_routes` draw, and the head's pattern."""
+        boxes = (
+            self.margin_box,
+            self.lens_box,
+            self.dla_box,
+            self.heads_grid,
+            self.head_source,
+            self.positions_box,
+            self.routes_box,
+        )
         for box in boxes:
             _replace(box)
         self.head_pattern.value = self.neurons_box.value = ""
