@@ -39,14 +39,17 @@ def auto_batch_size(model, seq_len: int, n_cells: int, cap: int = 256) -> int:
     itemsize = next(model.parameters()).element_size()
     per_row = seq_len * (16 * cfg.d_model * cfg.n_layers + 2 * cfg.d_vocab) * itemsize
     device = torch.device(cfg.device) if cfg.device is not None else torch.device("cpu")
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            free = 2**31
-    return max(1, min(cap, n_cells, int(free // 4 // max(per_row, 1))))
+    return max(1, min(cap, n_cells, int(free_memory(device) // 4 // max(per_row, 1))))
+
+
+def free_memory(device: torch.device | None = None) -> int:
+    """Bytes free on `device` (a CUDA device's, else the machine's available RAM; 2 GiB if unknown)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**31
 
 
 class _Stop(Exception):

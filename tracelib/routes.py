@@ -40,8 +40,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tracelib.answers import token_str
-from tracelib.forward import MIN_SCORED, cached_run
+from tracelib.batching import free_memory
 from tracelib.formats import check_k, fmt_value, metric_phrase, token_labels
+from tracelib.forward import MIN_SCORED, cached_run
 from tracelib.identity import MadeByModelFields, ModelIdentity, check_model_arg, check_same_model, model_identity
 from tracelib.plotting.routes import route_agreement_figure, routes_figure
 from tracelib.projections import compute_dtype, layer_weight, scaled_directions
@@ -75,6 +76,9 @@ COPY_SHARE = 0.6
 _BLOCK_ELEMENTS = 2**24
 # Elements of the head terms `[dst, head, src, d_model]` made at once (about a core's cache).
 _TERM_ELEMENTS = 2**18
+# Bytes per edge while the edges frame is built: the frame holds about 110 a line, and the arrays it
+# is built from as many again. A route has `n_layers * (n_heads * P * (P + 1) / 2 + 3 * P)` edges.
+_EDGE_BYTES = 256
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,7 +195,10 @@ class Routes(MadeByModelFields):
                 f"({chain[0]['heads']}){before}{hops}",
             )
         shown = ", ".join(f"{labels[int(p)]} {float(v) / total:.0%}" for p, v in earlier.head(4).items())
-        return "assembled", f"{len(earlier)} earlier positions share the route's head importance ({shown}){before}{hops}"
+        return (
+            "assembled",
+            f"{len(earlier)} earlier positions share the route's head importance ({shown}){before}{hops}",
+        )
 
     def chain(self) -> list[dict]:
         """The route's main path across positions, hop by hop back from `position`.
@@ -240,9 +247,9 @@ class Routes(MadeByModelFields):
 
         The final node at `position` weighs 1; each on-route edge passes its destination's weight
         times its importance to its source, and a node's weight is the sum of what it receives (0
-        off the route). The importances into a node sum to at most 1, so the weights at each level
-        (`pre` of a layer, `mid` of a layer) sum to at most 1: the share of the prediction's flow
-        that passes through each node.
+        off the route). The importances into a node sum to at most 1 (to float rounding: they are
+        float32 shares), so the weights at each level (`pre` of a layer, `mid` of a layer) sum to at
+        most 1 too: the share of the prediction's flow that passes through each node.
         """
         level = {kind: i for i, kind in enumerate(("pre", "mid"))}
         n_levels, n = 2 * self.n_layers + 1, len(self.str_tokens)
@@ -515,6 +522,25 @@ def _check_position(position, n: int) -> int:
     return value % n
 
 
+def edge_count(n_layers: int, n_heads: int, P: int) -> int:
+    """How many edges a route of a `P`-token prompt has: a head edge per head and (destination,
+    source at or before it), and three per layer and position (residual, MLP, residual)."""
+    return n_layers * (n_heads * P * (P + 1) // 2 + 3 * P)
+
+
+def _check_size(model, P: int) -> None:
+    """Refuse, before the forward pass, a prompt whose edges would not fit in half the free memory."""
+    edges = edge_count(model.cfg.n_layers, model.cfg.n_heads, P)
+    need, free = edges * _EDGE_BYTES, free_memory()
+    if need > free // 2:
+        raise MemoryError(
+            f"routes() keeps every edge of the graph: {edges:,} for this {P}-token prompt on "
+            f"{model.cfg.n_layers} layers x {model.cfg.n_heads} heads (they grow with the square of the "
+            f"prompt's length), about {need / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB is free. "
+            "Use a shorter prompt (the route of its last few hundred tokens at most)."
+        )
+
+
 def _normalise(prox: Tensor) -> Tensor:
     """Proximities into importances along the last axis (all zero where every proximity is)."""
     total = prox.sum(-1, keepdim=True)
@@ -531,7 +557,9 @@ def _edge_importances(model, cache, layers: range, dtype, P: int) -> tuple[Tenso
     def stacked(name: str, shift: int = 0) -> Tensor:
         return torch.stack(
             [
-                cache[f"blocks.{layer}.hook_resid_post" if layer + shift > last else name.format(layer=layer + shift)][0]
+                cache[f"blocks.{layer}.hook_resid_post" if layer + shift > last else name.format(layer=layer + shift)][
+                    0
+                ]
                 for layer in layers
             ]
         ).to(dtype)
@@ -666,6 +694,7 @@ def routes(model, prompt: str, answer, *, threshold: float = 0.04, position: int
     row = rows[0]
     P = len(row.tokens)
     position = _check_position(position, P)
+    _check_size(model, P)
     n_layers = model.cfg.n_layers
     names = {"ln_final.hook_scale", f"blocks.{n_layers - 1}.hook_resid_post"}
     for layer in range(n_layers):
@@ -682,7 +711,9 @@ def routes(model, prompt: str, answer, *, threshold: float = 0.04, position: int
         # Blocks at a time whose head writes `[head, src, d_model]` fit `_BLOCK_ELEMENTS` together.
         per_block = max(1, _BLOCK_ELEMENTS // max(1, model.cfg.n_heads * P * model.cfg.d_model))
         for first in range(0, n_layers, per_block):
-            importance, error = _edge_importances(model, cache, range(first, min(n_layers, first + per_block)), dtype, P)
+            importance, error = _edge_importances(
+                model, cache, range(first, min(n_layers, first + per_block)), dtype, P
+            )
             importances += list(importance)
             errors += error
         scale = cache["ln_final.hook_scale"][0].to(dtype)  # [pos, 1]

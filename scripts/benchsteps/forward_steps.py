@@ -83,9 +83,7 @@ def measure_paired(source: str, repeat: int, loader: str) -> dict:
     base = out["run_with_cache"]["times_s"]
     return {
         **out,
-        "ratios": {
-            step: statistics.median(t / b for t, b in zip(out[step]["times_s"], base)) for step in PAIRED[1:]
-        },
+        "ratios": {step: statistics.median(t / b for t, b in zip(out[step]["times_s"], base)) for step in PAIRED[1:]},
         "prompt": resolved.prompt,
         "str_tokens": resolved.prompt_str_tokens,
         "answer": resolved.answer,

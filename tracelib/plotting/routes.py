@@ -127,5 +127,7 @@ def route_agreement_figure(weight: np.ndarray, recovery: np.ndarray, str_tokens:
     for col in (1, 2):
         fig.update_xaxes(type="category", title_text="Position (clean)", row=1, col=col)
         fig.update_yaxes(type="category", title_text="Layer", row=1, col=col)
-    height = 160 + 28 * weight.shape[0]
-    return _layout(fig, dict(title="Route vs resid_pre patching", height=height), layout)
+    # Room on top for a two-line title over the panel titles, and for the colour bars' titles at 4 layers.
+    height = 250 + 28 * weight.shape[0]
+    margin = dict(l=70, r=20, t=110, b=70)
+    return _layout(fig, dict(title="Route vs resid_pre patching", height=height, margin=margin), layout)
