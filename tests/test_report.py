@@ -64,7 +64,9 @@ def test_report_inlines_plotly_js_once_and_loads_nothing(report):
     assert len(html) < len(plotly_js) + 1_000_000  # one copy, and figures that are small beside it
 
 
-def test_report_draws_every_figure_in_chromium_offline(report):
+@pytest.fixture(scope="module")
+def chromium():
+    """One headless Debian Chromium for this file's browser tests (never a downloaded browser)."""
     if not CHROMIUM.exists():
         pytest.fail(
             f"{CHROMIUM} is missing: this test renders the report in Debian's Chromium. Install it with "
@@ -74,6 +76,19 @@ def test_report_draws_every_figure_in_chromium_offline(report):
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.fail("playwright is not installed: `pip install -e '.[dev]'` (or `make install`)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def test_report_draws_every_figure_in_chromium_offline(report, chromium):
     tr, _, path = report
     requests, external, errors = [], [], []
 
@@ -85,49 +100,43 @@ def test_report_draws_every_figure_in_chromium_offline(report):
             external.append(url)
             route.abort()
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+    page = chromium.new_page(viewport={"width": 1200, "height": 900})
+    try:
+        page.on("request", lambda request: requests.append(request.url))
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.route("**/*", only_local)
+        page.goto(path.as_uri(), wait_until="load")
+        n = sum(STEPS.values())
+        page.wait_for_function(
+            "n => { const divs = [...document.querySelectorAll('.plotly-graph-div')];"
+            " return divs.length === n && divs.every(d => d.querySelector('svg.main-svg')); }",
+            arg=n,
+            timeout=15_000,
         )
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("request", lambda request: requests.append(request.url))
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.route("**/*", only_local)
-            page.goto(path.as_uri(), wait_until="load")
-            n = sum(STEPS.values())
-            page.wait_for_function(
-                "n => { const divs = [...document.querySelectorAll('.plotly-graph-div')];"
-                " return divs.length === n && divs.every(d => d.querySelector('svg.main-svg')); }",
-                arg=n,
-                timeout=15_000,
-            )
-            for step, n_figures in STEPS.items():
-                drawn = page.locator(f"section#{step} .plotly-graph-div svg.main-svg")
-                plots = page.locator(f"section#{step} .plotly-graph-div")
-                assert plots.count() == n_figures, step
-                for i in range(n_figures):
-                    assert plots.nth(i).locator("svg.main-svg").count() >= 1, f"{step}: figure {i} not drawn"
-                    # Something is plotted (bars, lines or a heatmap), not just empty axes.
-                    assert plots.nth(i).locator("svg.main-svg .trace, svg.main-svg image").count() >= 1, (
-                        f"{step}: figure {i} empty"
-                    )
-                assert drawn.count() >= n_figures
-            heads = page.locator("section#heads .plotly-graph-div").first
-            n_layers, n_heads = tr.dla.heads.shape[:2]
-            assert heads.locator(".xtick text").all_text_contents() == [f"H{h}" for h in range(n_heads)]
-            rows = {t.text_content(): t.bounding_box()["y"] for t in heads.locator(".ytick text").all()}
-            assert set(rows) == {f"L{layer}" for layer in range(n_layers)}
-            assert rows["L0"] < rows[f"L{n_layers - 1}"]  # layer 0 at the top, as read
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
-            page.locator("header").screenshot(path=str(ARTIFACTS / "report-header.png"))
-            for step in STEPS:
-                page.locator(f"section#{step}").screenshot(path=str(ARTIFACTS / f"report-{step}.png"))
-        finally:
-            browser.close()
+        for step, n_figures in STEPS.items():
+            drawn = page.locator(f"section#{step} .plotly-graph-div svg.main-svg")
+            plots = page.locator(f"section#{step} .plotly-graph-div")
+            assert plots.count() == n_figures, step
+            for i in range(n_figures):
+                assert plots.nth(i).locator("svg.main-svg").count() >= 1, f"{step}: figure {i} not drawn"
+                # Something is plotted (bars, lines or a heatmap), not just empty axes.
+                assert plots.nth(i).locator("svg.main-svg .trace, svg.main-svg image").count() >= 1, (
+                    f"{step}: figure {i} empty"
+                )
+            assert drawn.count() >= n_figures
+        heads = page.locator("section#heads .plotly-graph-div").first
+        n_layers, n_heads = tr.dla.heads.shape[:2]
+        assert heads.locator(".xtick text").all_text_contents() == [f"H{h}" for h in range(n_heads)]
+        rows = {t.text_content(): t.bounding_box()["y"] for t in heads.locator(".ytick text").all()}
+        assert set(rows) == {f"L{layer}" for layer in range(n_layers)}
+        assert rows["L0"] < rows[f"L{n_layers - 1}"]  # layer 0 at the top, as read
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+        page.locator("header").screenshot(path=str(ARTIFACTS / "report-header.png"))
+        for step in STEPS:
+            page.locator(f"section#{step}").screenshot(path=str(ARTIFACTS / f"report-{step}.png"))
+    finally:
+        page.close()
     assert not external, f"the report tried to reach the network: {external[:5]}"
     assert all(url.startswith(LOCAL) for url in requests), requests
     assert not errors, errors
@@ -241,35 +250,23 @@ def test_the_cli_report_has_the_routes_section(tmp_path, capsys, tiny):
     assert 'id="routes"' not in written and 'id="positions"' in written
 
 
-def test_routes_section_is_drawn_in_chromium(routes_report):
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install chromium`; never `playwright install`.")
-    from playwright.sync_api import sync_playwright
-
+def test_routes_section_is_drawn_in_chromium(routes_report, chromium):
     _, routes, _, path = routes_report
     errors = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.route(
-                "**/*", lambda route: route.continue_() if route.request.url.startswith(LOCAL) else route.abort()
-            )
-            page.goto(path.as_uri(), wait_until="load")
-            figure = page.locator("section#routes .plotly-graph-div")
-            figure.locator("svg.main-svg").first.wait_for(timeout=15_000)
-            # One line per edge on the route, and the token labels along the position axis.
-            assert figure.locator(".scatterlayer .trace .js-line").count() == len(routes.route)
-            ticks = figure.locator(".xtick text").all_text_contents()
-            assert ticks == plotting.token_labels(routes.str_tokens)
-            assert page.locator("section#routes figcaption").inner_text().startswith(f"Verdict: {routes.verdict()[0]}.")
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.locator("section#routes").screenshot(path=str(ARTIFACTS / "report-routes.png"))
-        finally:
-            browser.close()
+    page = chromium.new_page(viewport={"width": 1200, "height": 900})
+    try:
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(LOCAL) else route.abort())
+        page.goto(path.as_uri(), wait_until="load")
+        figure = page.locator("section#routes .plotly-graph-div")
+        figure.locator("svg.main-svg").first.wait_for(timeout=15_000)
+        # One line per edge on the route, and the token labels along the position axis.
+        assert figure.locator(".scatterlayer .trace .js-line").count() == len(routes.route)
+        ticks = figure.locator(".xtick text").all_text_contents()
+        assert ticks == plotting.token_labels(routes.str_tokens)
+        assert page.locator("section#routes figcaption").inner_text().startswith(f"Verdict: {routes.verdict()[0]}.")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.locator("section#routes").screenshot(path=str(ARTIFACTS / "report-routes.png"))
+    finally:
+        page.close()
     assert not errors, errors
