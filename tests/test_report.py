@@ -204,7 +204,7 @@ def test_routes_section_appears_only_when_routes_are_given(report, routes_report
 def test_routes_caption_is_the_routes_verdict(routes_report):
     _, routes, html, _ = routes_report
     verdict, reason = routes.verdict()
-    assert verdict == "copied"  # the premise: '2' is copied to the last position by L0H0
+    assert verdict == "assembled"  # the premise: L0 moves the operands, the answer is built at the last position
     caption = re.search(r"<figcaption>(.*?)</figcaption>", _section(html, "routes"), re.S).group(1)
     caption = html_module.unescape(caption)
     assert caption.startswith(f"Verdict: {verdict}. Attention heads bring") and f": {reason}." in caption

@@ -13,6 +13,7 @@ import torch
 
 import tracelib as tl
 from tracelib.formats import token_labels
+from tracelib.projections import answer_directions, layer_weight
 from tracelib.routes import EDGE_COLUMNS, NODE_COLUMNS, Routes, head_writes
 
 PROMPT, ANSWER = "what is 2 + 3", " 5"
@@ -47,8 +48,9 @@ def _attn_inputs(model, tokens, layer: int) -> torch.Tensor:
     return cache[f"blocks.{layer}.ln1.hook_out"][0]
 
 
-def _plant(model, tokens, layer: int, head: int, dst: int, src: int) -> None:
-    """Make `head` at `dst` read exactly `src` and write a vector as large as `dst`'s residual.
+def _plant(model, tokens, layer: int, head: int, dst: int, src: int, write: torch.Tensor | None = None) -> None:
+    """Make `head` at `dst` read exactly `src` and write a vector as large as `dst`'s residual: along
+    `write` if given (the answer's direction, for a head that copies the answer), else a random one.
 
     With the dual basis `w_i` of this prompt's attention inputs (`w_i . x_k = delta_ik`): the query is
     `ALPHA * w_dst` plus a constant sink query, keys mark `src` and the sink (position 0), and the value
@@ -77,7 +79,8 @@ def _plant(model, tokens, layer: int, head: int, dst: int, src: int) -> None:
         k[kv * d_head + MATCH] = ALPHA * dual[:, src]
         k[kv * d_head + SINK_DIM] = ALPHA * dual[:, 0]
         v[kv * d_head] = dual[:, src]
-        write = torch.randn(cfg.d_model, generator=torch.Generator().manual_seed(layer * 10 + head))
+        if write is None:
+            write = torch.randn(cfg.d_model, generator=torch.Generator().manual_seed(layer * 10 + head))
         o[:, qs] = 0
         o[:, head * d_head] = write / write.norm() * size
 
@@ -94,13 +97,18 @@ def planted(tiny):
     str_tokens = tiny.to_str_tokens(tokens[0])
     final = tokens.shape[1] - 1
     first, second = str_tokens.index("2"), str_tokens.index("3")
+    # The final head writes the answer's direction (its unembedding less its distractors' mean): it
+    # copies the answer, ready-made. The first hop of the chain moves the operand, a random vector.
+    traced = tl.trace(tiny, PROMPT, ANSWER)
+    answer = answer_directions(tiny, [traced.rows[0].target], [traced.distractors[0]], "logit_diff")[0].detach()
+    answer = answer - answer.mean()  # as the final LayerNorm reads it
     one = copy.deepcopy(tiny)
     _silence(one)
-    _plant(one, tokens, 1, 3, final, second)
+    _plant(one, tokens, 1, 3, final, second, write=answer)
     two = copy.deepcopy(tiny)
     _silence(two)
     _plant(two, tokens, 0, 1, second, first)
-    _plant(two, tokens, 1, 3, final, second)
+    _plant(two, tokens, 1, 3, final, second, write=answer)
     return one, two, dict(final=final, first=first, middle=second, second=second)
 
 
@@ -402,3 +410,22 @@ def test_a_prompt_too_long_for_memory_is_refused_before_the_forward_pass(tiny, m
     monkeypatch.undo()
     monkeypatch.setattr(routes_module, "free_memory", lambda: 2 * need)
     assert len(tl.routes(tiny, PROMPT, ANSWER).edges) == len(r.edges)
+
+
+def test_edge_dla_adds_up_to_each_node_and_decides_copied(tiny):
+    """Each edge's term DLA, summed into its node, is the node's DLA (the bundled model's attention
+    has no output bias, so the terms are the whole sum); the verdict's "copied" needs the moved
+    writes to carry the answer, which the bundled model's operand reads do not: a sum is assembled
+    at the final position."""
+    assert all(layer_weight(tiny, "attn.b_O", layer) is None for layer in range(tiny.cfg.n_layers))
+    r = tl.routes(tiny, "what is 2 + 3", " 5")
+    nodes = r.nodes.set_index(["layer", "pos", "kind"])["dla"]
+    into = r.edges.groupby(["dst_layer", "dst_pos", "dst_kind"])["dla"].sum()
+    assert len(into) == len(nodes) - len(r.str_tokens)  # every node but the embeddings has terms
+    for node, total in into.items():
+        assert abs(total - nodes[node]) <= 1e-5 * max(1.0, abs(nodes[node])), node
+    moved = r.moved_dla()
+    assert set(moved.index) == set(r.head_sources().drop(r.position, errors="ignore").index)
+    assert r.final_dla > 0 and moved.max() < 0.6 * r.final_dla
+    verdict, reason = r.verdict()
+    assert verdict == "assembled" and "written at" in reason

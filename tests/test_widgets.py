@@ -535,17 +535,20 @@ def test_routes_tab_is_computed_when_opened_and_shows_the_routes_verdict(app, ti
     assert app.routes.verdict() == (verdict, reason) and verdict == "assembled"
     line, figure, table = routes_parts(app)
     assert line.startswith(f"Verdict: {verdict}.") and reason in line
-    assert "several earlier tokens" in line  # what "assembled" means, in words
+    assert "the answer is built there" in line  # what "assembled" means, in words
     # The figure is the route's: one line per edge on it, where the route's own figure draws them.
     lines = [(tuple(t.x), tuple(t.y)) for t in figure.data if t.mode == "lines"]
     assert len(lines) == len(expected.route) > 0
     assert sorted(lines) == sorted((tuple(t.x), tuple(t.y)) for t in expected.plot().data if t.mode == "lines")
     assert figure.layout.title.text.count(SIGN_CAPTION) == 1  # said once in the tab, by the figure
-    # The table lists the route's strongest edges, in order, importance unsigned.
+    # The table lists the route's strongest head and MLP edges, in order, importance unsigned.
     rows = tl.widgets._table(tl.widgets._route_edges(expected, ROUTES_K)).split("<tbody>")[1]
-    assert table.endswith(rows) and table.count("</tr>") == ROUTES_K + 1  # a header and K edges
-    top = expected.top(1).iloc[0]
+    moves = expected.route[expected.route["via"] != "residual"]
+    assert 0 < len(moves) < len(expected.route)
+    assert table.endswith(rows) and table.count("</tr>") == min(ROUTES_K, len(moves)) + 1  # a header and the edges
+    top = moves.iloc[0]
     assert f"<td>{top['importance']:.3f}</td>" in table and "<td>+" not in table
+    assert "residual stream</td>" not in table and "<td>MLP</td>" in table and "<td>head L" in table
 
 
 def test_routes_tab_follows_the_prompt_and_uses_the_cache(app, tiny, routes_calls):
@@ -553,10 +556,11 @@ def test_routes_tab_follows_the_prompt_and_uses_the_cache(app, tiny, routes_call
     assert "Submit a prompt" in app.routes_box.children[0].value and routes_calls == []
     submit(app)  # the tab is open: the route comes with the submit
     assert len(routes_calls) == 1 and app.routes.verdict()[0] == "assembled"
+    before = app.routes.verdict()
     submit(app, "what is 2 + 3", " 5")
-    copied = tl.routes(tiny, "what is 2 + 3", " 5").verdict()
-    assert len(routes_calls) == 2 and app.routes.verdict() == copied and copied[0] == "copied"
-    assert routes_parts(app)[0].startswith("Verdict: copied.") and copied[1] in routes_parts(app)[0]
+    second = tl.routes(tiny, "what is 2 + 3", " 5").verdict()
+    assert len(routes_calls) == 2 and app.routes.verdict() == second != before  # other sources, other shares
+    assert routes_parts(app)[0].startswith(f"Verdict: {second[0]}.") and second[1] in routes_parts(app)[0]
     first = app.routes
     app.tabs.selected_index = 0
     open_routes(app)  # seen again: from the cache, the same routes

@@ -59,6 +59,7 @@ EDGE_COLUMNS = [
     "via",
     "head",
     "importance",
+    "dla",
     "on_route",
 ]
 NODE_COLUMNS = ["layer", "pos", "kind", "token", "dla", "on_route"]
@@ -92,8 +93,10 @@ class Routes(MadeByModelFields):
         threshold: the least importance an edge needs to be on the route.
         n_layers, n_heads: the model's shape.
         edges: one line per edge (see `EDGE_COLUMNS`): its source and destination nodes, `via`
-            ("head", "mlp" or "residual"), the head for head edges (None otherwise), its importance
-            and whether it is on the route.
+            ("head", "mlp" or "residual"), the head for head edges (None otherwise), its importance,
+            its term's DLA (read at the destination's position: a head's `A[dst, src] * write[src] . u`,
+            the MLP's output, or the residual's source node; the terms into a node, with `b_O`'s, sum
+            to its DLA) and whether it is on the route.
         nodes: one line per node (see `NODE_COLUMNS`): layer, position, kind ("pre", "mid",
             "final"; the final node's layer is `n_layers`), token, DLA and whether it is on the route.
         metric_label: what the DLA measures, in words (names the distractors).
@@ -157,28 +160,40 @@ class Routes(MadeByModelFields):
         into = route[(route["via"] == "head") & (route["dst_pos"] == self.position)]
         return into.groupby("src_pos")["importance"].sum().sort_values(ascending=False, kind="stable")
 
+    def moved_dla(self) -> pd.Series:
+        """The DLA that the route's head edges from each earlier position write into the position's
+        column (the terms `A[dst, src] * write[src] . u`), summed by source, largest first."""
+        route = self.route
+        into = route[(route["via"] == "head") & (route["dst_pos"] == self.position)]
+        into = into[into["src_pos"] != self.position]
+        return into.groupby("src_pos")["dla"].sum().sort_values(ascending=False, kind="stable")
+
     def verdict(self) -> tuple[str, str]:
-        """How the route brings information to the position: (verdict, one-line reason).
+        """How the answer reaches the position, by the route: (verdict, one-line reason).
 
-        From the route's head edges into the position's own column (its `mid` nodes), summed by
-        source position (`head_sources`), leaving out heads that read the position itself:
+        From the route's head edges into the position's own column (its `mid` nodes) from earlier
+        positions: their importance (`head_sources`) says where information comes from, their DLA
+        (`moved_dla`) whether it is the answer itself.
 
-        - "computed in place": none reads an earlier position; the route never leaves the column
-          (residual and MLP edges, and heads attending to the position itself);
-        - "copied": one earlier position carries at least `COPY_SHARE` (60%) of that importance;
-        - "assembled": otherwise, several earlier positions share it.
+        - "computed in place": no head on the route reads an earlier position; the route never leaves
+          the column (residual and MLP edges, and heads attending to the position itself);
+        - "copied": heads bring the answer's direction ready-made from one earlier position: their
+          writes from it carry at least `COPY_SHARE` (60%) of the final node's DLA;
+        - "assembled": heads bring information from earlier positions, but not the answer: what they
+          write carries less of the final DLA (the operands of a sum, say), and the answer's
+          direction is written at the position itself, from what they bring (or the final DLA is
+          not positive: nothing here favours the answer).
         """
         sources = self.head_sources()
         earlier = sources.drop(self.position, errors="ignore")
         labels = token_labels(self.str_tokens)
         total = float(earlier.sum())
+        here = labels[self.position]
         if earlier.empty or total <= 0:
-            return "computed in place", (
-                f"the route into {labels[self.position]} never leaves its position "
-                "(residual, MLP and self-reading heads)"
+            return (
+                "computed in place",
+                f"the route into {here} never leaves its position (residual, MLP and self-reading heads)",
             )
-        share = float(earlier.iloc[0]) / total
-        top = labels[int(earlier.index[0])]
         chain = self.chain()
         # One hop further back at most: each hop is the largest head input into a column, and a long
         # chain of them (previous-token heads, say) is no evidence of where the answer came from.
@@ -188,16 +203,29 @@ class Routes(MadeByModelFields):
             for hop in chain[1:2]
         )
         hops = f" (a {len(chain)}-hop chain: see .chain())" if len(chain) > 1 else ""
-        if share >= COPY_SHARE:
+        moved, final = self.moved_dla(), self.final_dla
+        top = int(moved.index[0])
+        if final > 0 and float(moved.iloc[0]) >= COPY_SHARE * final:
+            route = self.route
+            from_top = route[(route["via"] == "head") & (route["dst_pos"] == self.position) & (route["src_pos"] == top)]
+            heads = ", ".join(f"L{int(ly)}H{int(h)}" for ly, h in zip(from_top["dst_layer"], from_top["head"]))
             return (
                 "copied",
-                f"{top} carries {share:.0%} of the route's head importance from earlier positions "
-                f"({chain[0]['heads']}){before}{hops}",
+                f"heads bring the answer ready-made from {labels[top]}: their writes from it make up "
+                f"{_share(float(moved.iloc[0]) / final)} of the final DLA ({heads})"
+                + (before + hops if chain[0]["src_pos"] == top else ""),
             )
         shown = ", ".join(f"{labels[int(p)]} {float(v) / total:.0%}" for p, v in earlier.head(4).items())
+        carried = (
+            f"their writes carry {_share(float(moved.sum()) / final)} of the final DLA, so the answer is written at "
+            f"{here} from what they bring"
+            if final > 0
+            else f"the final DLA is {final:+.2f}: nothing on the route favours the answer"
+        )
         return (
             "assembled",
-            f"{len(earlier)} earlier positions share the route's head importance ({shown}){before}{hops}",
+            f"heads bring information from {len(earlier)} earlier position{'s' if len(earlier) > 1 else ''} "
+            f"({shown} of the route's head importance), and {carried}{before}{hops}",
         )
 
     def chain(self) -> list[dict]:
@@ -522,6 +550,11 @@ def _check_position(position, n: int) -> int:
     return value % n
 
 
+def _share(x: float) -> str:
+    """A share as a whole percentage, never "-0%"."""
+    return f"{round(x, 2) + 0.0:.0%}"
+
+
 def edge_count(n_layers: int, n_heads: int, P: int) -> int:
     """How many edges a route of a `P`-token prompt has: a head edge per head and (destination,
     source at or before it), and three per layer and position (residual, MLP, residual)."""
@@ -547,11 +580,12 @@ def _normalise(prox: Tensor) -> Tensor:
     return torch.where(total > 0, prox / total.clamp_min(torch.finfo(prox.dtype).tiny), torch.zeros_like(prox))
 
 
-def _edge_importances(model, cache, layers: range, dtype, P: int) -> tuple[Tensor, list[float]]:
+def _edge_importances(model, cache, layers: range, dtype, P: int, u: Tensor) -> tuple[Tensor, Tensor, list[float]]:
     """The importances of the edges into the `mid` nodes of blocks `layers` and the next `pre` (or
-    `final`) nodes, `[block, edge]` in `_edge_template`'s order, and each block's reconstruction
-    error. The blocks are computed together: a block's tensors are small, and Python's per-operation
-    cost would otherwise be most of the time."""
+    `final`) nodes, `[block, edge]` in `_edge_template`'s order; the DLA of each edge's term toward
+    the answer (`u`, `[pos, d_model]`, read at the destination's position), in the same order; and
+    each block's reconstruction error. The blocks are computed together: a block's tensors are
+    small, and Python's per-operation cost would otherwise be most of the time."""
     n_heads, last = model.cfg.n_heads, model.cfg.n_layers - 1
 
     def stacked(name: str, shift: int = 0) -> Tensor:
@@ -590,7 +624,13 @@ def _edge_importances(model, cache, layers: range, dtype, P: int) -> tuple[Tenso
     causal = torch.ones(P, P, dtype=torch.bool, device=mid.device).tril()[:, None, :].expand(P, n_heads, P)
     head_imp = imp[..., :-1].reshape(n, P, n_heads, P)[:, causal]  # [block, head edge]
     mlp_imp = _normalise(torch.stack([proximity(nxt, mlp), proximity(nxt, mid)], dim=-1))  # [block, pos, 2]
-    return torch.cat([head_imp, imp[..., -1], mlp_imp[..., 0], mlp_imp[..., 1]], dim=1), error.tolist()
+    importance = torch.cat([head_imp, imp[..., -1], mlp_imp[..., 0], mlp_imp[..., 1]], dim=1)
+    # Each term's DLA at its destination: a head's A[dst, src] * (write[src] . u[dst]); the MLP's
+    # output and the residual's source node read through u[dst].
+    read = torch.einsum("bhsm,dm->bdhs", writes, u)  # [block, dst, head, src]
+    head_dla = (pattern.transpose(1, 2) * read)[:, causal]
+    dla = torch.cat([head_dla, (pre * u).sum(-1), (mlp * u).sum(-1), (mid * u).sum(-1)], dim=1)
+    return importance, dla, error.tolist()
 
 
 def _edge_template(P: int, n_heads: int) -> dict[str, np.ndarray]:
@@ -707,23 +747,24 @@ def routes(model, prompt: str, answer, *, threshold: float = 0.04, position: int
         if not rivals:  # the model's strongest competitor: the final position's logits, unembedded
             # in a block as wide as the trace's (`forward.MIN_SCORED`), so that it is the trace's
             rivals = _fill_distractors(rows, score(max(0, P - MIN_SCORED), P)[:, -1].float())[0]
-        importances, errors = [], []
+        scale = cache["ln_final.hook_scale"][0].to(dtype)  # [pos, 1]
+        u = scaled_directions(model, scale, [row.target] * P, [rivals] * P, "logit_diff")  # [pos, d_model]
+        importances, edge_dla, errors = [], [], []
         # Blocks at a time whose head writes `[head, src, d_model]` fit `_BLOCK_ELEMENTS` together.
         per_block = max(1, _BLOCK_ELEMENTS // max(1, model.cfg.n_heads * P * model.cfg.d_model))
         for first in range(0, n_layers, per_block):
-            importance, error = _edge_importances(
-                model, cache, range(first, min(n_layers, first + per_block)), dtype, P
-            )
+            blocks = range(first, min(n_layers, first + per_block))
+            importance, term_dla, error = _edge_importances(model, cache, blocks, dtype, P, u)
             importances += list(importance)
+            edge_dla += list(term_dla)
             errors += error
-        scale = cache["ln_final.hook_scale"][0].to(dtype)  # [pos, 1]
-        u = scaled_directions(model, scale, [row.target] * P, [rivals] * P, "logit_diff")  # [pos, d_model]
         residuals = [
             cache[f"blocks.{layer}.hook_resid_{kind}"][0] for layer in range(n_layers) for kind in ("pre", "mid")
         ]
         residuals.append(cache[f"blocks.{n_layers - 1}.hook_resid_post"][0])
         dla = (torch.stack(residuals).to(dtype) * u[None]).sum(-1).cpu()  # [node level, pos]
     edges = _edge_frame(importances, P, model.cfg.n_heads)
+    edges.insert(len(edges.columns) - 1, "dla", torch.cat(edge_dla).double().cpu().numpy())
     seen = _mark_route(edges, n_layers, position, threshold)
     levels = [(layer, kind) for layer in range(n_layers) for kind in ("pre", "mid")] + [(n_layers, "final")]
     node_layer = np.repeat([layer for layer, _ in levels], P)

@@ -16,11 +16,10 @@ from tracelib.plotting.trace_views import MARGIN_CAPTION, neuron_strip
 # What each of `Routes.verdict()`'s verdicts means, for a reader who has not read the paper ({at}: the
 # position the route explains, `'='@7`).
 ROUTE_VERDICTS = {
-    "copied": "attention heads bring the answer's information to {at} mostly from one earlier token",
+    "copied": "attention heads bring the answer to {at} ready-made from one earlier token",
     "computed in place": "the route never reads another token: {at}'s own MLPs, and heads that attend to "
     "{at} itself, build the answer there",
-    "assembled": "attention heads bring pieces of the answer to {at} from several earlier tokens, none "
-    "carrying most of it",
+    "assembled": "attention heads bring information from earlier tokens to {at}, and the answer is built there from it",
 }
 ROUTES_HOW_TO_READ = (
     "How to read it: positions run across, layers up. Each node is the residual stream at one position: "

@@ -41,12 +41,15 @@ def _route_node(labels: list[str], layer: int, kind: str, pos: int) -> str:
 
 
 def _route_edges(routes, k: int) -> pd.DataFrame:
-    """The route's k most important edges, for the Routes tab's table: through what, from, to, importance.
+    """The route's k most important head and MLP edges, for the Routes tab's table: through what,
+    from, to, importance. The residual connections are left out: they carry each node up its own
+    column, and would fill the table (they are most of most nodes' sum).
 
     Importance is a share of the node fed (0 to 1, never negative): written unsigned, three decimals.
     """
     labels = token_labels(routes.str_tokens)
-    top = routes.top(k)
+    route = routes.route
+    top = route[route["via"] != "residual"].head(k)
     via = [
         f"head L{int(layer)}H{int(head)}" if kind == "head" else ("MLP" if kind == "mlp" else "residual stream")
         for layer, head, kind in zip(top["dst_layer"], top["head"], top["via"])

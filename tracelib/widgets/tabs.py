@@ -185,7 +185,10 @@ class ResultTabs:
             w.HTML(f'<p style="font-size:1.1em"><b>{head}.</b> {rest}</p>'),
             _figure(routes.plot()),
             w.HTML(f'<p style="color:#444">{html.escape(ROUTES_HOW_TO_READ)}</p>'),
-            w.HTML(f"<b>The route's {ROUTES_K} strongest edges</b>" + _spaced(_table(_route_edges(routes, ROUTES_K)))),
+            w.HTML(
+                "<b>The route's strongest head and MLP edges</b> (the residual stream's, which carry each "
+                "node up its own column, are left out)" + _spaced(_table(_route_edges(routes, ROUTES_K)))
+            ),
         ]
         _replace(self.routes_box, shown)
 
