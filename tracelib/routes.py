@@ -527,7 +527,7 @@ def head_writes(model, cache, layer: int, dtype: torch.dtype) -> Float[Tensor, "
     if v.shape[1] != n_heads:
         v = v[:, torch.arange(n_heads, device=v.device) // (n_heads // v.shape[1])]
     W_O = layer_weight(model, "attn.W_O", layer).to(dtype)  # [head, d_head, d_model]
-    return torch.einsum("she,hem->hsm", v, W_O)
+    return torch.bmm(v.transpose(0, 1), W_O)  # [head, src, d_head] @ [head, d_head, d_model]
 
 
 def _check_threshold(
@@ -612,9 +612,11 @@ def _edge_importances(model, cache, layers: range, dtype, P: int, u: Tensor) -> 
     step = max(1, _TERM_ELEMENTS // max(1, n_heads * P * d_model))
     for b in range(n):
         for start in range(0, P, step):
-            stop = min(P, start + step)
-            terms = pattern[b, :, start:stop].transpose(0, 1)[..., None] * writes[b, None]  # [dst, head, src, d_model]
-            head_prox[b, start:stop] = proximity(mid[b, start:stop, None, None], terms)
+            stop = min(P, start + step)  # causal: destinations below `stop` read sources below it
+            terms = pattern[b, :, start:stop, :stop].transpose(0, 1)[..., None] * writes[b, None, :, :stop]
+            y = mid[b, start:stop, None, None]  # `proximity(y, terms)`, in place: the terms are the largest tensor
+            rest = torch.sub(y, terms, out=terms).abs_().sum(-1)  # [dst, head, src]
+            head_prox[b, start:stop, :, :stop] = (y.abs().sum(-1) - rest).clamp_min(0)
             del terms
     res_prox = proximity(mid, pre)  # [block, dst]
     attn_sum = torch.einsum("bhds,bhsm->bdm", pattern, writes)
