@@ -28,7 +28,6 @@ from tracelib.widgets import TAB_TITLES
 
 # Under xdist one worker runs the whole file (one JupyterLab, one Chromium), handed out first (tests/conftest.py).
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "artifacts" / "browser"  # git-ignored: screenshots and timings to look at
 NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("0[0-8]_*.ipynb"))
 EXPLORER = "09_explorer.ipynb"
@@ -198,30 +197,12 @@ def lab(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
-    """One Chromium for the module, and one browser context: every test opens its own page in it, and the
-    pages share the context's HTTP cache (JupyterLab's scripts are fetched once)."""
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"{CHROMIUM} is missing: this test drives JupyterLab in Debian's Chromium. Install it with "
-            "`apt-get install chromium` (`make test` does so when run as root); never `playwright install`."
-        )
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("playwright is not installed: `pip install -e '.[dev]'` (or `make install`)")
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=["--no-sandbox", "--headless=new", "--disable-gpu", "--disable-dev-shm-usage"],
-        )
-        try:
-            context = chromium.new_context(viewport={"width": 1280, "height": 1000})
-            yield context
-            context.close()
-        finally:
-            chromium.close()
+def browser(chromium):
+    """One browser context for the module: every test opens its own page in it, and the pages share the
+    context's HTTP cache (JupyterLab's scripts are fetched once)."""
+    context = chromium.new_context(viewport={"width": 1280, "height": 1000})
+    yield context
+    context.close()
 
 
 def _open_and_run(browser, lab, name):

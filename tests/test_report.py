@@ -20,7 +20,6 @@ from tracelib import plotting
 from tracelib.__main__ import main
 from tracelib.plotting.report import route_verdict_sentence
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"  # git-ignored: screenshots to look at
 STEPS = {"margin": 1, "lens": 2, "dla": 2, "heads": 2, "neurons": 1, "positions": 1}
 LOCAL = ("file:", "data:", "blob:", "about:")
@@ -62,30 +61,6 @@ def test_report_inlines_plotly_js_once_and_loads_nothing(report):
     plotly_js = plotly.offline.get_plotlyjs()
     assert html.count(plotly_js[:2000]) == 1
     assert len(html) < len(plotly_js) + 1_000_000  # one copy, and figures that are small beside it
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    """One headless Debian Chromium for this file's browser tests (never a downloaded browser)."""
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"{CHROMIUM} is missing: this test renders the report in Debian's Chromium. Install it with "
-            "`apt-get install chromium` (`make test` does so when run as root); never `playwright install`."
-        )
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("playwright is not installed: `pip install -e '.[dev]'` (or `make install`)")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def test_report_draws_every_figure_in_chromium_offline(report, chromium):
