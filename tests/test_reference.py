@@ -310,3 +310,22 @@ def test_pinned_weights_fingerprint_once_and_edits_show_after():
     edited = weights_fingerprint(model)
     assert edited != before
     assert tl.trace(model, "1 + 1 =", " 2").weights_fingerprint == edited
+
+
+def test_fingerprint_cache_sees_edits_and_replaced_parameters(monkeypatch):
+    """The cached fingerprint is recomputed after an in-place edit or a replaced parameter, and only then."""
+    from tracelib import identity
+
+    model = tl.load_model("tiny-arith")
+    calls = []
+    real = identity._compute_fingerprint
+    monkeypatch.setattr(identity, "_compute_fingerprint", lambda m: calls.append(1) or real(m))
+    first = identity.weights_fingerprint(model)
+    assert identity.weights_fingerprint(model) == first and len(calls) == 1  # unchanged: from the cache
+    name, param = next((n, p) for n, p in model.named_parameters() if p.ndim == 1)
+    owner = model.get_submodule(name.rsplit(".", 1)[0])
+    setattr(owner, name.rsplit(".", 1)[1], torch.nn.Parameter(param.detach().clone()))  # same values, new tensor
+    assert identity.weights_fingerprint(model) == first and len(calls) == 2  # replaced: recomputed
+    with torch.no_grad():
+        getattr(owner, name.rsplit(".", 1)[1])[0] += 1.0  # the sampled first element, in place
+    assert identity.weights_fingerprint(model) != first and len(calls) == 3

@@ -128,8 +128,16 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _state_key(model) -> tuple:
-    # A parameter edited in place bumps its `_version`; a replaced one has a new id.
-    return tuple((id(p), p._version) for p in model.parameters()) + tuple((id(b), b._version) for b in model.buffers())
+    # A parameter edited in place bumps its `_version`; a replaced one has a new id. One walk over the
+    # modules for both parameters and buffers (`parameters()` and `buffers()` walk them once each, and
+    # the bridge has thousands of modules).
+    return tuple(
+        (id(t), t._version)
+        for module in model.modules()
+        for tensors in (module._parameters, module._buffers)
+        for t in tensors.values()
+        if t is not None
+    )
 
 
 # (model, fingerprint) while `weights_pinned(model)` runs.
