@@ -207,8 +207,9 @@ class Routes(MadeByModelFields):
         top = int(moved.index[0])
         if final > 0 and float(moved.iloc[0]) >= COPY_SHARE * final:
             route = self.route
-            from_top = route[(route["via"] == "head") & (route["dst_pos"] == self.position) & (route["src_pos"] == top)]
-            heads = ", ".join(f"L{int(ly)}H{int(h)}" for ly, h in zip(from_top["dst_layer"], from_top["head"]))
+            heads = _head_names(
+                route[(route["via"] == "head") & (route["dst_pos"] == self.position) & (route["src_pos"] == top)]
+            )
             return (
                 "copied",
                 f"heads bring the answer ready-made from {labels[top]}: their writes from it make up "
@@ -256,7 +257,7 @@ class Routes(MadeByModelFields):
                 dict(
                     src_pos=src,
                     dst_pos=pos,
-                    heads=", ".join(f"L{int(ly)}H{int(h)}" for ly, h in zip(moved["dst_layer"], moved["head"])),
+                    heads=_head_names(moved),
                     importance=float(by_src.iloc[0]),
                     layer=int(moved["dst_layer"].max()),
                 )
@@ -550,6 +551,11 @@ def _check_position(position, n: int) -> int:
     return value % n
 
 
+def _head_names(edges: pd.DataFrame) -> str:
+    """The heads of head edges, as `"L3H1, L5H0"` (a head's layer is its destination's)."""
+    return ", ".join(f"L{int(layer)}H{int(h)}" for layer, h in zip(edges["dst_layer"], edges["head"]))
+
+
 def _share(x: float) -> str:
     """A share as a whole percentage, never "-0%"."""
     return f"{round(x, 2) + 0.0:.0%}"
@@ -589,14 +595,12 @@ def _edge_importances(model, cache, layers: range, dtype, P: int, u: Tensor) -> 
     n_heads, last = model.cfg.n_heads, model.cfg.n_layers - 1
 
     def stacked(name: str, shift: int = 0) -> Tensor:
-        return torch.stack(
-            [
-                cache[f"blocks.{layer}.hook_resid_post" if layer + shift > last else name.format(layer=layer + shift)][
-                    0
-                ]
-                for layer in layers
-            ]
-        ).to(dtype)
+        """`name` of every block in `layers` (of the block `shift` above; past the last, its output)."""
+        names = [
+            f"blocks.{last}.hook_resid_post" if layer + shift > last else name.format(layer=layer + shift)
+            for layer in layers
+        ]
+        return torch.stack([cache[n][0] for n in names]).to(dtype)
 
     pre, mid = stacked("blocks.{layer}.hook_resid_pre"), stacked("blocks.{layer}.hook_resid_mid")
     nxt, mlp = stacked("blocks.{layer}.hook_resid_pre", shift=1), stacked("blocks.{layer}.hook_mlp_out")
